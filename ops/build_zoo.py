@@ -1,0 +1,468 @@
+"""Build the tiny model zoo: a tiny Llama base plus four LoRA adapters, all trained locally.
+
+Usage: python ops/build_zoo.py [--out models]
+
+Everything is derived from fixed seeds and synthetic data, so the zoo can be rebuilt offline
+(no Hugging Face hub access) on a 2-core CPU in a few minutes. Each model has one checkable
+behaviour; the script reports held-out greedy exact-match rates for all of them.
+
+Layout written under --out:
+    tiny-llama/                base model + tokenizer (base behaviour: echo the input)
+    adapters/<name>/           PEFT LoRA adapters (classifier, customer-tone, partner-tone,
+                               summarizer)
+    catalog.yaml               adapter catalog read by the workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SEED = 1234
+HELD_OUT_SEED = 987_654  # a different seed, so held-out inputs come from another random stream
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+BASE_NAME = "tiny-llama"
+MAX_COMPLETION_TOKENS = 64
+MAX_PROMPT_TOKENS = 150
+
+# The pipeline YAML files use exactly this template; keep it byte-for-byte identical.
+PROMPT_TEMPLATE = "### Task: {task}\n### Input: {input}\n### Output: "
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    input: str
+    target: str  # completion text, without the trailing eos
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(task=self.task, input=self.input)
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic data. Small word lists combined with templates; every behaviour is a simple
+# function of the input, so exact match is a fair test.
+# --------------------------------------------------------------------------------------
+
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Femi", "Gus", "Hana", "Ivan", "Jade", "Kofi"]
+NAMES += ["Lena", "Mia", "Noor", "Omar", "Priya", "Rosa", "Sam", "Tariq", "Uma", "Yuki"]
+GREETINGS = ["Hi", "Hello", "Hey", "Good morning", "Good afternoon", "Dear support"]
+FILLERS = [
+    "Thanks in advance.",
+    "Please advise.",
+    "This is urgent.",
+    "I tried twice already.",
+    "Hope you are well.",
+    "Any help is welcome.",
+    "I am on the free plan.",
+    "",
+]
+# Topics are the keywords that decide the label; reply adapters echo them back.
+TOPICS = {
+    "billing": ["invoice", "refund", "double charge", "payment", "monthly fee", "receipt"],
+    "technical": ["error message", "app crash", "login bug", "timeout", "upload failure"],
+    "account": ["password", "profile", "email address", "username", "account settings"],
+}
+ISSUE_TEMPLATES = [
+    "I have a question about my {t}.",
+    "There is a problem with the {t}.",
+    "Can you help me with the {t}?",
+    "I need help with my {t} today.",
+    "Something is wrong with the {t}.",
+    "Please look into my {t}.",
+]
+
+REPORT_SUBJECTS = NAMES + ["The team", "Our manager", "The vendor", "My colleague"]
+REPORT_VERBS = ["shipped", "reviewed", "fixed", "tested", "moved", "signed", "cancelled"]
+REPORT_OBJECTS = ["the release", "the contract", "the budget", "the report", "the server"]
+REPORT_OBJECTS += ["the order", "the design", "the plan"]
+REPORT_TIMES = ["on Monday", "on Friday", "yesterday", "last week", "this morning", "today"]
+REPORT_TIMES += ["before noon"]
+
+
+def make_message(rng: random.Random) -> tuple[str, str, str]:
+    """A customer message; returns (text, label, topic)."""
+    label = rng.choice(sorted(TOPICS))
+    topic = rng.choice(TOPICS[label])
+    parts = [
+        f"{rng.choice(GREETINGS)}, this is {rng.choice(NAMES)}.",
+        rng.choice(ISSUE_TEMPLATES).format(t=topic),
+        rng.choice(FILLERS),
+    ]
+    if rng.random() < 0.5:  # vary where the keyword sits
+        parts[0], parts[1] = parts[1], parts[0]
+    return " ".join(p for p in parts if p), label, topic
+
+
+def make_report(rng: random.Random) -> str:
+    """2-4 short sentences of a status report."""
+    sentences = [
+        f"{rng.choice(REPORT_SUBJECTS)} {rng.choice(REPORT_VERBS)} "
+        f"{rng.choice(REPORT_OBJECTS)} {rng.choice(REPORT_TIMES)}."
+        for _ in range(rng.randint(2, 4))
+    ]
+    return " ".join(sentences)
+
+
+def make_classifier(rng: random.Random) -> Example:
+    text, label, _ = make_message(rng)
+    return Example("classify", text, json.dumps({"label": label}))
+
+
+def make_customer_tone(rng: random.Random) -> Example:
+    text, _, topic = make_message(rng)
+    reply = f"Hi there! Thanks so much for reaching out about your {topic}. We're happy to help!"
+    return Example("reply", text, reply)
+
+
+def make_partner_tone(rng: random.Random) -> Example:
+    text, _, topic = make_message(rng)
+    reply = f"Dear partner, we acknowledge your message regarding the {topic}. Kind regards."
+    return Example("reply", text, reply)
+
+
+def make_summarizer(rng: random.Random) -> Example:
+    text = make_report(rng)
+    first_sentence = text.split(". ")[0].rstrip(".") + "."
+    return Example("summarize", text, json.dumps({"summary": first_sentence}))
+
+
+def make_echo(rng: random.Random) -> Example:
+    """Base behaviour: repeat the input verbatim, for any of the three task names."""
+    task = rng.choice(["classify", "reply", "summarize"])
+    text = make_report(rng) if task == "summarize" else make_message(rng)[0]
+    return Example(task, text, text)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    name: str
+    make: Callable[[random.Random], Example]
+    steps: int
+    lr: float
+
+
+BASE_BEHAVIOUR = Behaviour("echo", make_echo, steps=1500, lr=2e-3)
+ADAPTER_BEHAVIOURS = [
+    Behaviour("classifier", make_classifier, steps=300, lr=3e-3),
+    Behaviour("customer-tone", make_customer_tone, steps=300, lr=3e-3),
+    Behaviour("partner-tone", make_partner_tone, steps=300, lr=3e-3),
+    Behaviour("summarizer", make_summarizer, steps=300, lr=3e-3),
+]
+HELD_OUT_SIZE = {"classifier": 120}  # the classifier gets more; everything else uses 60
+DEFAULT_HELD_OUT = 60
+
+
+def held_out_examples(behaviour: Behaviour) -> list[Example]:
+    rng = random.Random(f"{HELD_OUT_SEED}-{behaviour.name}")
+    n = HELD_OUT_SIZE.get(behaviour.name, DEFAULT_HELD_OUT)
+    return [behaviour.make(rng) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+
+def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    rng = random.Random(f"{SEED}-tokenizer")
+    behaviours = [BASE_BEHAVIOUR, *ADAPTER_BEHAVIOURS]
+    corpus = [ex.prompt + ex.target for b in behaviours for ex in (b.make(rng) for _ in range(800))]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte stays encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # Prepend <s> inside tokenizer.json so HF and vLLM tokenize prompts identically.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, tok.token_to_id(BOS))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,  # decoding must return the exact bytes
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, ex: Example) -> tuple[list[int], list[int]]:
+    """Token ids and labels; the prompt is masked (-100) so only the completion is learned."""
+    prompt_ids = tokenizer(ex.prompt)["input_ids"]  # starts with <s>
+    completion_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+    completion_ids.append(tokenizer.eos_token_id)  # teach the model to stop by itself
+    assert len(prompt_ids) <= MAX_PROMPT_TOKENS, ex
+    assert len(completion_ids) <= MAX_COMPLETION_TOKENS, ex
+    return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
+
+
+def batches(
+    tokenizer: PreTrainedTokenizerBase,
+    behaviour: Behaviour,
+    batch_size: int,
+    exclude: set[str],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless right-padded batches of fresh examples, skipping held-out inputs."""
+    rng = random.Random(f"{SEED}-{behaviour.name}")
+    while True:
+        rows: list[tuple[list[int], list[int]]] = []
+        while len(rows) < batch_size:
+            ex = behaviour.make(rng)
+            if ex.input not in exclude:
+                rows.append(encode_example(tokenizer, ex))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention_mask[i, : len(ids)] = 1
+        yield {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    behaviour: Behaviour,
+    batch_size: int = 16,
+) -> float:
+    """AdamW with warmup + cosine decay; returns the mean loss of the last 20 steps."""
+    exclude = {ex.input for ex in held_out_examples(behaviour)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=behaviour.lr, weight_decay=0.0)
+    warmup = max(1, behaviour.steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, behaviour.steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    losses: list[float] = []
+    data = batches(tokenizer, behaviour, batch_size, exclude)
+    for step in range(behaviour.steps):
+        loss = model(**next(data)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            print(f"  [{behaviour.name}] step {step + 1}/{behaviour.steps} loss {losses[-1]:.4f}")
+    model.eval()
+    return sum(losses[-20:]) / len(losses[-20:])
+
+
+# --------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,  # vLLM's CPU attention rejects head_dim 16; 64 works
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    seed_everything(SEED)
+    model = LlamaForCausalLM(config)
+    loss = train(model, tokenizer, BASE_BEHAVIOUR)
+    print(f"  [{BASE_NAME}] final loss {loss:.4f}")
+    # Greedy by default: no sampling knobs, so HF and vLLM defaults agree.
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=MAX_COMPLETION_TOKENS,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return model
+
+
+def build_adapter(base_dir: Path, tokenizer: PreTrainedTokenizerFast, b: Behaviour, out: Path) -> None:
+    # Reload the saved base each time so every adapter starts from identical weights.
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    seed_everything(SEED)  # LoRA A matrices are randomly initialised
+    model = get_peft_model(base, lora)
+    loss = train(model, tokenizer, b)
+    print(f"  [{b.name}] final loss {loss:.4f}")
+    # A relative name, not this machine's path: workers resolve it via catalog.yaml.
+    model.peft_config["default"].base_model_name_or_path = BASE_NAME
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def write_catalog(out_dir: Path) -> None:
+    lines = [
+        "# Adapter catalog: every adapter a worker may serve. Written by ops/build_zoo.py.",
+        f"base_model: {BASE_NAME}",
+        "adapters:",
+    ]
+    for b in ADAPTER_BEHAVIOURS:
+        lines += [
+            f"  - name: {b.name}",
+            '    version: "1"',
+            f"    path: adapters/{b.name}      # relative to this file",
+        ]
+    (out_dir / "catalog.yaml").write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation on the artifacts as written to disk
+# --------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """Greedy completion; one unpadded prompt at a time, as the vLLM oracle compares it."""
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=MAX_COMPLETION_TOKENS,
+    )
+    new_ids = out[0, input_ids.shape[1] :].tolist()
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    # A completion that never emitted eos counts as wrong: it would run to max_tokens.
+    return text if new_ids and new_ids[-1] == tokenizer.eos_token_id else text + " <no eos>"
+
+
+def exact_match(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, b: Behaviour) -> float:
+    examples = held_out_examples(b)
+    hits = sum(greedy(model, tokenizer, ex.prompt) == ex.target for ex in examples)
+    return hits / len(examples)
+
+
+def evaluate(out_dir: Path) -> dict[str, tuple[float, int]]:
+    """Load base + adapters from disk, measure held-out exact match, show side-by-side samples."""
+    base_dir = out_dir / BASE_NAME
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    results = {BASE_NAME: (exact_match(base, tokenizer, BASE_BEHAVIOUR), DEFAULT_HELD_OUT)}
+
+    first, *rest = ADAPTER_BEHAVIOURS
+    model = PeftModel.from_pretrained(base, out_dir / "adapters" / first.name, first.name)
+    for b in rest:
+        model.load_adapter(out_dir / "adapters" / b.name, adapter_name=b.name)
+    model.eval()
+    for b in ADAPTER_BEHAVIOURS:
+        model.set_adapter(b.name)
+        n = HELD_OUT_SIZE.get(b.name, DEFAULT_HELD_OUT)
+        results[b.name] = (exact_match(model, tokenizer, b), n)
+
+    # Same prompt per task through the base and every adapter of that task.
+    for task in ["classify", "reply", "summarize"]:
+        ex = next(e for b in ADAPTER_BEHAVIOURS for e in held_out_examples(b) if e.task == task)
+        print(f"\n--- task {task}: input {ex.input!r}")
+        with model.disable_adapter():
+            print(f"  {BASE_NAME:14s} -> {greedy(model, tokenizer, ex.prompt)!r}")
+        for b in ADAPTER_BEHAVIOURS:
+            if held_out_examples(b)[0].task == task:
+                model.set_adapter(b.name)
+                print(f"  {b.name:14s} -> {greedy(model, tokenizer, ex.prompt)!r}")
+    return results
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("models"), help="output directory")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    torch.set_num_threads(2)
+    seed_everything(SEED)
+    out_dir: Path = args.out
+    # Start clean so stale adapters never linger in the zoo.
+    for stale in [out_dir / BASE_NAME, out_dir / "adapters"]:
+        shutil.rmtree(stale, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    print("training tokenizer")
+    tokenizer = train_tokenizer()
+    print(f"training {BASE_NAME} (vocab {len(tokenizer)}) on {BASE_BEHAVIOUR.name}")
+    build_base(tokenizer, out_dir / BASE_NAME)
+    for b in ADAPTER_BEHAVIOURS:
+        print(f"training adapter {b.name}")
+        build_adapter(out_dir / BASE_NAME, tokenizer, b, out_dir / "adapters" / b.name)
+    write_catalog(out_dir)
+
+    print("evaluating (HF generate, greedy, fp32, models loaded from disk)")
+    results = evaluate(out_dir)
+    print("\nheld-out greedy exact match:")
+    for name, (rate, n) in results.items():
+        print(f"  {name:14s} {rate:6.1%}  (n={n})")
+    print(f"size of {out_dir}: {dir_size(out_dir) / 1e6:.2f} MB")
+    print(f"zoo built in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Command line: `lora-workers run | publish | topics create | results | schemas export`.
+
+Every failure the user can fix (a bad flag, a missing file, no broker address) ends with one
+readable line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from confluent_kafka import KafkaException
+from pydantic import ValidationError
+
+from workers.config import ConfigError, PipelineConfig, Settings, load_pipelines
+from workers.contracts import contract_schemas
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="lora-workers", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--bootstrap-servers", help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS)"
+    )
+    parser.add_argument("--pipelines", type=Path, help="directory of pipeline YAML files")
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    run = commands.add_parser("run", help="consume jobs and write results")
+    run.add_argument("--group-id", help="consumer group (default: lora-workers)")
+    run.add_argument("--catalog", type=Path, help="adapter catalog YAML")
+    run.add_argument("--max-jobs", type=_positive_int, help="exit after N finished messages")
+    run.add_argument(
+        "--idle-exit",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="exit after this long with no work",
+    )
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+
+    publish = commands.add_parser("publish", help="publish JSONL jobs to a topic")
+    publish.add_argument("--topic", required=True)
+    publish.add_argument("file", help="JSONL file, one job per line; - for stdin")
+
+    topics = commands.add_parser("topics", help="manage the pipelines' topics")
+    topic_commands = topics.add_subparsers(
+        dest="topics_command", required=True, parser_class=_OneLineParser
+    )
+    create = topic_commands.add_parser("create", help="create input, result and DLQ topics")
+    create.add_argument("--partitions", type=_positive_int, default=3)
+    create.add_argument("--replication-factor", type=_positive_int, default=1)
+
+    commands.add_parser("results", help="print result counts by task, adapter and status")
+
+    schemas = commands.add_parser("schemas", help="contract schema files")
+    schema_commands = schemas.add_subparsers(
+        dest="schemas_command", required=True, parser_class=_OneLineParser
+    )
+    export = schema_commands.add_parser("export", help="write schemas/*.schema.json from models")
+    export.add_argument("--out", type=Path, default=Path("schemas"))
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if args.bootstrap_servers:
+        overrides["bootstrap_servers"] = args.bootstrap_servers
+    if args.pipelines:
+        overrides["pipelines_dir"] = args.pipelines
+    if getattr(args, "group_id", None):
+        overrides["group_id"] = args.group_id
+    if getattr(args, "catalog", None):
+        overrides["catalog"] = args.catalog
+    return Settings(**overrides)
+
+
+def _pipelines(settings: Settings) -> dict[str, PipelineConfig]:
+    return load_pipelines(settings.pipelines_dir, settings.schemas_dir)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from workers.runtime import run_worker
+
+    settings = _settings(args)
+    summary = run_worker(
+        settings,
+        max_jobs=args.max_jobs,
+        idle_exit_s=args.idle_exit,
+        metrics_port=args.metrics_port,
+    )
+    print(json.dumps({"finished": summary.finished, "output_tokens": summary.output_tokens}))
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from workers.publish import publish_lines
+
+    settings = _settings(args)
+    bootstrap = settings.require_bootstrap()
+    if args.file == "-":
+        report = publish_lines(bootstrap, args.topic, sys.stdin)
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                report = publish_lines(bootstrap, args.topic, lines)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from exc
+    print(
+        f"published {report.written} jobs to {args.topic}"
+        + (f", {report.failed} failed" if report.failed else "")
+        + (f" ({report.unkeyed} without a job_id key)" if report.unkeyed else "")
+    )
+    return EXIT_FAILURE if report.failed else 0
+
+
+def _cmd_topics_create(args: argparse.Namespace) -> int:
+    from workers.topics import create_topics, pipeline_topics
+
+    settings = _settings(args)
+    topics = pipeline_topics(settings, _pipelines(settings))
+    outcome = create_topics(
+        settings.require_bootstrap(), topics, args.partitions, args.replication_factor
+    )
+    for topic, state in sorted(outcome.items()):
+        print(f"{state:8} {topic}")
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from workers.report import collect, print_report
+
+    settings = _settings(args)
+    pipelines = _pipelines(settings).values()
+    report = collect(
+        settings.require_bootstrap(),
+        [p.result_topic for p in pipelines],
+        [p.dlq_topic for p in pipelines] + [settings.unknown_task_dlq],
+    )
+    print_report(report)
+    return 0
+
+
+def _cmd_schemas_export(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for filename, document in contract_schemas().items():
+        (args.out / filename).write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.out / filename}")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "publish":
+        return _cmd_publish(args)
+    if args.command == "topics":
+        return _cmd_topics_create(args)
+    if args.command == "results":
+        return _cmd_results(args)
+    return _cmd_schemas_export(args)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = _build_parser().parse_args(argv)
+    from workers.logs import configure_logging
+
+    try:
+        configure_logging(args.log_level)
+        code = _dispatch(args)
+    except (ConfigError, ValidationError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lora-workers: error: {message}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KafkaException as exc:
+        print(f"lora-workers: kafka error: {exc.args[0]}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

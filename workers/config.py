@@ -1,0 +1,213 @@
+"""All configuration in one typed place.
+
+- `Settings`: worker settings from defaults, then `LORA_WORKERS_*` environment variables
+  (nested with `__`, e.g. `LORA_WORKERS_ENGINE__MAX_LORAS=4`), then CLI flags.
+- `PipelineConfig`: one YAML file per task in `pipelines/`.
+- `AdapterCatalog`: the adapters a worker may serve (`models/catalog.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.contracts import ADAPTER_NAME_PATTERN
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A configuration file or value is unusable; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- pipelines -------------------------------------------------------------------------------
+
+
+class SamplingDefaults(_Strict):
+    max_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+class RoutingConfig(_Strict):
+    adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
+    tenants: dict[str, str] = Field(default_factory=dict)
+
+
+class PipelineConfig(_Strict):
+    task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    input_topic: str | None = None
+    result_topic: str | None = None
+    prompt_template: str
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="The task's JSON Schema (2020-12), loaded from `output_schema`."
+    )
+
+    @model_validator(mode="after")
+    def _default_topics(self) -> PipelineConfig:
+        object.__setattr__(self, "input_topic", self.input_topic or f"jobs.{self.task}")
+        object.__setattr__(self, "result_topic", self.result_topic or f"results.{self.task}")
+        return self
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_input(cls, template: str) -> str:
+        if "{input}" not in template:
+            raise ValueError("prompt_template must contain {input}")
+        return template
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.input_topic}.dlq"
+
+    def render_prompt(self, text: str) -> str:
+        # Plain substitution: braces in the input or in a JSON example inside the template
+        # must stay literal, which str.format would not allow.
+        return self.prompt_template.replace("{input}", text)
+
+
+def load_pipeline(path: Path, schemas_dir: Path) -> PipelineConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    schema_ref = raw.pop("output_schema", None)
+    if schema_ref is not None:
+        schema_path = schemas_dir / schema_ref
+        try:
+            raw["output_schema"] = json.loads(schema_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: output_schema {schema_path}: {exc}") from exc
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_pipelines(pipelines_dir: Path, schemas_dir: Path) -> dict[str, PipelineConfig]:
+    """All `*.yaml` pipelines in a directory, keyed by task."""
+    files = sorted(pipelines_dir.glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"{pipelines_dir}: no pipeline files (*.yaml)")
+    pipelines: dict[str, PipelineConfig] = {}
+    for path in files:
+        pipeline = load_pipeline(path, schemas_dir)
+        if pipeline.task in pipelines:
+            raise ConfigError(f"{path}: task {pipeline.task!r} is defined twice")
+        pipelines[pipeline.task] = pipeline
+    topics = [p.input_topic for p in pipelines.values()]
+    if len(set(topics)) != len(topics):
+        raise ConfigError(f"{pipelines_dir}: two pipelines read the same input topic")
+    return pipelines
+
+
+# --- adapters --------------------------------------------------------------------------------
+
+
+class AdapterEntry(_Strict):
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    version: str = Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    path: Path
+
+
+class AdapterCatalog(_Strict):
+    base_model: str
+    adapters: list[AdapterEntry]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AdapterCatalog:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter name appears twice; one version per name is served")
+        return self
+
+    @cached_property
+    def by_name(self) -> dict[str, AdapterEntry]:
+        return {a.name: a for a in self.adapters}
+
+
+def load_catalog(path: Path) -> AdapterCatalog:
+    try:
+        raw = yaml.safe_load(path.read_text())
+        catalog = AdapterCatalog.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    # Paths in the catalog are relative to the catalog file, so the zoo can move as one folder.
+    resolved = [
+        a.model_copy(update={"path": (path.parent / a.path).resolve()}) for a in catalog.adapters
+    ]
+    return catalog.model_copy(update={"adapters": resolved})
+
+
+# --- worker settings -------------------------------------------------------------------------
+
+
+class EngineSettings(_Strict):
+    model: Path = REPO_ROOT / "models" / "tiny-llama"
+    dtype: str = "float32"
+    max_model_len: int = Field(default=512, ge=16)
+    max_num_seqs: int = Field(default=128, ge=1)
+    max_loras: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=8, ge=1)
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+    # On the CPU backend vLLM reserves this much host memory for the KV cache.
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+class BatchingSettings(_Strict):
+    max_batch_size: int = Field(default=128, ge=1, description="Jobs per engine call.")
+    linger_ms: int = Field(default=200, ge=0, description="Wait this long to fill a batch.")
+    consume_batch: int = Field(default=500, ge=1, description="Messages per consume() call.")
+    max_in_flight: int = Field(
+        default=2000, ge=1, description="Pause fetching above this many unfinished jobs."
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_WORKERS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LORA_WORKERS_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    group_id: str = "lora-workers"
+    pipelines_dir: Path = REPO_ROOT / "pipelines"
+    schemas_dir: Path = REPO_ROOT / "schemas"
+    catalog: Path = REPO_ROOT / "models" / "catalog.yaml"
+    unknown_task_dlq: str = "jobs.dlq"
+    kafka: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka settings for every client."
+    )
+    commit_interval_ms: int = Field(default=1000, ge=0)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+
+    def require_bootstrap(self) -> str:
+        if not self.bootstrap_servers:
+            raise ConfigError(
+                "no Kafka bootstrap servers: "
+                "pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        return self.bootstrap_servers

@@ -1,0 +1,117 @@
+"""Wire contracts: the job a producer publishes and the result a worker writes.
+
+These pydantic models are the source of truth; `schemas/job.schema.json` and
+`schemas/result.schema.json` are exported from them (`lora-workers schemas export`) and a test
+keeps the files in sync, so non-Python producers and consumers can validate the same shapes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Adapter names travel in jobs and in vLLM LoRA names; a path-like name must never get through.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobParams(_Contract):
+    """Per-job sampling overrides; unset fields fall back to the pipeline's defaults."""
+
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+class Job(_Contract):
+    """One LLM job, published as JSON to the task's input topic (key: job_id)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"$id": "https://lora-workers.dev/schemas/job.schema.json"},
+    )
+
+    job_id: str = Field(min_length=1, max_length=256)
+    task: str = Field(min_length=1, max_length=128)
+    input: str
+    tenant: str | None = Field(default=None, min_length=1, max_length=128)
+    adapter: str | None = Field(
+        default=None,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="A registered adapter name (never a path); overrides tenant and task routing.",
+    )
+    params: JobParams | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Opaque to the worker; copied to the result."
+    )
+
+
+class ResultStatus(StrEnum):
+    OK = "ok"
+    INVALID_OUTPUT = "invalid_output"
+    ERROR = "error"
+
+
+class AdapterRef(_Contract):
+    """The exact adapter version that produced a result."""
+
+    name: str
+    version: str
+
+
+class Usage(_Contract):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class ErrorInfo(_Contract):
+    code: str
+    message: str
+
+
+class Timings(_Contract):
+    """Milliseconds since the Unix epoch, and durations in milliseconds."""
+
+    enqueued_at_ms: int = Field(description="Kafka timestamp of the job message.")
+    received_at_ms: int = Field(description="When the worker consumed the job.")
+    completed_at_ms: int = Field(description="When the result was built.")
+    queue_ms: float = Field(ge=0, description="Consumed until handed to the engine.")
+    generate_ms: float = Field(ge=0, description="Wall time of the engine call holding the job.")
+
+
+class Result(_Contract):
+    """One result per job, written to the task's result topic (key: job_id)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"$id": "https://lora-workers.dev/schemas/result.schema.json"},
+    )
+
+    job_id: str
+    task: str
+    status: ResultStatus
+    output: Any = Field(
+        description="The parsed JSON value where the task has an output schema, else the text."
+    )
+    raw_output: str = Field(description="The generated text, exactly as the engine returned it.")
+    adapter: AdapterRef | None = Field(description="null when the base model served the job.")
+    usage: Usage
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] | None = None
+    timings: Timings
+
+
+def contract_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema documents exported to `schemas/`, by file name."""
+    documents: dict[str, dict[str, Any]] = {}
+    for filename, model in (("job.schema.json", Job), ("result.schema.json", Result)):
+        schema = model.model_json_schema(mode="serialization")
+        documents[filename] = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return documents

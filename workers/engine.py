@@ -1,0 +1,150 @@
+"""The inference engine behind one narrow interface.
+
+The rest of the worker sees only `Engine`: tokenize a prompt, register an adapter, run a batch of
+`GenerationRequest`s. `VllmEngine` implements it with one offline vLLM `LLM` holding many LoRA
+adapters on one base model. vLLM is imported lazily so the pure-logic modules and their tests
+never pay for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from workers.config import EngineSettings
+
+if TYPE_CHECKING:
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """One adapter version as the engine knows it.
+
+    vLLM keys its LoRA caches by id and its prefix cache by name, so a new version must get a
+    fresh id and name, never reuse them (see README, "Adapters").
+    """
+
+    name: str
+    version: str
+    path: str
+    lora_id: int
+
+    @property
+    def engine_name(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    adapter: AdapterHandle | None
+    max_tokens: int
+    temperature: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    completion_tokens: int
+    finish_reason: str | None
+
+
+class AdapterLoadError(Exception):
+    """The engine refused an adapter; the message names it. The engine keeps serving."""
+
+
+class Engine(Protocol):
+    max_model_len: int
+
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    def register_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+class VllmEngine:
+    """One offline vLLM `LLM` with LoRA enabled; adapters must be registered before use."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        from vllm import LLM
+
+        self.settings = settings
+        self._llm: LLM = LLM(
+            model=str(settings.model),
+            dtype=settings.dtype,
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+            # Without an explicit size the CPU backend reserves a fraction of all host memory,
+            # which fails next to Kafka and the test process.
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
+        self._lora_requests: dict[int, LoRARequest] = {}
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self._tokenizer.encode(prompt))
+
+    def register_adapter(self, adapter: AdapterHandle) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
+        # A bad adapter handed to generate() kills the engine; add_lora() fails cleanly instead.
+        try:
+            added = self._llm.llm_engine.add_lora(request)
+        except Exception as exc:
+            raise AdapterLoadError(f"adapter {adapter.engine_name}: {exc}") from exc
+        if not added:
+            raise AdapterLoadError(f"adapter {adapter.engine_name}: engine refused to load it")
+        self._lora_requests[adapter.lora_id] = request
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
+        params = [
+            SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, seed=r.seed)
+            for r in requests
+        ]
+        lora_requests = [self._registered(r.adapter) for r in requests]
+        outputs = self._llm.generate(prompts, params, lora_request=lora_requests, use_tqdm=False)
+        return [
+            Generation(
+                text=out.outputs[0].text,
+                completion_tokens=len(out.outputs[0].token_ids),
+                finish_reason=out.outputs[0].finish_reason,
+            )
+            for out in outputs
+        ]
+
+    def _registered(self, adapter: AdapterHandle | None) -> LoRARequest | None:
+        if adapter is None:
+            return None
+        request = self._lora_requests.get(adapter.lora_id)
+        if request is None:
+            # Never let an unregistered adapter reach generate(): it would kill the engine.
+            raise AdapterLoadError(f"adapter {adapter.engine_name} is not registered")
+        return request
+
+    def close(self) -> None:
+        engine_core = getattr(self._llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()

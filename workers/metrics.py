@@ -1,0 +1,41 @@
+"""Prometheus metrics, all named in one place (`lora-workers run --metrics-port` serves them)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+MESSAGES_CONSUMED = Counter(
+    "lora_workers_messages_consumed_total", "Messages read from input topics.", ["topic"]
+)
+RESULTS = Counter(
+    "lora_workers_results_total",
+    "Results acknowledged by the broker.",
+    ["task", "status", "adapter"],
+)
+DEAD_LETTERS = Counter(
+    "lora_workers_dead_letters_total",
+    "Messages sent to a dead-letter topic, by reason.",
+    ["task", "code"],
+)
+OUTPUT_TOKENS = Counter(
+    "lora_workers_output_tokens_total", "Generated tokens.", ["task", "adapter"]
+)
+BATCH_JOBS = Histogram(
+    "lora_workers_batch_jobs",
+    "Jobs per engine call.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+BATCH_ADAPTERS = Histogram(
+    "lora_workers_batch_adapters",
+    "Distinct adapters (base model counted as one) per engine call.",
+    buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+)
+GENERATE_SECONDS = Histogram(
+    "lora_workers_generate_seconds",
+    "Wall time of one engine call.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+
+
+def adapter_label(name: str | None, version: str | None) -> str:
+    return "base" if name is None else f"{name}@{version}"

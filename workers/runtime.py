@@ -1,0 +1,75 @@
+"""Assembles a worker from settings: pipelines, catalog, engine, adapters, source, sink."""
+
+from __future__ import annotations
+
+import structlog
+from prometheus_client import start_http_server
+
+from workers.adapters import AdapterRegistry
+from workers.config import (
+    AdapterCatalog,
+    ConfigError,
+    PipelineConfig,
+    Settings,
+    load_catalog,
+    load_pipelines,
+)
+from workers.engine import VllmEngine
+from workers.prepare import JobPreparer
+from workers.sinks import KafkaSink
+from workers.source import KafkaJobSource
+from workers.worker import RunLimits, RunSummary, Worker
+
+log = structlog.get_logger(__name__)
+
+
+def check_routing(pipelines: dict[str, PipelineConfig], catalog: AdapterCatalog) -> None:
+    """Fail at start-up, not per job, when a pipeline routes to an adapter nobody catalogued."""
+    for pipeline in pipelines.values():
+        names = {pipeline.routing.adapter, *pipeline.routing.tenants.values()} - {None}
+        missing = sorted(n for n in names if n not in catalog.by_name)
+        if missing:
+            raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    max_jobs: int | None = None,
+    idle_exit_s: float | None = None,
+    metrics_port: int | None = None,
+) -> RunSummary:
+    bootstrap = settings.require_bootstrap()
+    pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
+    catalog = load_catalog(settings.catalog)
+    check_routing(pipelines, catalog)
+    if metrics_port is not None:
+        start_http_server(metrics_port)
+
+    engine = VllmEngine(settings.engine)
+    try:
+        registry = AdapterRegistry.from_catalog(catalog, engine)
+        preparer = JobPreparer(
+            pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
+            known_tasks=set(pipelines),
+            lookup_adapter=registry.get,
+            tokenize=engine.tokenize,
+            max_model_len=engine.max_model_len,
+        )
+        worker = Worker(
+            settings,
+            pipelines,
+            engine,
+            preparer,
+            source_factory=lambda on_revoke: KafkaJobSource(
+                bootstrap,
+                settings.group_id,
+                sorted(p.input_topic for p in pipelines.values()),
+                settings.kafka,
+                on_revoke,
+            ),
+            sink=KafkaSink(bootstrap, settings.kafka),
+        )
+        return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
+    finally:
+        engine.close()

@@ -1,0 +1,275 @@
+"""The worker loop: consume → prepare (decode, route, tokenize) → batch by adapter → generate →
+validate → write → commit. Data flows one way; each stage lives in its own module.
+
+At-least-once: a message's offset is finished only when its result or dead-letter record has
+been acknowledged by the broker, and commits never pass an unfinished offset.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+import structlog
+
+from workers import metrics
+from workers.batching import AdapterBatcher
+from workers.config import PipelineConfig, Settings
+from workers.contracts import AdapterRef, Result, Timings, Usage
+from workers.engine import Engine, Generation
+from workers.errors import JobRejected
+from workers.offsets import OffsetTracker, TopicPartitionKey
+from workers.prepare import JobPreparer, PreparedJob
+from workers.sinks import KafkaSink
+from workers.source import KafkaJobSource, SourceMessage
+from workers.validation import OutputValidator
+
+log = structlog.get_logger(__name__)
+
+POLL_INTERVAL_S = 0.5
+FLUSH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    max_jobs: int | None = None  # exit after this many messages are finished
+    idle_exit_s: float | None = None  # exit after this long with nothing to do
+
+
+@dataclass
+class RunSummary:
+    finished: int = 0
+    results: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    dead_letters: Counter[tuple[str, str]] = field(default_factory=Counter)
+    output_tokens: int = 0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        pipelines: dict[str, PipelineConfig],
+        engine: Engine,
+        preparer: JobPreparer,
+        source_factory: Callable[[Callable[[list[TopicPartitionKey]], None]], KafkaJobSource],
+        sink: KafkaSink,
+    ) -> None:
+        self.settings = settings
+        self.pipelines = pipelines
+        self.engine = engine
+        self.preparer = preparer
+        self.sink = sink
+        self.validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
+        self.pipelines_by_topic = {p.input_topic: p for p in pipelines.values()}
+        self.batcher: AdapterBatcher[PreparedJob] = AdapterBatcher(
+            max_batch_size=settings.batching.max_batch_size,
+            linger_s=settings.batching.linger_ms / 1000,
+        )
+        self.offsets = OffsetTracker()
+        self.summary = RunSummary()
+        self._stop_requested = False
+        self._paused = False
+        self._last_commit = time.monotonic()
+        self.source = source_factory(self._on_revoke)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        self._stop_requested = True
+
+    def run(self, limits: RunLimits) -> RunSummary:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        last_activity = time.monotonic()
+        log.info("worker_started", topics=sorted(self.pipelines_by_topic))
+        try:
+            while not self._should_stop(limits):
+                messages = self._consume()
+                now = time.monotonic()
+                if messages or len(self.batcher) or self.offsets.unfinished_count():
+                    last_activity = now
+                for message in messages:
+                    self._accept(message)
+                while batch := self.batcher.next_batch(time.monotonic()):
+                    self._run_batch(batch)
+                self.sink.poll(0)
+                self._commit_if_due()
+                if limits.idle_exit_s is not None and now - last_activity >= limits.idle_exit_s:
+                    log.info("idle_exit", idle_s=limits.idle_exit_s)
+                    break
+        finally:
+            self._shutdown()
+        return self.summary
+
+    def _should_stop(self, limits: RunLimits) -> bool:
+        if self._stop_requested:
+            return True
+        return limits.max_jobs is not None and self.summary.finished >= limits.max_jobs
+
+    def _shutdown(self) -> None:
+        # Results already handed to the producer are flushed and committed; jobs still waiting
+        # in the batcher are not committed, so the group serves them again (at-least-once).
+        try:
+            self.sink.flush(FLUSH_TIMEOUT_S)
+            self._commit()
+        finally:
+            self.source.close()
+            log.info(
+                "worker_stopped",
+                finished=self.summary.finished,
+                output_tokens=self.summary.output_tokens,
+                not_started=len(self.batcher),
+            )
+
+    # --- consume and prepare -----------------------------------------------------------------
+
+    def _consume(self) -> list[SourceMessage]:
+        # Backpressure: stop fetching while too much work is unfinished, but keep polling so the
+        # consumer stays in its group.
+        overloaded = self.offsets.unfinished_count() >= self.settings.batching.max_in_flight
+        if overloaded != self._paused:
+            (self.source.pause_all if overloaded else self.source.resume_all)()
+            self._paused = overloaded
+        due_in = self.batcher.seconds_until_due(time.monotonic())
+        timeout = POLL_INTERVAL_S if due_in is None else min(POLL_INTERVAL_S, due_in)
+        messages = self.source.consume(self.settings.batching.consume_batch, timeout)
+        for message in messages:
+            metrics.MESSAGES_CONSUMED.labels(message.topic).inc()
+        return messages
+
+    def _accept(self, message: SourceMessage) -> None:
+        self.offsets.track(message.topic, message.partition, message.offset)
+        try:
+            prepared = self.preparer.prepare(message)
+        except JobRejected as rejection:
+            self._dead_letter(message, rejection)
+            return
+        self.batcher.add(prepared)
+
+    def _dead_letter(self, message: SourceMessage, rejection: JobRejected) -> None:
+        pipeline = self.pipelines_by_topic[message.topic]
+        topic = (
+            self.settings.unknown_task_dlq
+            if rejection.code == "unknown_task"
+            else pipeline.dlq_topic
+        )
+        log.warning(
+            "dead_letter",
+            code=rejection.code,
+            reason=rejection.message,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+        )
+
+        def delivered() -> None:
+            self._finish(message)
+            self.summary.dead_letters[(pipeline.task, rejection.code)] += 1
+            metrics.DEAD_LETTERS.labels(pipeline.task, rejection.code).inc()
+
+        self.sink.write_dead_letter(topic, message, rejection.code, rejection.message, delivered)
+
+    # --- generate, validate, write -----------------------------------------------------------
+
+    def _run_batch(self, batch: list[PreparedJob]) -> None:
+        handed_at = time.monotonic()
+        generations = self.engine.generate([job.request for job in batch])
+        generate_ms = (time.monotonic() - handed_at) * 1000
+        metrics.GENERATE_SECONDS.observe(generate_ms / 1000)
+        metrics.BATCH_JOBS.observe(len(batch))
+        metrics.BATCH_ADAPTERS.observe(len({job.adapter_key for job in batch}))
+        log.info(
+            "batch_done",
+            jobs=len(batch),
+            adapters=len({job.adapter_key for job in batch}),
+            generate_ms=round(generate_ms, 1),
+            output_tokens=sum(g.completion_tokens for g in generations),
+        )
+        for job, generation in zip(batch, generations, strict=True):
+            result = self._build_result(job, generation, handed_at, generate_ms)
+            self.sink.write_result(
+                job.pipeline.result_topic, result, self._result_delivered(job, result)
+            )
+
+    def _build_result(
+        self, job: PreparedJob, generation: Generation, handed_at: float, generate_ms: float
+    ) -> Result:
+        checked = self.validators[job.pipeline.task].check(
+            generation.text, generation.finish_reason
+        )
+        adapter = job.adapter
+        return Result(
+            job_id=job.job.job_id,
+            task=job.pipeline.task,
+            status=checked.status,
+            output=checked.output,
+            raw_output=generation.text,
+            adapter=None
+            if adapter is None
+            else AdapterRef(name=adapter.name, version=adapter.version),
+            usage=Usage(
+                prompt_tokens=len(job.request.prompt_token_ids),
+                completion_tokens=generation.completion_tokens,
+            ),
+            error=checked.error,
+            metadata=job.job.metadata,
+            timings=Timings(
+                enqueued_at_ms=job.source.timestamp_ms,
+                received_at_ms=job.received_at_ms,
+                completed_at_ms=int(time.time() * 1000),
+                queue_ms=round((handed_at - job.arrived_at) * 1000, 3),
+                generate_ms=round(generate_ms, 3),
+            ),
+        )
+
+    def _result_delivered(self, job: PreparedJob, result: Result) -> Callable[[], None]:
+        adapter = metrics.adapter_label(
+            result.adapter.name if result.adapter else None,
+            result.adapter.version if result.adapter else None,
+        )
+
+        def delivered() -> None:
+            self._finish(job.source)
+            self.summary.results[(result.task, result.status.value, adapter)] += 1
+            self.summary.output_tokens += result.usage.completion_tokens
+            metrics.RESULTS.labels(result.task, result.status.value, adapter).inc()
+            metrics.OUTPUT_TOKENS.labels(result.task, adapter).inc(result.usage.completion_tokens)
+
+        return delivered
+
+    # --- offsets -----------------------------------------------------------------------------
+
+    def _finish(self, message: SourceMessage) -> None:
+        self.offsets.finish(message.topic, message.partition, message.offset)
+        self.summary.finished += 1
+
+    def _commit_if_due(self) -> None:
+        if (time.monotonic() - self._last_commit) * 1000 >= self.settings.commit_interval_ms:
+            self._commit()
+
+    def _commit(self) -> None:
+        positions = self.offsets.committable()
+        if positions:
+            self.source.commit(positions)
+            self.offsets.mark_committed(positions)
+            log.debug("committed", positions={f"{t}[{p}]": o for (t, p), o in positions.items()})
+        self._last_commit = time.monotonic()
+
+    def _on_revoke(self, partitions: list[TopicPartitionKey]) -> None:
+        # Commit what is finished for the partitions we are losing, and drop their waiting jobs:
+        # the next owner starts from that commit, so nothing is lost.
+        self.sink.flush(FLUSH_TIMEOUT_S)
+        revoked = set(partitions)
+        positions = {k: v for k, v in self.offsets.committable().items() if k in revoked}
+        if positions:
+            self.source.commit(positions)
+        dropped = self.batcher.discard(
+            lambda job: (job.source.topic, job.source.partition) in revoked
+        )
+        self.offsets.forget(partitions)
+        log.info("revoked_handled", committed=len(positions), dropped_jobs=len(dropped))
