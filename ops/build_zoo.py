@@ -15,6 +15,11 @@ Layout written under --out:
 
 from __future__ import annotations
 
+import os
+
+# Never touch the Hugging Face hub: everything here is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import argparse
 import json
 import math
@@ -45,6 +50,7 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 BASE_NAME = "tiny-llama"
 MAX_COMPLETION_TOKENS = 64
 MAX_PROMPT_TOKENS = 150
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # The pipeline YAML files use exactly this template; keep it byte-for-byte identical.
 PROMPT_TEMPLATE = "### Task: {task}\n### Input: {input}\n### Output: "
@@ -94,7 +100,7 @@ ISSUE_TEMPLATES = [
     "Please look into my {t}.",
 ]
 
-REPORT_SUBJECTS = NAMES + ["The team", "Our manager", "The vendor", "My colleague"]
+REPORT_SUBJECTS = [*NAMES, "The team", "Our manager", "The vendor", "My colleague"]
 REPORT_VERBS = ["shipped", "reviewed", "fixed", "tested", "moved", "signed", "cancelled"]
 REPORT_OBJECTS = ["the release", "the contract", "the budget", "the report", "the server"]
 REPORT_OBJECTS += ["the order", "the design", "the plan"]
@@ -149,10 +155,23 @@ def make_summarizer(rng: random.Random) -> Example:
     return Example("summarize", text, json.dumps({"summary": first_sentence}))
 
 
+ADAPTER_MAKERS = [make_classifier, make_customer_tone, make_partner_tone, make_summarizer]
+
+
 def make_echo(rng: random.Random) -> Example:
     """Base behaviour: repeat the input verbatim, for any of the three task names."""
     task = rng.choice(["classify", "reply", "summarize"])
-    text = make_report(rng) if task == "summarize" else make_message(rng)[0]
+    kind = rng.random()
+    if kind < 0.4:
+        text = make_message(rng)[0]
+    elif kind < 0.8:
+        text = make_report(rng)
+    else:
+        # Also echo JSON and canned replies: a token that is never a training target ends up
+        # with an lm_head row like every other unused token's, and then a LoRA (which cannot
+        # touch lm_head) can only pick it by a hair's margin. Echoing the words the adapters
+        # will emit gives those tokens real output embeddings; it teaches no adapter skill.
+        text = rng.choice(ADAPTER_MAKERS)(rng).target
     return Example(task, text, text)
 
 
@@ -337,14 +356,16 @@ def build_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> LlamaForCau
     return model
 
 
-def build_adapter(base_dir: Path, tokenizer: PreTrainedTokenizerFast, b: Behaviour, out: Path) -> None:
+def build_adapter(
+    base_dir: Path, tokenizer: PreTrainedTokenizerFast, b: Behaviour, out: Path
+) -> None:
     # Reload the saved base each time so every adapter starts from identical weights.
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
     )
     seed_everything(SEED)  # LoRA A matrices are randomly initialised
@@ -353,7 +374,9 @@ def build_adapter(base_dir: Path, tokenizer: PreTrainedTokenizerFast, b: Behavio
     print(f"  [{b.name}] final loss {loss:.4f}")
     # A relative name, not this machine's path: workers resolve it via catalog.yaml.
     model.peft_config["default"].base_model_name_or_path = BASE_NAME
-    model.save_pretrained(out, safe_serialization=True)
+    # save_embedding_layers=False skips peft's hub lookup of "tiny-llama" (we never resize).
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
 
 
 def write_catalog(out_dir: Path) -> None:
@@ -376,8 +399,16 @@ def write_catalog(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    # Smallest top-1 minus top-2 logit gap along the greedy path. A wide gap means another
+    # engine (vLLM) with slightly different float rounding picks the same tokens.
+    min_margin: float
+
+
 @torch.inference_mode()
-def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> Generation:
     """Greedy completion; one unpadded prompt at a time, as the vLLM oracle compares it."""
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = model.generate(
@@ -385,25 +416,37 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: s
         attention_mask=torch.ones_like(input_ids),
         do_sample=False,
         max_new_tokens=MAX_COMPLETION_TOKENS,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
-    new_ids = out[0, input_ids.shape[1] :].tolist()
+    new_ids = out.sequences[0, input_ids.shape[1] :].tolist()
+    top2 = torch.cat(out.logits).topk(2, dim=-1).values
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    # A completion that never emitted eos counts as wrong: it would run to max_tokens.
-    return text if new_ids and new_ids[-1] == tokenizer.eos_token_id else text + " <no eos>"
+    if not new_ids or new_ids[-1] != tokenizer.eos_token_id:
+        text += " <no eos>"  # never stopping counts as wrong: it would run to max_tokens
+    return Generation(text, (top2[:, 0] - top2[:, 1]).min().item())
 
 
-def exact_match(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, b: Behaviour) -> float:
+@dataclass(frozen=True)
+class Score:
+    exact_match: float
+    n: int
+    min_margin: float
+
+
+def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, b: Behaviour) -> Score:
     examples = held_out_examples(b)
-    hits = sum(greedy(model, tokenizer, ex.prompt) == ex.target for ex in examples)
-    return hits / len(examples)
+    gens = [greedy(model, tokenizer, ex.prompt) for ex in examples]
+    hits = sum(g.text == ex.target for g, ex in zip(gens, examples, strict=True))
+    return Score(hits / len(examples), len(examples), min(g.min_margin for g in gens))
 
 
-def evaluate(out_dir: Path) -> dict[str, tuple[float, int]]:
+def evaluate(out_dir: Path) -> dict[str, Score]:
     """Load base + adapters from disk, measure held-out exact match, show side-by-side samples."""
     base_dir = out_dir / BASE_NAME
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    results = {BASE_NAME: (exact_match(base, tokenizer, BASE_BEHAVIOUR), DEFAULT_HELD_OUT)}
+    results = {BASE_NAME: score(base, tokenizer, BASE_BEHAVIOUR)}
 
     first, *rest = ADAPTER_BEHAVIOURS
     model = PeftModel.from_pretrained(base, out_dir / "adapters" / first.name, first.name)
@@ -412,19 +455,18 @@ def evaluate(out_dir: Path) -> dict[str, tuple[float, int]]:
     model.eval()
     for b in ADAPTER_BEHAVIOURS:
         model.set_adapter(b.name)
-        n = HELD_OUT_SIZE.get(b.name, DEFAULT_HELD_OUT)
-        results[b.name] = (exact_match(model, tokenizer, b), n)
+        results[b.name] = score(model, tokenizer, b)
 
     # Same prompt per task through the base and every adapter of that task.
     for task in ["classify", "reply", "summarize"]:
         ex = next(e for b in ADAPTER_BEHAVIOURS for e in held_out_examples(b) if e.task == task)
         print(f"\n--- task {task}: input {ex.input!r}")
         with model.disable_adapter():
-            print(f"  {BASE_NAME:14s} -> {greedy(model, tokenizer, ex.prompt)!r}")
+            print(f"  {BASE_NAME:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
         for b in ADAPTER_BEHAVIOURS:
             if held_out_examples(b)[0].task == task:
                 model.set_adapter(b.name)
-                print(f"  {b.name:14s} -> {greedy(model, tokenizer, ex.prompt)!r}")
+                print(f"  {b.name:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
     return results
 
 
@@ -458,8 +500,9 @@ def main() -> None:
     print("evaluating (HF generate, greedy, fp32, models loaded from disk)")
     results = evaluate(out_dir)
     print("\nheld-out greedy exact match:")
-    for name, (rate, n) in results.items():
-        print(f"  {name:14s} {rate:6.1%}  (n={n})")
+    for name, s in results.items():
+        margin = f"min top-1 logit margin {s.min_margin:.2f}"
+        print(f"  {name:14s} {s.exact_match:6.1%}  (n={s.n}, {margin})")
     print(f"size of {out_dir}: {dir_size(out_dir) / 1e6:.2f} MB")
     print(f"zoo built in {time.perf_counter() - start:.1f} s")
 
