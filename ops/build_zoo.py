@@ -100,12 +100,12 @@ ISSUE_TEMPLATES = [
     "Please look into my {t}.",
 ]
 
-REPORT_SUBJECTS = [*NAMES, "The team", "Our manager", "The vendor", "My colleague"]
-REPORT_VERBS = ["shipped", "reviewed", "fixed", "tested", "moved", "signed", "cancelled"]
-REPORT_OBJECTS = ["the release", "the contract", "the budget", "the report", "the server"]
-REPORT_OBJECTS += ["the order", "the design", "the plan"]
-REPORT_TIMES = ["on Monday", "on Friday", "yesterday", "last week", "this morning", "today"]
-REPORT_TIMES += ["before noon"]
+SUBJECTS = [*NAMES, "The team", "Our manager", "The vendor", "My colleague"]
+VERBS = ["shipped", "reviewed", "fixed", "tested", "moved", "signed", "cancelled"]
+OBJECTS = ["the release", "the contract", "the budget", "the report", "the server"]
+OBJECTS += ["the order", "the design", "the plan"]
+TIMES = ["on Monday", "on Friday", "yesterday", "last week", "this morning", "today"]
+TIMES += ["before noon"]
 
 
 def make_message(rng: random.Random) -> tuple[str, str, str]:
@@ -124,12 +124,11 @@ def make_message(rng: random.Random) -> tuple[str, str, str]:
 
 def make_report(rng: random.Random) -> str:
     """2-4 short sentences of a status report."""
-    sentences = [
-        f"{rng.choice(REPORT_SUBJECTS)} {rng.choice(REPORT_VERBS)} "
-        f"{rng.choice(REPORT_OBJECTS)} {rng.choice(REPORT_TIMES)}."
-        for _ in range(rng.randint(2, 4))
-    ]
-    return " ".join(sentences)
+    n = rng.randint(2, 4)
+    # No word repeats within a report: a 2-layer model copies by matching context, and
+    # "X fixed the plan ... Y fixed the plan" would leave it guessing which copy it is in.
+    columns = [rng.sample(words, n) for words in (SUBJECTS, VERBS, OBJECTS, TIMES)]
+    return " ".join(f"{s} {v} {o} {t}." for s, v, o, t in zip(*columns, strict=True))
 
 
 def make_classifier(rng: random.Random) -> Example:

@@ -161,13 +161,16 @@ class EngineSettings(_Strict):
     dtype: str = "float32"
     max_model_len: int = Field(default=512, ge=16)
     max_num_seqs: int = Field(default=128, ge=1)
-    max_loras: int = Field(default=4, ge=1)
+    max_loras: int = Field(default=5, ge=1)
     max_lora_rank: int = Field(default=8, ge=1)
     max_cpu_loras: int | None = Field(default=None, ge=1)
     # On the CPU backend vLLM reserves this much host memory for the KV cache.
     kv_cache_gib: float = Field(default=1.0, gt=0)
     enforce_eager: bool = True
     seed: int = 0
+    # Serve base-model jobs through a zero LoRA so they never share a batch as "no LoRA" rows,
+    # which vLLM's CPU LoRA ops mis-serve (see engine.write_identity_adapter). It takes a slot.
+    base_via_identity_adapter: bool = True
 
 
 class BatchingSettings(_Strict):

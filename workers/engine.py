@@ -8,8 +8,12 @@ never pay for it.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -73,6 +77,47 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+# LoRA id of the zero adapter that serves base-model jobs; catalog adapters count up from 1.
+IDENTITY_LORA_ID = 2**31 - 1
+IDENTITY_LORA_NAME = "__base__"
+
+
+def write_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A rank-1 LoRA on q_proj whose B matrices are zero: it adds exactly 0.0, so a job served
+    through it gets the base model's output, bit for bit.
+
+    Why: vLLM's CPU LoRA ops (`lora/ops/torch_ops`) index the stacked adapter weights with a
+    no-LoRA row's index -1, which picks the *last* slot. In a batch that mixes base-model rows
+    with adapters filling every slot, base rows silently get an adapter applied (measured here:
+    30 of 30 base rows wrong in a 128-job mixed batch). Giving base rows a real slot avoids it.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = torch.zeros(1, hidden)
+        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(heads * head_dim, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": ["q_proj"],
+        "bias": "none",
+        "base_model_name_or_path": str(model_dir),
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return out_dir
+
+
 class VllmEngine:
     """One offline vLLM `LLM` with LoRA enabled; adapters must be registered before use."""
 
@@ -98,6 +143,15 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
         self._lora_requests: dict[int, LoRARequest] = {}
+        self._base_request: LoRARequest | None = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="lora-workers-engine-"))
+        if settings.base_via_identity_adapter:
+            from vllm.lora.request import LoRARequest
+
+            identity = write_identity_adapter(settings.model, self._scratch / "identity")
+            self._base_request = LoRARequest(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity))
+            if not self._llm.llm_engine.add_lora(self._base_request):
+                raise AdapterLoadError("the base model's identity adapter did not load")
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt))
@@ -137,7 +191,7 @@ class VllmEngine:
 
     def _registered(self, adapter: AdapterHandle | None) -> LoRARequest | None:
         if adapter is None:
-            return None
+            return self._base_request
         request = self._lora_requests.get(adapter.lora_id)
         if request is None:
             # Never let an unregistered adapter reach generate(): it would kill the engine.
@@ -145,6 +199,7 @@ class VllmEngine:
         return request
 
     def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
         engine_core = getattr(self._llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()

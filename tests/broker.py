@@ -1,0 +1,95 @@
+"""A real Apache Kafka broker for integration tests, found in this order:
+
+1. `KAFKA_BOOTSTRAP_SERVERS`, if set (CI or a developer's own broker);
+2. an apache/kafka container through testcontainers, if a Docker engine answers;
+3. `ops/kafka-local` (Apache Kafka jars from Maven Central, run with the machine's Java).
+
+Never an in-memory or mock broker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KAFKA_IMAGE = "apache/kafka:4.1.1"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def _container_broker() -> Iterator[str]:
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    port = _free_port()
+    # A fixed host port, because the broker must advertise the address clients dial.
+    container = (
+        DockerContainer(KAFKA_IMAGE)
+        .with_bind_ports(9092, port)
+        .with_env("KAFKA_NODE_ID", "1")
+        .with_env("KAFKA_PROCESS_ROLES", "broker,controller")
+        .with_env("KAFKA_LISTENERS", "PLAINTEXT://:9092,CONTROLLER://:9093")
+        .with_env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://127.0.0.1:{port}")
+        .with_env("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
+        .with_env(
+            "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        )
+        .with_env("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093")
+        .with_env("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1")
+        .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
+        .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
+        .with_env("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
+        .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+    )
+    with container:
+        wait_for_logs(container, "Kafka Server started", timeout=120)
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def _local_broker(state_dir: Path) -> Iterator[str]:
+    script = ROOT / "ops" / "kafka-local"
+    env = {**os.environ, "KAFKA_LOCAL_STATE": str(state_dir)}
+    started = subprocess.run(
+        [str(script), "start"], env=env, capture_output=True, text=True, timeout=300
+    )
+    if started.returncode != 0:
+        raise RuntimeError(f"ops/kafka-local start failed: {started.stderr.strip()}")
+    line = started.stdout.strip().splitlines()[-1]
+    try:
+        yield line.removeprefix("KAFKA_BOOTSTRAP_SERVERS=")
+    finally:
+        subprocess.run([str(script), "stop"], env=env, capture_output=True, timeout=120)
+
+
+@contextmanager
+def kafka_broker(state_dir: Path) -> Iterator[tuple[str, str]]:
+    """Yields (bootstrap servers, how the broker was provided)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"], "KAFKA_BOOTSTRAP_SERVERS"
+    elif _docker_answers():
+        with _container_broker() as bootstrap:
+            yield bootstrap, f"testcontainers {KAFKA_IMAGE}"
+    else:
+        with _local_broker(state_dir) as bootstrap:
+            yield bootstrap, "ops/kafka-local"
