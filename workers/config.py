@@ -171,6 +171,7 @@ class EngineSettings(_Strict):
     # Serve base-model jobs through a zero LoRA so they never share a batch as "no LoRA" rows,
     # which vLLM's CPU LoRA ops mis-serve (see engine.write_identity_adapter). It takes a slot.
     base_via_identity_adapter: bool = True
+    vllm_log_level: str = "WARNING"
 
 
 class BatchingSettings(_Strict):

@@ -9,6 +9,7 @@ never pay for it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -122,6 +123,9 @@ class VllmEngine:
     """One offline vLLM `LLM` with LoRA enabled; adapters must be registered before use."""
 
     def __init__(self, settings: EngineSettings) -> None:
+        # vLLM configures its logging at import, to stdout by default; stdout is the CLI's.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.vllm_log_level)
         from vllm import LLM
 
         self.settings = settings
