@@ -41,6 +41,9 @@ class AdapterBatcher(Generic[T]):
         self._groups.setdefault(item.adapter_key, []).append(item)
         self._size += 1
 
+    def pending_keys(self) -> set[Hashable]:
+        return set(self._groups)
+
     def oldest_arrival(self) -> float | None:
         return min((group[0].arrived_at for group in self._groups.values()), default=None)
 

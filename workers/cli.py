@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
-from workers.config import ConfigError, PipelineConfig, Settings, load_pipelines
+from workers.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
 from workers.contracts import contract_schemas
 
 EXIT_USAGE = 2
@@ -63,6 +63,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("results", help="print result counts by task, adapter and status")
 
+    adapters = commands.add_parser("adapters", help="announce and list adapter versions")
+    adapter_commands = adapters.add_subparsers(
+        dest="adapters_command", required=True, parser_class=_OneLineParser
+    )
+    announce = adapter_commands.add_parser("publish", help="announce a new adapter version")
+    announce.add_argument("name")
+    announce.add_argument("--version", required=True)
+    announce.add_argument("--path", required=True, type=Path, help="the adapter directory")
+    announce.add_argument("--base-model", help="default: the catalog's base model")
+    announce.add_argument(
+        "--weight", type=_weight, default=1.0, help="share of traffic for this version (0-1]"
+    )
+    announce.add_argument("--tenants", type=_tenants, help="comma-separated allow list")
+    announce.add_argument("--hot", action="store_true", help="pin in the engine's slots")
+    announce.add_argument("--catalog", type=Path, help="adapter catalog YAML")
+    adapter_commands.add_parser("list", help="what the adapter-update topic holds")
+
     schemas = commands.add_parser("schemas", help="contract schema files")
     schema_commands = schemas.add_subparsers(
         dest="schemas_command", required=True, parser_class=_OneLineParser
@@ -84,6 +101,20 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _weight(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _tenants(text: str) -> list[str]:
+    tenants = [t.strip() for t in text.split(",") if t.strip()]
+    if not tenants:
+        raise argparse.ArgumentTypeError("needs at least one tenant")
+    return tenants
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -142,10 +173,8 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
     from workers.topics import create_topics, pipeline_topics
 
     settings = _settings(args)
-    topics = pipeline_topics(settings, _pipelines(settings))
-    outcome = create_topics(
-        settings.require_bootstrap(), topics, args.partitions, args.replication_factor
-    )
+    topics = pipeline_topics(settings, _pipelines(settings), args.partitions)
+    outcome = create_topics(settings.require_bootstrap(), topics, args.replication_factor)
     for topic, state in sorted(outcome.items()):
         print(f"{state:8} {topic}")
     return 0
@@ -173,6 +202,54 @@ def _cmd_schemas_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from workers.adapter_admin import list_adapters, publish_version
+    from workers.adapter_checks import AdapterRejected
+
+    settings = _settings(args)
+    if args.adapters_command == "list":
+        _print_adapters(list_adapters(settings))
+        return 0
+    try:
+        state = publish_version(
+            settings,
+            name=args.name,
+            version=args.version,
+            path=args.path,
+            base_model=args.base_model or load_catalog(settings.catalog).base_model,
+            weight=args.weight,
+            tenants=args.tenants,
+            hot=args.hot,
+            max_lora_rank=settings.engine.max_lora_rank,
+        )
+    except AdapterRejected as rejection:
+        raise ConfigError(f"adapter rejected: {rejection}") from rejection
+    shares = ", ".join(f"{v.version}: {v.weight:.0%}" for v in state.versions)
+    print(f"published {state.name} ({shares}) to {settings.adapters.updates_topic}")
+    return 0
+
+
+def _print_adapters(listings: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Adapters on the update topic")
+    for column in ("adapter", "version", "weight", "tenants", "hot", "status"):
+        table.add_column(column)
+    for listing in listings:
+        state = listing.state
+        for spec in state.versions:
+            status = listing.statuses.get(spec.version)
+            described = "-" if status is None else f"{status.state} ({status.worker})"
+            if status is not None and status.code:
+                described += f" {status.code}"
+            tenants = ",".join(state.tenants) if state.tenants else "all"
+            table.add_row(
+                state.name, spec.version, f"{spec.weight:.0%}", tenants, str(state.hot), described
+            )
+    Console().print(table)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _cmd_run(args)
@@ -182,6 +259,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_topics_create(args)
     if args.command == "results":
         return _cmd_results(args)
+    if args.command == "adapters":
+        return _cmd_adapters(args)
     return _cmd_schemas_export(args)
 
 

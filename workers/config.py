@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.contracts import ADAPTER_NAME_PATTERN
+from workers.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,8 +122,10 @@ def load_pipelines(pipelines_dir: Path, schemas_dir: Path) -> dict[str, Pipeline
 
 class AdapterEntry(_Strict):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
-    version: str = Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    version: str = Field(pattern=VERSION_PATTERN)
     path: Path
+    tenants: list[str] | None = None
+    hot: bool = False
 
 
 class AdapterCatalog(_Strict):
@@ -183,6 +187,23 @@ class BatchingSettings(_Strict):
     )
 
 
+# LoRA target modules vLLM can serve on Llama-family models.
+LLAMA_LORA_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+)
+
+
+class AdapterSettings(_Strict):
+    allowed_roots: list[Path] = Field(
+        default_factory=lambda: [REPO_ROOT / "models"],
+        description="Adapter directories must resolve (symlinks followed) inside one of these.",
+    )
+    updates_topic: str = "adapters.updates"
+    status_topic: str = "adapters.status"
+    supported_target_modules: frozenset[str] = LLAMA_LORA_MODULES
+    catch_up_timeout_s: float = Field(default=60.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORA_WORKERS_",
@@ -197,6 +218,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("LORA_WORKERS_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
     )
     group_id: str = "lora-workers"
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Names this worker in adapters.status messages.",
+    )
     pipelines_dir: Path = REPO_ROOT / "pipelines"
     schemas_dir: Path = REPO_ROOT / "schemas"
     catalog: Path = REPO_ROOT / "models" / "catalog.yaml"
@@ -206,6 +231,7 @@ class Settings(BaseSettings):
     )
     commit_interval_ms: int = Field(default=1000, ge=0)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
 
     def require_bootstrap(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Adapter names travel in jobs and in vLLM LoRA names; a path-like name must never get through.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -108,10 +108,79 @@ class Result(_Contract):
     timings: Timings
 
 
+# --- adapter lifecycle -----------------------------------------------------------------------
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"
+
+
+class AdapterVersionSpec(_Contract):
+    """One version of an adapter and its share of the adapter's traffic."""
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    path: str = Field(min_length=1, description="Directory under one of the allowed roots.")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="workers.adapters.adapter_digest.")
+    weight: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class AdapterUpdate(_Contract):
+    """The whole desired state of one adapter, keyed by its name on the compacted topic
+    `adapters.updates`. Whole state, not a delta, so compaction keeps what a worker needs;
+    a tombstone (null value) retires the adapter."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"$id": "https://lora-workers.dev/schemas/adapter-update.schema.json"},
+    )
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    base_model: str = Field(min_length=1, description="The base model the adapter was trained on.")
+    versions: list[AdapterVersionSpec] = Field(min_length=1, max_length=8)
+    tenants: list[str] | None = Field(
+        default=None, description="Tenants that may use the adapter; absent means all."
+    )
+    hot: bool = Field(default=False, description="Pin in the engine's adapter slots.")
+    published_at_ms: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _weights_cover_all_traffic(self) -> AdapterUpdate:
+        total = sum(v.weight for v in self.versions)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"version weights must add up to 1, got {total:g}")
+        if len({v.version for v in self.versions}) != len(self.versions):
+            raise ValueError("a version appears twice")
+        return self
+
+
+class AdapterState(StrEnum):
+    SERVING = "serving"
+    REJECTED = "rejected"
+    RETIRED = "retired"
+
+
+class AdapterStatus(_Contract):
+    """What a worker did with an update, on `adapters.status` (key: adapter name)."""
+
+    name: str
+    version: str | None
+    state: AdapterState
+    worker: str
+    code: str | None = None
+    message: str | None = None
+    weight: float | None = None
+    at_ms: int
+
+
 def contract_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema documents exported to `schemas/`, by file name."""
     documents: dict[str, dict[str, Any]] = {}
-    for filename, model in (("job.schema.json", Job), ("result.schema.json", Result)):
+    for filename, model in (
+        ("job.schema.json", Job),
+        ("result.schema.json", Result),
+        ("adapter-update.schema.json", AdapterUpdate),
+        ("adapter-status.schema.json", AdapterStatus),
+    ):
         schema = model.model_json_schema(mode="serialization")
         documents[filename] = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
     return documents

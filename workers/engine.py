@@ -73,6 +73,10 @@ class Engine(Protocol):
 
     def register_adapter(self, adapter: AdapterHandle) -> None: ...
 
+    def unregister_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    def pin_adapter(self, adapter: AdapterHandle) -> None: ...
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
 
     def close(self) -> None: ...
@@ -172,6 +176,13 @@ class VllmEngine:
         if not added:
             raise AdapterLoadError(f"adapter {adapter.engine_name}: engine refused to load it")
         self._lora_requests[adapter.lora_id] = request
+
+    def unregister_adapter(self, adapter: AdapterHandle) -> None:
+        self._lora_requests.pop(adapter.lora_id, None)
+        self._llm.llm_engine.remove_lora(adapter.lora_id)
+
+    def pin_adapter(self, adapter: AdapterHandle) -> None:
+        self._llm.llm_engine.pin_lora(adapter.lora_id)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams

@@ -39,3 +39,16 @@ GENERATE_SECONDS = Histogram(
 
 def adapter_label(name: str | None, version: str | None) -> str:
     return "base" if name is None else f"{name}@{version}"
+
+
+ADAPTER_LOAD_SECONDS = Histogram(
+    "lora_workers_adapter_load_seconds",
+    "Time to validate-load one adapter version into the engine (add_lora).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+ADAPTER_REJECTIONS = Counter(
+    "lora_workers_adapter_rejections_total", "Adapter versions refused, by reason.", ["code"]
+)
+ADAPTER_UNLOADS = Counter(
+    "lora_workers_adapter_unloads_total", "Adapter versions removed from the engine after draining."
+)

@@ -17,7 +17,7 @@ from workers.config import PipelineConfig
 from workers.contracts import Job
 from workers.engine import AdapterHandle, GenerationRequest
 from workers.errors import JobRejected
-from workers.routing import route
+from workers.routing import AdapterResolver, route
 from workers.source import SourceMessage
 
 
@@ -59,7 +59,7 @@ def decode_job(value: bytes | None) -> Job:
 class JobPreparer:
     pipelines_by_topic: dict[str, PipelineConfig]
     known_tasks: set[str]
-    lookup_adapter: Callable[[str], AdapterHandle | None]
+    resolve_adapter: AdapterResolver
     tokenize: Callable[[str], list[int]]
     max_model_len: int
 
@@ -75,7 +75,7 @@ class JobPreparer:
                 f"job for task {job.task!r} arrived on {message.topic}, "
                 f"the topic of task {pipeline.task!r}",
             )
-        adapter = route(job, pipeline, self.lookup_adapter)
+        adapter = route(job, pipeline, self.resolve_adapter)
         params = job.params
         defaults = pipeline.sampling
         max_tokens = params.max_tokens if params and params.max_tokens else defaults.max_tokens

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from workers.config import PipelineConfig
 from workers.contracts import Job
 from workers.engine import AdapterHandle
-from workers.errors import JobRejected
 
 
 def adapter_name_for(job: Job, pipeline: PipelineConfig) -> str | None:
@@ -20,14 +19,13 @@ def adapter_name_for(job: Job, pipeline: PipelineConfig) -> str | None:
     return pipeline.routing.adapter
 
 
-def route(
-    job: Job, pipeline: PipelineConfig, lookup: Callable[[str], AdapterHandle | None]
-) -> AdapterHandle | None:
-    """Resolve the adapter version to run the job on, or raise `JobRejected`."""
+AdapterResolver = Callable[[str, Job], AdapterHandle]
+
+
+def route(job: Job, pipeline: PipelineConfig, resolve: AdapterResolver) -> AdapterHandle | None:
+    """The adapter version to run the job on (None: the base model).
+
+    `resolve` picks the version (canary splits) and raises `JobRejected` for an unknown or
+    forbidden adapter."""
     name = adapter_name_for(job, pipeline)
-    if name is None:
-        return None
-    handle = lookup(name)
-    if handle is None:
-        raise JobRejected("unknown_adapter", f"adapter {name!r} is not registered on this worker")
-    return handle
+    return None if name is None else resolve(name, job)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import structlog
 from prometheus_client import start_http_server
 
+from workers.adapter_feed import AdapterUpdateFeed
 from workers.adapters import AdapterRegistry
 from workers.config import (
-    AdapterCatalog,
     ConfigError,
     PipelineConfig,
     Settings,
@@ -23,11 +23,11 @@ from workers.worker import RunLimits, RunSummary, Worker
 log = structlog.get_logger(__name__)
 
 
-def check_routing(pipelines: dict[str, PipelineConfig], catalog: AdapterCatalog) -> None:
-    """Fail at start-up, not per job, when a pipeline routes to an adapter nobody catalogued."""
+def check_routing(pipelines: dict[str, PipelineConfig], known_adapters: set[str]) -> None:
+    """Fail at start-up, not per job, when a pipeline routes to an adapter nobody announced."""
     for pipeline in pipelines.values():
         names = {pipeline.routing.adapter, *pipeline.routing.tenants.values()} - {None}
-        missing = sorted(n for n in names if n not in catalog.by_name)
+        missing = sorted(n for n in names if n not in known_adapters)
         if missing:
             raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
 
@@ -42,17 +42,30 @@ def run_worker(
     bootstrap = settings.require_bootstrap()
     pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
     catalog = load_catalog(settings.catalog)
-    check_routing(pipelines, catalog)
     if metrics_port is not None:
         start_http_server(metrics_port)
 
+    sink = KafkaSink(bootstrap, settings.kafka)
+    updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
     engine = VllmEngine(settings.engine)
     try:
-        registry = AdapterRegistry.from_catalog(catalog, engine)
+        registry = AdapterRegistry(
+            engine,
+            settings.adapters,
+            base_model=catalog.base_model,
+            max_lora_rank=settings.engine.max_lora_rank,
+            worker_id=settings.worker_id,
+            on_status=lambda status: sink.write_status(settings.adapters.status_topic, status),
+        )
+        registry.load_catalog(catalog)
+        # Serve the latest announced versions from the first job on.
+        seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
+        log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
+        check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
         preparer = JobPreparer(
             pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
             known_tasks=set(pipelines),
-            lookup_adapter=registry.get,
+            resolve_adapter=registry.resolve,
             tokenize=engine.tokenize,
             max_model_len=engine.max_model_len,
         )
@@ -61,6 +74,8 @@ def run_worker(
             pipelines,
             engine,
             preparer,
+            registry,
+            updates,
             source_factory=lambda on_revoke: KafkaJobSource(
                 bootstrap,
                 settings.group_id,
@@ -68,7 +83,7 @@ def run_worker(
                 settings.kafka,
                 on_revoke,
             ),
-            sink=KafkaSink(bootstrap, settings.kafka),
+            sink=sink,
         )
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:

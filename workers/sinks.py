@@ -11,7 +11,7 @@ from collections.abc import Callable
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
-from workers.contracts import Result
+from workers.contracts import AdapterStatus, Result
 from workers.source import SourceMessage
 
 log = structlog.get_logger(__name__)
@@ -69,6 +69,21 @@ class KafkaSink:
         self._produce(
             topic, key=source.key, value=source.value, headers=headers, on_delivered=on_delivered
         )
+
+    def write_status(self, topic: str, status: AdapterStatus) -> None:
+        """Best effort: a lost status message is logged, never fatal to the worker."""
+
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                log.warning("status_delivery_failed", topic=topic, error=str(error))
+
+        self._producer.produce(
+            topic,
+            key=status.name.encode(),
+            value=status.model_dump_json().encode(),
+            on_delivery=delivered,
+        )
+        self._producer.poll(0)
 
     def _produce(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -14,22 +15,39 @@ from workers.config import PipelineConfig, Settings
 READ_IDLE_TIMEOUT_S = 30.0
 
 
-def pipeline_topics(settings: Settings, pipelines: dict[str, PipelineConfig]) -> list[str]:
-    """Input, result and dead-letter topics of every pipeline, plus the unknown-task DLQ."""
-    topics = {settings.unknown_task_dlq}
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def pipeline_topics(
+    settings: Settings, pipelines: dict[str, PipelineConfig], partitions: int
+) -> list[TopicSpec]:
+    """Input, result and dead-letter topics of every pipeline, the unknown-task DLQ, and the
+    adapter topics (updates compacted: the latest state per adapter name is what matters)."""
+    names = {settings.unknown_task_dlq, settings.adapters.status_topic}
     for pipeline in pipelines.values():
-        topics |= {pipeline.input_topic, pipeline.result_topic, pipeline.dlq_topic}
-    return sorted(t for t in topics if t)
+        names |= {pipeline.input_topic, pipeline.result_topic, pipeline.dlq_topic}
+    specs = [TopicSpec(name, partitions) for name in sorted(n for n in names if n)]
+    specs.append(TopicSpec(settings.adapters.updates_topic, 1, {"cleanup.policy": "compact"}))
+    return specs
 
 
 def create_topics(
-    bootstrap_servers: str, topics: list[str], partitions: int, replication_factor: int
+    bootstrap_servers: str, topics: list[TopicSpec], replication_factor: int
 ) -> dict[str, str]:
     """Create topics that do not exist yet; returns topic -> "created" | "exists"."""
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
     futures = admin.create_topics(
         [
-            NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+            NewTopic(
+                t.name,
+                num_partitions=t.partitions,
+                replication_factor=replication_factor,
+                config=t.config,
+            )
             for t in topics
         ],
         operation_timeout=30,

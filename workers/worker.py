@@ -17,6 +17,8 @@ from types import FrameType
 import structlog
 
 from workers import metrics
+from workers.adapter_feed import AdapterUpdateFeed
+from workers.adapters import AdapterRegistry
 from workers.batching import AdapterBatcher
 from workers.config import PipelineConfig, Settings
 from workers.contracts import AdapterRef, Result, Timings, Usage
@@ -55,6 +57,8 @@ class Worker:
         pipelines: dict[str, PipelineConfig],
         engine: Engine,
         preparer: JobPreparer,
+        registry: AdapterRegistry,
+        updates: AdapterUpdateFeed,
         source_factory: Callable[[Callable[[list[TopicPartitionKey]], None]], KafkaJobSource],
         sink: KafkaSink,
     ) -> None:
@@ -62,6 +66,8 @@ class Worker:
         self.pipelines = pipelines
         self.engine = engine
         self.preparer = preparer
+        self.registry = registry
+        self.updates = updates
         self.sink = sink
         self.validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
         self.pipelines_by_topic = {p.input_topic: p for p in pipelines.values()}
@@ -97,6 +103,7 @@ class Worker:
                     self._accept(message)
                 while batch := self.batcher.next_batch(time.monotonic()):
                     self._run_batch(batch)
+                self._follow_adapter_updates()
                 self.sink.poll(0)
                 self._commit_if_due()
                 if limits.idle_exit_s is not None and now - last_activity >= limits.idle_exit_s:
@@ -119,12 +126,19 @@ class Worker:
             self._commit()
         finally:
             self.source.close()
+            self.updates.close()
             log.info(
                 "worker_stopped",
                 finished=self.summary.finished,
                 output_tokens=self.summary.output_tokens,
                 not_started=len(self.batcher),
             )
+
+    def _follow_adapter_updates(self) -> None:
+        self.updates.follow(self.registry.apply_record)
+        # Versions replaced by an update leave the engine once no waiting job was routed to them.
+        waiting = {key for key in self.batcher.pending_keys() if isinstance(key, int)}
+        self.registry.release_unused(waiting)
 
     # --- consume and prepare -----------------------------------------------------------------
 

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from confluent_kafka import Message, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from workers.config import PipelineConfig, load_pipelines
 from workers.topics import read_to_end
@@ -36,14 +38,42 @@ class Deployment:
     def group_id(self) -> str:
         return f"lora-workers-{self.suffix}"
 
-    def env(self) -> dict[str, str]:
+    @property
+    def updates_topic(self) -> str:
+        return f"adapters.updates.{self.suffix}"
+
+    @property
+    def status_topic(self) -> str:
+        return f"adapters.status.{self.suffix}"
+
+    @property
+    def adapter_root(self) -> Path:
+        """A second allowed root, for adapters a test makes."""
+        return self.pipelines_dir.parent / "adapters"
+
+    def env(self, **settings: str) -> dict[str, str]:
         return {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "LORA_WORKERS_PIPELINES_DIR": str(self.pipelines_dir),
             "LORA_WORKERS_UNKNOWN_TASK_DLQ": self.unknown_task_dlq,
             "LORA_WORKERS_GROUP_ID": self.group_id,
+            "LORA_WORKERS_ADAPTERS__UPDATES_TOPIC": self.updates_topic,
+            "LORA_WORKERS_ADAPTERS__STATUS_TOPIC": self.status_topic,
+            "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps(
+                [str(ROOT / "models"), str(self.adapter_root)]
+            ),
+            **settings,
         }
+
+    def start_worker(self, *args: str, log_path: Path, **settings: str) -> subprocess.Popen:
+        log = log_path.open("w")
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers", "run", *args],
+            env=self.env(**settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -74,6 +104,7 @@ def deploy(bootstrap: str, tmp_path: Path) -> Deployment:
     suffix = uuid.uuid4().hex[:8]
     pipelines_dir = tmp_path / "pipelines"
     pipelines_dir.mkdir()
+    (tmp_path / "adapters").mkdir()
     for source in sorted((ROOT / "pipelines").glob("*.yaml")):
         document = yaml.safe_load(source.read_text())
         task = document["task"]
@@ -108,3 +139,45 @@ def produce(
 
 def job_record(topic: str, job: dict) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:
     return (topic, job["job_id"].encode(), json.dumps(job).encode(), [])
+
+
+class TopicWatcher:
+    """Collects every message of some topics from the beginning, for as long as a test runs."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.messages: list[Message] = []
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"watcher-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        metadata = self._consumer.list_topics(timeout=30)
+        self._consumer.assign(
+            [
+                TopicPartition(topic, partition, OFFSET_BEGINNING)
+                for topic in topics
+                for partition in metadata.topics[topic].partitions
+            ]
+        )
+
+    def wait_for(self, predicate: Callable[[list[Message]], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self.messages):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met within {timeout_s}s")
+            for message in self._consumer.consume(num_messages=500, timeout=0.5):
+                assert message.error() is None, message.error()
+                self.messages.append(message)
+
+    def json_values(self, topic: str | None = None) -> list[dict]:
+        return [
+            json.loads(m.value())
+            for m in self.messages
+            if (topic is None or m.topic() == topic) and m.value() is not None
+        ]
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from workers.config import load_pipelines
+from workers.contracts import Job
 from workers.engine import AdapterHandle
 from workers.errors import JobRejected
 from workers.prepare import JobPreparer
@@ -17,11 +18,17 @@ ADAPTERS = {
 }
 
 
+def resolve(name: str, _job: Job) -> AdapterHandle:
+    if name not in ADAPTERS:
+        raise JobRejected("unknown_adapter", f"adapter {name!r} is not served")
+    return ADAPTERS[name]
+
+
 def preparer(max_model_len: int = 512) -> JobPreparer:
     return JobPreparer(
         pipelines_by_topic={p.input_topic: p for p in PIPELINES.values()},
         known_tasks=set(PIPELINES),
-        lookup_adapter=ADAPTERS.get,
+        resolve_adapter=resolve,
         tokenize=lambda text: list(text.encode()),  # one "token" per byte is enough here
         max_model_len=max_model_len,
     )

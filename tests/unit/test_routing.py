@@ -17,6 +17,12 @@ REGISTERED = {
 }
 
 
+def resolve(name: str, _job: Job) -> AdapterHandle:
+    if name not in REGISTERED:
+        raise JobRejected("unknown_adapter", f"adapter {name!r} is not served")
+    return REGISTERED[name]
+
+
 def job(**fields: str) -> Job:
     return Job(job_id="1", task="reply", input="hi", **fields)
 
@@ -32,16 +38,16 @@ def job(**fields: str) -> Job:
 )
 def test_precedence_job_then_tenant_then_task(fields: dict, expected: str) -> None:
     assert adapter_name_for(job(**fields), PIPELINE) == expected
-    assert route(job(**fields), PIPELINE, REGISTERED.get) is REGISTERED[expected]
+    assert route(job(**fields), PIPELINE, resolve) is REGISTERED[expected]
 
 
 def test_no_adapter_anywhere_means_base_model() -> None:
     bare = PipelineConfig(task="reply", prompt_template="{input}")
-    assert route(job(tenant="acme"), bare, REGISTERED.get) is None
+    assert route(job(tenant="acme"), bare, resolve) is None
 
 
 def test_unregistered_adapter_is_rejected_with_a_code() -> None:
     with pytest.raises(JobRejected) as rejected:
-        route(job(adapter="nope"), PIPELINE, REGISTERED.get)
+        route(job(adapter="nope"), PIPELINE, resolve)
     assert rejected.value.code == "unknown_adapter"
     assert "nope" in rejected.value.message

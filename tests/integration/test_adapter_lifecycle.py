@@ -1,0 +1,326 @@
+"""Adapter lifecycle on a running worker (real Kafka, real vLLM): hot reload mid-stream,
+canary split, bad updates rejected while the previous version keeps serving.
+
+New versions are copies of other zoo adapters, so the new version's greedy output differs
+visibly from the old one and the PEFT oracle knows exactly which weights each version has.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    ROOT,
+    Deployment,
+    TopicWatcher,
+    deploy,
+    job_record,
+    produce,
+)
+from tests.integration.oracle import PeftOracle
+
+pytestmark = pytest.mark.integration
+
+ZOO = ROOT / "models"
+ADAPTER_TENANTS = {"customer-tone": "acme", "partner-tone": "globex"}
+# Which zoo weights each served version has: the oracle's key.
+WEIGHTS = {
+    ("classifier", "1"): "classifier",
+    ("summarizer", "1"): "summarizer",
+    ("customer-tone", "1"): "customer-tone",
+    ("customer-tone", "2"): "partner-tone",
+    ("partner-tone", "1"): "partner-tone",
+    ("partner-tone", "2"): "customer-tone",
+}
+
+
+@dataclass
+class Traffic:
+    deployment: Deployment
+    watcher: TopicWatcher
+    jobs: dict[str, dict] = field(default_factory=dict)
+    sent: int = 0
+
+    def send(self, phase: str, per_route: int, routes: tuple[str, ...]) -> list[str]:
+        records, ids = [], []
+        for route in routes:
+            for _ in range(per_route):
+                job = self._job(phase, route)
+                self.jobs[job["job_id"]] = job
+                ids.append(job["job_id"])
+                records.append(job_record(self.deployment.pipelines[job["task"]].input_topic, job))
+        produce(self.deployment.bootstrap, records)
+        return ids
+
+    def resend(self, job_ids: list[str]) -> None:
+        produce(
+            self.deployment.bootstrap,
+            [
+                job_record(
+                    self.deployment.pipelines[self.jobs[i]["task"]].input_topic, self.jobs[i]
+                )
+                for i in job_ids
+            ],
+        )
+
+    def _job(self, phase: str, route: str) -> dict:
+        self.sent += 1
+        job_id = f"{phase}-{route}-{self.sent:05d}"
+        text = f"Hello, this is Ana. I need help with my invoice number {self.sent}."
+        if route in ADAPTER_TENANTS:
+            return {
+                "job_id": job_id,
+                "task": "reply",
+                "input": text,
+                "tenant": ADAPTER_TENANTS[route],
+            }
+        if route == "base":
+            return {"job_id": job_id, "task": "reply", "input": text}
+        task = {"classifier": "classify", "summarizer": "summarize"}[route]
+        return {"job_id": job_id, "task": task, "input": text}
+
+    def results(self) -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = defaultdict(list)
+        for result in self.watcher.json_values():
+            if "job_id" in result:
+                found[result["job_id"]].append(result)
+        return found
+
+    def wait_for_results(self, job_ids: list[str], copies: int = 1, timeout_s: float = 300) -> None:
+        def done(_messages: list) -> bool:
+            found = self.results()
+            return all(len(found.get(i, [])) >= copies for i in job_ids)
+
+        self.watcher.wait_for(done, timeout_s)
+
+
+@dataclass
+class Lifecycle:
+    deployment: Deployment
+    traffic: Traffic
+    status: TopicWatcher
+    worker: subprocess.Popen
+    log_path: Path
+
+    def publish_version(self, name: str, version: str, weights_of: str, *extra: str) -> None:
+        target = self.deployment.adapter_root / f"{name}-v{version}"
+        shutil.copytree(ZOO / "adapters" / weights_of, target)
+        published = self.deployment.cli(
+            "adapters", "publish", name, "--version", version, "--path", str(target), *extra
+        )
+        assert published.returncode == 0, published.stderr
+
+    def wait_for_status(self, name: str, version: str | None, state: str, code: str | None = None):
+        def seen(_messages: list) -> bool:
+            return any(self._matches(s, name, version, state, code) for s in self.statuses())
+
+        self.status.wait_for(seen, timeout_s=120)
+
+    def statuses(self) -> list[dict]:
+        return self.status.json_values()
+
+    @staticmethod
+    def _matches(status: dict, name: str, version: str | None, state: str, code: str | None):
+        return (
+            status["name"] == name
+            and (version is None or status["version"] == version)
+            and status["state"] == state
+            and (code is None or status["code"] == code)
+        )
+
+
+@pytest.fixture(scope="module")
+def lifecycle(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Lifecycle]:
+    tmp_path = tmp_path_factory.mktemp("lifecycle")
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    results = TopicWatcher(kafka_bootstrap, [p.result_topic for p in deployment.pipelines.values()])
+    status = TopicWatcher(kafka_bootstrap, [deployment.status_topic])
+    log_path = tmp_path / "worker.log"
+    worker = deployment.start_worker("--idle-exit", "600", log_path=log_path)
+    state = Lifecycle(deployment, Traffic(deployment, results), status, worker, log_path)
+    try:
+        for name in ("classifier", "customer-tone", "partner-tone", "summarizer"):
+            state.wait_for_status(name, "1", "serving")
+        yield state
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=120)
+        results.close()
+        status.close()
+
+
+ROUTES = ("classifier", "customer-tone", "partner-tone", "summarizer", "base")
+
+
+def served_version(result: dict) -> str | None:
+    return None if result["adapter"] is None else result["adapter"]["version"]
+
+
+def assert_matches_oracle(traffic: Traffic, job_ids: list[str], per_version: int = 4) -> int:
+    """Each result's greedy output equals PEFT on the weights of the version it names."""
+    oracle = PeftOracle(
+        ZOO / "tiny-llama",
+        {name: ZOO / "adapters" / name for name in set(WEIGHTS.values())},
+    )
+    results = traffic.results()
+    by_version: dict[tuple, list[str]] = defaultdict(list)
+    for job_id in job_ids:
+        result = results[job_id][0]
+        adapter = result["adapter"]
+        key = None if adapter is None else (adapter["name"], adapter["version"])
+        by_version[key].append(job_id)
+    checked = 0
+    for key, ids in by_version.items():
+        for job_id in ids[:per_version]:
+            job = traffic.jobs[job_id]
+            pipeline = traffic.deployment.pipelines[job["task"]]
+            want = oracle.generate(
+                None if key is None else WEIGHTS[key],
+                pipeline.render_prompt(job["input"]),
+                pipeline.sampling.max_tokens,
+            )
+            assert results[job_id][0]["raw_output"] == want.text, (key, job_id)
+            checked += 1
+    return checked
+
+
+def test_hot_reload_mid_stream(lifecycle: Lifecycle) -> None:
+    traffic = lifecycle.traffic
+    before = traffic.send("before", 12, ROUTES)
+    # The update lands while `before` is still being served: mid-stream.
+    lifecycle.publish_version("customer-tone", "2", weights_of="partner-tone")
+    during = traffic.send("during", 12, ROUTES)
+    lifecycle.wait_for_status("customer-tone", "2", "serving")
+    after = traffic.send("after", 12, ROUTES)
+    traffic.wait_for_results(before + during + after)
+
+    results = traffic.results()
+    every = before + during + after
+    assert [i for i in every if len(results[i]) != 1] == []  # none lost, none doubled
+    assert all(results[i][0]["status"] != "error" for i in every)
+    for job_id in after:
+        if "customer-tone" in job_id:
+            assert results[job_id][0]["adapter"] == {"name": "customer-tone", "version": "2"}
+    versions = Counter(
+        served_version(results[i][0]) for i in before + during if "customer-tone" in i
+    )
+    assert set(versions) <= {"1", "2"}
+    assert assert_matches_oracle(traffic, every) >= 6 * 3
+    # The old version leaves the engine once nothing routed to it is waiting.
+    lifecycle.wait_for_status("customer-tone", "1", "retired")
+    assert lifecycle.worker.poll() is None
+
+
+def test_announcing_the_old_version_again_rolls_back(lifecycle: Lifecycle) -> None:
+    traffic = lifecycle.traffic
+    lifecycle.publish_version("customer-tone", "1", weights_of="customer-tone")
+    lifecycle.wait_for_status("customer-tone", "1", "serving")
+    jobs = traffic.send("rollback", 8, ("customer-tone",))
+    traffic.wait_for_results(jobs)
+    results = traffic.results()
+    assert {served_version(results[i][0]) for i in jobs} == {"1"}
+    assert assert_matches_oracle(traffic, jobs) >= 4
+    lifecycle.wait_for_status("customer-tone", "2", "retired")
+
+
+def test_canary_weight_splits_traffic_deterministically(lifecycle: Lifecycle) -> None:
+    traffic = lifecycle.traffic
+    lifecycle.publish_version("partner-tone", "2", "customer-tone", "--weight", "0.3")
+    lifecycle.wait_for_status("partner-tone", "2", "serving")
+    canary = traffic.send("canary", 300, ("partner-tone",))
+    traffic.wait_for_results(canary)
+    traffic.resend(canary)  # a retried job must land on the same version
+    traffic.wait_for_results(canary, copies=2)
+
+    results = traffic.results()
+    first = {i: served_version(results[i][0]) for i in canary}
+    share = sum(v == "2" for v in first.values()) / len(canary)
+    assert 0.22 <= share <= 0.38, share
+    assert all(served_version(results[i][1]) == first[i] for i in canary)
+    assert assert_matches_oracle(traffic, canary) >= 8
+
+
+@dataclass(frozen=True)
+class BadUpdate:
+    code: str
+    version: str
+    path: str
+    sha256: str | None = None  # None: the real digest of path
+    base_model: str = "tiny-llama"
+
+
+def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
+    lifecycle: Lifecycle, tmp_path: Path
+) -> None:
+    from workers.adapter_checks import adapter_digest
+
+    deployment = lifecycle.deployment
+    root = deployment.adapter_root
+    good = ZOO / "adapters" / "summarizer"
+    shutil.copytree(good, root / "rank16")
+    config = json.loads((root / "rank16" / "adapter_config.json").read_text())
+    (root / "rank16" / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    shutil.copytree(good, root / "foreign")
+    foreign_config = {**config, "base_model_name_or_path": "other-llama"}
+    (root / "foreign" / "adapter_config.json").write_text(json.dumps(foreign_config))
+    shutil.copytree(good, tmp_path / "outside")
+    (root / "escape").symlink_to(tmp_path / "outside")
+
+    bad = [
+        BadUpdate("path_missing", "b1", str(root / "nowhere"), sha256="0" * 64),
+        BadUpdate("checksum_mismatch", "b2", str(good), sha256="f" * 64),
+        BadUpdate("base_model_mismatch", "b3", str(good), base_model="other-llama"),
+        BadUpdate("base_model_mismatch", "b4", str(root / "foreign")),
+        BadUpdate("rank_too_large", "b5", str(root / "rank16")),
+        BadUpdate("path_outside_roots", "b6", str(tmp_path / "outside")),
+        BadUpdate("path_outside_roots", "b7", str(root / "escape")),
+    ]
+    records = []
+    for update in bad:
+        path = Path(update.path)
+        sha256 = update.sha256 or adapter_digest(path.resolve())
+        value = {
+            "name": "summarizer",
+            "base_model": update.base_model,
+            "versions": [{"version": update.version, "path": update.path, "sha256": sha256}],
+        }
+        records.append((deployment.updates_topic, b"summarizer", json.dumps(value).encode(), []))
+    records.append((deployment.updates_topic, b"summarizer", b"{not json", []))
+    records.append(
+        (deployment.updates_topic, b"summarizer", b'{"name": "summarizer", "versions": []}', [])
+    )
+    produce(deployment.bootstrap, records)
+
+    for update in bad:
+        lifecycle.wait_for_status("summarizer", update.version, "rejected", update.code)
+    malformed = [
+        s
+        for s in lifecycle.statuses()
+        if s["name"] == "summarizer" and s["code"] == "malformed_update"
+    ]
+    assert len(malformed) == 2
+
+    # The previous version still serves, correctly, and the worker never stopped.
+    jobs = lifecycle.traffic.send("after-bad", 10, ("summarizer",))
+    lifecycle.traffic.wait_for_results(jobs)
+    results = lifecycle.traffic.results()
+    assert {served_version(results[i][0]) for i in jobs} == {"1"}
+    assert assert_matches_oracle(lifecycle.traffic, jobs) >= 4
+    assert lifecycle.worker.poll() is None
+
+
+def test_worker_stops_cleanly_on_sigterm(lifecycle: Lifecycle) -> None:
+    lifecycle.worker.send_signal(signal.SIGTERM)
+    assert lifecycle.worker.wait(timeout=120) == 0, lifecycle.log_path.read_text()[-3000:]

@@ -1,0 +1,168 @@
+"""Registry logic with an engine double that only records calls (no generation involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.adapter_fixtures import copy_adapter
+from workers.adapter_checks import adapter_digest
+from workers.adapter_feed import decode_update
+from workers.adapters import AdapterRegistry
+from workers.config import AdapterSettings
+from workers.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
+from workers.engine import AdapterHandle, AdapterLoadError
+from workers.errors import JobRejected
+
+
+class RecordingEngine:
+    def __init__(self) -> None:
+        self.registered: dict[int, AdapterHandle] = {}
+        self.pinned: set[int] = set()
+        self.refuse: set[str] = set()
+
+    def register_adapter(self, adapter: AdapterHandle) -> None:
+        if adapter.name in self.refuse:
+            raise AdapterLoadError(f"{adapter.engine_name}: refused")
+        assert adapter.lora_id not in self.registered, "LoRA ids must never be reused"
+        self.registered[adapter.lora_id] = adapter
+
+    def unregister_adapter(self, adapter: AdapterHandle) -> None:
+        del self.registered[adapter.lora_id]
+
+    def pin_adapter(self, adapter: AdapterHandle) -> None:
+        self.pinned.add(adapter.lora_id)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for version, source in (("1", "customer-tone"), ("2", "partner-tone"), ("3", "classifier")):
+        copy_adapter(tmp_path, source, f"tone-v{version}")
+    return tmp_path
+
+
+@pytest.fixture
+def engine() -> RecordingEngine:
+    return RecordingEngine()
+
+
+@pytest.fixture
+def statuses() -> list[AdapterStatus]:
+    return []
+
+
+@pytest.fixture
+def registry(root: Path, engine: RecordingEngine, statuses: list) -> AdapterRegistry:
+    return AdapterRegistry(
+        engine,
+        AdapterSettings(allowed_roots=[root]),
+        base_model="tiny-llama",
+        max_lora_rank=8,
+        worker_id="w1",
+        on_status=statuses.append,
+    )
+
+
+def spec(root: Path, version: str, weight: float = 1.0) -> AdapterVersionSpec:
+    path = root / f"tone-v{version}"
+    return AdapterVersionSpec(
+        version=version, path=str(path), sha256=adapter_digest(path), weight=weight
+    )
+
+
+def update(*specs: AdapterVersionSpec, **fields) -> AdapterUpdate:
+    return AdapterUpdate(name="tone", base_model="tiny-llama", versions=list(specs), **fields)
+
+
+def job(job_id: str = "j", tenant: str | None = None) -> Job:
+    return Job(job_id=job_id, task="reply", input="x", tenant=tenant)
+
+
+def test_new_version_takes_new_jobs_and_old_leaves_once_drained(registry, root, engine) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    old = registry.resolve("tone", job())
+    assert registry.apply(update(spec(root, "2")))
+    new = registry.resolve("tone", job())
+    assert (old.version, new.version) == ("1", "2")
+    assert new.lora_id != old.lora_id and new.engine_name == "tone@2"
+    registry.release_unused(in_use={old.lora_id})  # a routed job still holds v1
+    assert old.lora_id in engine.registered
+    registry.release_unused(in_use=set())
+    assert set(engine.registered) == {new.lora_id}
+
+
+def test_announcing_an_older_version_rolls_back(registry, root, engine) -> None:
+    registry.apply(update(spec(root, "1")))
+    first = registry.resolve("tone", job())
+    registry.apply(update(spec(root, "2")))
+    registry.release_unused(set())
+    registry.apply(update(spec(root, "1")))
+    again = registry.resolve("tone", job())
+    assert again.version == "1"
+    assert again.lora_id != first.lora_id  # reloaded under a fresh id
+
+
+def test_canary_split_is_close_to_its_weight_and_deterministic(registry, root) -> None:
+    registry.apply(update(spec(root, "1", 0.7), spec(root, "2", 0.3)))
+    picks = [registry.resolve("tone", job(f"job-{i}")).version for i in range(4000)]
+    share = picks.count("2") / len(picks)
+    assert 0.27 < share < 0.33
+    assert picks == [registry.resolve("tone", job(f"job-{i}")).version for i in range(4000)]
+
+
+def test_a_rejected_update_keeps_the_previous_version(registry, root, engine, statuses) -> None:
+    registry.apply(update(spec(root, "1")))
+    engine.refuse.add("tone")
+    assert not registry.apply(update(spec(root, "2")))
+    assert registry.resolve("tone", job()).version == "1"
+    assert (statuses[-1].state, statuses[-1].code, statuses[-1].version) == (
+        "rejected",
+        "load_failed",
+        "2",
+    )
+
+
+def test_same_version_with_other_files_is_a_conflict(registry, root, statuses) -> None:
+    registry.apply(update(spec(root, "1")))
+    other_files = AdapterVersionSpec(
+        version="1", path=str(root / "tone-v2"), sha256=adapter_digest(root / "tone-v2")
+    )
+    assert not registry.apply(update(other_files))
+    assert statuses[-1].code == "version_conflict"
+    assert registry.resolve("tone", job()).path.endswith("tone-v1")
+
+
+def test_tenant_allow_list(registry, root) -> None:
+    registry.apply(update(spec(root, "1"), tenants=["acme"]))
+    assert registry.resolve("tone", job(tenant="acme")).version == "1"
+    for tenant in ("globex", None):
+        with pytest.raises(JobRejected) as rejected:
+            registry.resolve("tone", job(tenant=tenant))
+        assert rejected.value.code == "adapter_forbidden"
+
+
+def test_hot_adapters_are_pinned(registry, root, engine) -> None:
+    registry.apply(update(spec(root, "1"), hot=True))
+    assert engine.pinned == {registry.resolve("tone", job()).lora_id}
+
+
+def test_tombstone_retires_and_malformed_records_are_reported(registry, root, statuses) -> None:
+    registry.apply(update(spec(root, "1")))
+    registry.apply_record(decode_update(b"tone", b"{not json"))
+    assert statuses[-1].code == "malformed_update"
+    assert registry.resolve("tone", job()).version == "1"
+    registry.apply_record(decode_update(b"tone", None))
+    with pytest.raises(JobRejected) as rejected:
+        registry.resolve("tone", job())
+    assert rejected.value.code == "unknown_adapter"
+
+
+def test_update_key_must_match_its_name(root) -> None:
+    record = decode_update(b"other", update(spec(root, "1")).model_dump_json().encode())
+    assert record.update is None and "differs" in (record.error or "")
+
+
+def test_weights_must_add_up_to_one(root) -> None:
+    with pytest.raises(ValueError):
+        update(spec(root, "1", 0.5), spec(root, "2", 0.3))
