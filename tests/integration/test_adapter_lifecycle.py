@@ -119,9 +119,17 @@ class Lifecycle:
         )
         assert published.returncode == 0, published.stderr
 
-    def wait_for_status(self, name: str, version: str | None, state: str, code: str | None = None):
+    def wait_for_status(
+        self,
+        name: str,
+        version: str | None,
+        state: str,
+        code: str | None = None,
+        occurrences: int = 1,
+    ) -> None:
         def seen(_messages: list) -> bool:
-            return any(self._matches(s, name, version, state, code) for s in self.statuses())
+            matching = [s for s in self.statuses() if self._matches(s, name, version, state, code)]
+            return len(matching) >= occurrences
 
         self.status.wait_for(seen, timeout_s=120)
 
@@ -226,7 +234,7 @@ def test_hot_reload_mid_stream(lifecycle: Lifecycle) -> None:
 def test_announcing_the_old_version_again_rolls_back(lifecycle: Lifecycle) -> None:
     traffic = lifecycle.traffic
     lifecycle.publish_version("customer-tone", "1", weights_of="customer-tone")
-    lifecycle.wait_for_status("customer-tone", "1", "serving")
+    lifecycle.wait_for_status("customer-tone", "1", "serving", occurrences=2)  # start-up, now
     jobs = traffic.send("rollback", 8, ("customer-tone",))
     traffic.wait_for_results(jobs)
     results = traffic.results()
