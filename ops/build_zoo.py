@@ -11,6 +11,7 @@ Layout written under --out:
     adapters/<name>/           PEFT LoRA adapters (classifier, customer-tone, partner-tone,
                                summarizer)
     catalog.yaml               adapter catalog read by the workers
+    heldout.jsonl              held-out prompts and expected greedy outputs, per model
 """
 
 from __future__ import annotations
@@ -387,6 +388,26 @@ def build_adapter(
     # save_embedding_layers=False skips peft's hub lookup of "tiny-llama" (we never resize).
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    # peft keeps target_modules as a set, so its JSON order follows the string hash seed;
+    # sort it so that rebuilding the zoo gives byte-identical files.
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_samples(out_dir: Path, per_model: int = 10) -> None:
+    """Held-out prompts with expected greedy outputs, for tests of the serving path.
+
+    The models only know the synthetic input distribution; hand-written inputs can fail.
+    """
+    models = {BASE_NAME: BASE_BEHAVIOUR} | {b.name: b for b in ADAPTER_BEHAVIOURS}
+    with (out_dir / "heldout.jsonl").open("w") as f:
+        for model_name, behaviour in models.items():
+            for ex in held_out_examples(behaviour)[:per_model]:
+                row = {"model": model_name, "task": ex.task, "input": ex.input}
+                row |= {"prompt": ex.prompt, "expected": ex.target}
+                f.write(json.dumps(row) + "\n")
 
 
 def write_catalog(out_dir: Path) -> None:
@@ -467,14 +488,14 @@ def evaluate(out_dir: Path) -> dict[str, Score]:
         model.set_adapter(b.name)
         results[b.name] = score(model, tokenizer, b)
 
-    # Same prompt per task through the base and every adapter of that task.
+    # The same held-out prompts through the base and every adapter of that task.
     for task in ["classify", "reply", "summarize"]:
-        ex = next(e for b in ADAPTER_BEHAVIOURS for e in held_out_examples(b) if e.task == task)
-        print(f"\n--- task {task}: input {ex.input!r}")
-        with model.disable_adapter():
-            print(f"  {BASE_NAME:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
-        for b in ADAPTER_BEHAVIOURS:
-            if held_out_examples(b)[0].task == task:
+        task_adapters = [b for b in ADAPTER_BEHAVIOURS if held_out_examples(b)[0].task == task]
+        for ex in held_out_examples(task_adapters[0])[:2]:
+            print(f"\n--- task {task}: input {ex.input!r}")
+            with model.disable_adapter():
+                print(f"  {BASE_NAME:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
+            for b in task_adapters:
                 model.set_adapter(b.name)
                 print(f"  {b.name:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
     return results
@@ -507,6 +528,7 @@ def main() -> None:
         print(f"training adapter {b.name}")
         build_adapter(out_dir / BASE_NAME, tokenizer, b, out_dir / "adapters" / b.name)
     write_catalog(out_dir)
+    write_samples(out_dir)
 
     print("evaluating (HF generate, greedy, fp32, models loaded from disk)")
     results = evaluate(out_dir)

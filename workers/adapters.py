@@ -168,10 +168,12 @@ class AdapterRegistry:
         if self._served.pop(name, None) is not None:
             log.info("adapter_retired", adapter=name)
 
-    def release_unused(self, in_use: Iterable[int]) -> None:
-        """Remove versions no route serves and no waiting job holds from the engine."""
+    def release_unused(self, in_use: Iterable[int]) -> list[int]:
+        """Remove versions no route serves and no waiting job holds from the engine; returns
+        their LoRA ids."""
         holding = set(in_use)
         routed = {r.handle.lora_id for s in self._served.values() for r in s.routes}
+        released: list[int] = []
         for key, (_, handle) in list(self._loaded.items()):
             if handle.lora_id in routed or handle.lora_id in holding:
                 continue
@@ -180,6 +182,8 @@ class AdapterRegistry:
             metrics.ADAPTER_UNLOADS.inc()
             log.info("adapter_unloaded", adapter=handle.name, version=handle.version)
             self._status(handle.name, handle.version, AdapterState.RETIRED, None)
+            released.append(handle.lora_id)
+        return released
 
     # --- internals -----------------------------------------------------------------------------
 

@@ -1,17 +1,22 @@
 """Micro-batching by adapter, bounded by size and linger time. Pure logic, no I/O.
 
 Jobs wait in one group per adapter. A micro-batch is due when `max_batch_size` jobs wait or the
-oldest has lingered `linger_s`; it is then filled oldest group first and handed to the engine
-as one `generate` call with the jobs of each adapter side by side. One call with several
-adapters beats one call per adapter on vLLM (its scheduler already admits up to `max_loras`
-adapters per step, and larger batches keep it busy); grouping keeps each call's adapter set small.
+oldest has lingered `linger_s`. It then runs as one `generate` call.
+
+Which jobs make the batch is the policy:
+- `switch_aware` (default): at most `max_adapters` groups per batch (the engine's adapter
+  slots, so vLLM never cycles adapters inside a call), chosen overdue groups first (no job waits
+  longer than `max_wait_s`), then adapters already resident in the engine, then larger groups.
+  Fewer cold loads and fuller per-adapter batches; FINDINGS.md shows vLLM already groups within
+  one call, so the win has to come from there.
+- `arrival`: plain arrival order, `max_batch_size` at a time (the baseline).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
 
@@ -26,12 +31,24 @@ class Batchable(Protocol):
 T = TypeVar("T", bound=Batchable)
 
 
+class BatchPolicy(StrEnum):
+    SWITCH_AWARE = "switch_aware"
+    ARRIVAL = "arrival"
+
+
+def _always_resident(_key: Hashable) -> bool:
+    return True
+
+
 @dataclass
 class AdapterBatcher(Generic[T]):
     max_batch_size: int
     linger_s: float
-    # Insertion order of the groups is the order their oldest job arrived.
-    _groups: OrderedDict[Hashable, list[T]] = field(default_factory=OrderedDict)
+    policy: BatchPolicy = BatchPolicy.SWITCH_AWARE
+    max_adapters: int | None = None  # per batch; None = no limit
+    max_wait_s: float = 30.0  # starvation bound for switch-aware selection
+    is_resident: Callable[[Hashable], bool] = _always_resident
+    _groups: dict[Hashable, list[T]] = field(default_factory=dict)
     _size: int = 0
 
     def __len__(self) -> int:
@@ -61,17 +78,53 @@ class AdapterBatcher(Generic[T]):
         due = self.seconds_until_due(now)
         if due is None or (due > 0 and not flush):
             return []
+        if self.policy is BatchPolicy.ARRIVAL:
+            batch = self._take_in_arrival_order()
+        else:
+            batch = self._take_groups(self._switch_aware_order(now))
+        self._size -= len(batch)
+        return batch
+
+    def _switch_aware_order(self, now: float) -> list[Hashable]:
+        def rank(key: Hashable) -> tuple[bool, bool, int, float]:
+            group = self._groups[key]
+            overdue = now - group[0].arrived_at >= self.max_wait_s
+            # Overdue first (oldest first among them), then resident, then larger groups.
+            return (
+                not overdue,
+                not self.is_resident(key),
+                0 if overdue else -len(group),
+                group[0].arrived_at,
+            )
+
+        return sorted(self._groups, key=rank)
+
+    def _take_groups(self, order: list[Hashable]) -> list[T]:
         batch: list[T] = []
-        for key in sorted(self._groups, key=lambda k: self._groups[k][0].arrived_at):
+        for adapters, key in enumerate(order):
             room = self.max_batch_size - len(batch)
-            if room == 0:
+            if room == 0 or (self.max_adapters is not None and adapters >= self.max_adapters):
                 break
             group = self._groups[key]
             batch.extend(group[:room])
             del group[:room]
             if not group:
                 del self._groups[key]
-        self._size -= len(batch)
+        return batch
+
+    def _take_in_arrival_order(self) -> list[T]:
+        waiting = sorted(
+            (item for group in self._groups.values() for item in group),
+            key=lambda item: item.arrived_at,
+        )
+        batch = waiting[: self.max_batch_size]
+        taken = {id(item) for item in batch}
+        for key in list(self._groups):
+            kept = [item for item in self._groups[key] if id(item) not in taken]
+            if kept:
+                self._groups[key] = kept
+            else:
+                del self._groups[key]
         return batch
 
     def discard(self, predicate: Callable[[T], bool]) -> list[T]:

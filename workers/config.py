@@ -19,6 +19,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.batching import BatchPolicy
 from workers.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +186,13 @@ class BatchingSettings(_Strict):
     max_in_flight: int = Field(
         default=2000, ge=1, description="Pause fetching above this many unfinished jobs."
     )
+    policy: BatchPolicy = BatchPolicy.SWITCH_AWARE
+    max_adapters_per_batch: int | None = Field(
+        default=None, ge=1, description="Switch-aware only; default: the engine's max_loras."
+    )
+    max_wait_ms: int = Field(
+        default=30_000, ge=0, description="No job waits longer for switch-aware selection."
+    )
 
 
 # LoRA target modules vLLM can serve on Llama-family models.
@@ -202,6 +210,10 @@ class AdapterSettings(_Strict):
     status_topic: str = "adapters.status"
     supported_target_modules: frozenset[str] = LLAMA_LORA_MODULES
     catch_up_timeout_s: float = Field(default=60.0, gt=0)
+    prewarm: list[str] = Field(
+        default_factory=list,
+        description="Adapters run once at start-up so first jobs find them warm.",
+    )
 
 
 class Settings(BaseSettings):

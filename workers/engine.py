@@ -77,6 +77,8 @@ class Engine(Protocol):
 
     def pin_adapter(self, adapter: AdapterHandle) -> None: ...
 
+    def resident_adapters(self) -> set[int]: ...
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
 
     def close(self) -> None: ...
@@ -183,6 +185,10 @@ class VllmEngine:
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
         self._llm.llm_engine.pin_lora(adapter.lora_id)
+
+    def resident_adapters(self) -> set[int]:
+        """LoRA ids in the engine's host cache (the identity adapter left out)."""
+        return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams

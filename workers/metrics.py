@@ -52,3 +52,8 @@ ADAPTER_REJECTIONS = Counter(
 ADAPTER_UNLOADS = Counter(
     "lora_workers_adapter_unloads_total", "Adapter versions removed from the engine after draining."
 )
+ADAPTER_CACHE = Counter(
+    "lora_workers_adapter_cache_total",
+    "Adapter cache events per batch and adapter: hit, miss (loaded before generate), eviction.",
+    ["event"],
+)

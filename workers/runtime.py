@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 from prometheus_client import start_http_server
 
+from workers.adapter_cache import AdapterCache
 from workers.adapter_feed import AdapterUpdateFeed
 from workers.adapters import AdapterRegistry
 from workers.config import (
@@ -30,6 +31,15 @@ def check_routing(pipelines: dict[str, PipelineConfig], known_adapters: set[str]
         missing = sorted(n for n in names if n not in known_adapters)
         if missing:
             raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
+
+
+def prewarm(engine: VllmEngine, registry: AdapterRegistry, names: list[str]) -> None:
+    served = registry.served()
+    unknown = sorted(set(names) - set(served))
+    if unknown:
+        raise ConfigError(f"adapters.prewarm names adapters nobody serves: {unknown}")
+    handles = [route.handle for name in names for route in served[name].routes]
+    AdapterCache(engine).prewarm(handles, engine.tokenize("warm-up"))
 
 
 def run_worker(
@@ -62,6 +72,7 @@ def run_worker(
         seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
         log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
         check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
+        prewarm(engine, registry, settings.adapters.prewarm)
         preparer = JobPreparer(
             pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
             known_tasks=set(pipelines),

@@ -17,6 +17,7 @@ from types import FrameType
 import structlog
 
 from workers import metrics
+from workers.adapter_cache import AdapterCache
 from workers.adapter_feed import AdapterUpdateFeed
 from workers.adapters import AdapterRegistry
 from workers.batching import AdapterBatcher
@@ -71,9 +72,15 @@ class Worker:
         self.sink = sink
         self.validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
         self.pipelines_by_topic = {p.input_topic: p for p in pipelines.values()}
+        self.cache = AdapterCache(engine)
+        batching = settings.batching
         self.batcher: AdapterBatcher[PreparedJob] = AdapterBatcher(
-            max_batch_size=settings.batching.max_batch_size,
-            linger_s=settings.batching.linger_ms / 1000,
+            max_batch_size=batching.max_batch_size,
+            linger_s=batching.linger_ms / 1000,
+            policy=batching.policy,
+            max_adapters=batching.max_adapters_per_batch or settings.engine.max_loras,
+            max_wait_s=batching.max_wait_ms / 1000,
+            is_resident=self.cache.is_resident,
         )
         self.offsets = OffsetTracker()
         self.summary = RunSummary()
@@ -132,13 +139,16 @@ class Worker:
                 finished=self.summary.finished,
                 output_tokens=self.summary.output_tokens,
                 not_started=len(self.batcher),
+                adapter_cache=vars(self.cache.stats),
             )
 
     def _follow_adapter_updates(self) -> None:
         self.updates.follow(self.registry.apply_record)
         # Versions replaced by an update leave the engine once no waiting job was routed to them.
         waiting = {key for key in self.batcher.pending_keys() if isinstance(key, int)}
-        self.registry.release_unused(waiting)
+        released = self.registry.release_unused(waiting)
+        if released:
+            self.cache.refresh(unregistered=released)
 
     # --- consume and prepare -----------------------------------------------------------------
 
@@ -191,6 +201,7 @@ class Worker:
     # --- generate, validate, write -----------------------------------------------------------
 
     def _run_batch(self, batch: list[PreparedJob]) -> None:
+        self.cache.ensure_loaded(job.adapter for job in batch)
         handed_at = time.monotonic()
         generations = self.engine.generate([job.request for job in batch])
         generate_ms = (time.monotonic() - handed_at) * 1000

@@ -84,11 +84,17 @@ class Deployment:
             timeout=timeout,
         )
 
-    def run_worker(self, *args: str, log_path: Path, timeout: float = 900) -> int:
+    def run_worker(
+        self,
+        *args: str,
+        log_path: Path,
+        timeout: float = 900,
+        settings: dict[str, str] | None = None,
+    ) -> int:
         with log_path.open("w") as log:
             completed = subprocess.run(
                 [sys.executable, "-m", "workers", "run", *args],
-                env=self.env(),
+                env=self.env(**(settings or {})),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,

@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from workers.batching import AdapterBatcher
+from workers.batching import AdapterBatcher, BatchPolicy
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ def test_nothing_due_before_linger_unless_full() -> None:
     assert len(batcher) == 0
 
 
-def test_batch_keeps_each_adapters_jobs_together_oldest_group_first() -> None:
+def test_batch_keeps_each_adapters_jobs_together_largest_group_first() -> None:
     batcher: AdapterBatcher[Item] = AdapterBatcher(max_batch_size=10, linger_s=0.0)
     for i, key in enumerate(["b", "a", "b", None, "a", "b"]):
         batcher.add(Item(key, float(i), i))
@@ -58,3 +58,45 @@ def test_discard_removes_matching_items_only() -> None:
     assert sorted(i.ident for i in removed) == [2, 3]
     assert len(batcher) == 2
     assert sorted(i.ident for i in batcher.next_batch(now=10.0)) == [0, 1]
+
+
+def switch_aware(**options) -> AdapterBatcher[Item]:
+    return AdapterBatcher(max_batch_size=100, linger_s=0.0, **options)
+
+
+def test_switch_aware_takes_at_most_max_adapters_largest_groups_first() -> None:
+    batcher = switch_aware(max_adapters=2)
+    for i, key in enumerate(["a", "b", "b", "c", "c", "c"]):
+        batcher.add(Item(key, float(i), i))
+    assert [item.adapter_key for item in batcher.next_batch(now=10.0)] == ["c"] * 3 + ["b"] * 2
+    assert [item.adapter_key for item in batcher.next_batch(now=10.0)] == ["a"]
+
+
+def test_switch_aware_prefers_resident_adapters() -> None:
+    batcher = switch_aware(max_adapters=1, is_resident=lambda key: key == "small")
+    for i in range(5):
+        batcher.add(Item("big-but-cold", float(i), i))
+    batcher.add(Item("small", 5.0, 5))
+    assert [item.adapter_key for item in batcher.next_batch(now=6.0)] == ["small"]
+
+
+def test_no_job_waits_past_the_starvation_bound() -> None:
+    batcher = switch_aware(max_adapters=1, max_wait_s=5.0, is_resident=lambda key: key != "rare")
+    batcher.add(Item("rare", 0.0, 0))
+    for i in range(1, 10):
+        batcher.add(Item("popular", float(i), i))
+    assert batcher.next_batch(now=4.0)[0].adapter_key == "popular"  # rare not overdue yet
+    for i in range(10, 20):
+        batcher.add(Item("popular", float(i), i))
+    assert [item.adapter_key for item in batcher.next_batch(now=5.0)] == ["rare"]
+
+
+def test_arrival_policy_is_plain_fifo() -> None:
+    batcher: AdapterBatcher[Item] = AdapterBatcher(
+        max_batch_size=3, linger_s=0.0, policy=BatchPolicy.ARRIVAL
+    )
+    for i, key in enumerate(["a", "b", "a", "c", "b"]):
+        batcher.add(Item(key, float(i), i))
+    assert [item.ident for item in batcher.next_batch(now=10.0)] == [0, 1, 2]
+    assert [item.ident for item in batcher.next_batch(now=10.0)] == [3, 4]
+    assert len(batcher) == 0

@@ -1,0 +1,223 @@
+"""Benchmark: adapter load latency and switch-aware scheduling vs arrival order.
+
+    .venv/bin/python bench/adapter_scheduling.py [--adapters 16] [--jobs 1024] [--max-loras 2]
+
+Runs the worker's own batcher, adapter cache and vLLM engine (no Kafka) on the same jobs under
+both policies, interleaved in one run because this machine is noisy, and prints a Markdown table:
+output tok/s, jobs/s and adapter loads per 1,000 jobs, for uniform and Zipf(1.1) traffic.
+`N` adapters are copies of the zoo's four under distinct names (distinct LoRA ids), so vLLM
+treats them as N adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from workers.adapter_cache import AdapterCache  # noqa: E402
+from workers.batching import AdapterBatcher, BatchPolicy  # noqa: E402
+from workers.config import EngineSettings  # noqa: E402
+from workers.engine import AdapterHandle, GenerationRequest, VllmEngine  # noqa: E402
+
+ZOO = ROOT / "models"
+SOURCES = {
+    "classifier": ("classify", "Hello, this is Ana. I have a question about my invoice."),
+    "customer-tone": ("reply", "Hi, this is Ben. Please look into my login bug."),
+    "partner-tone": ("reply", "Dear support, this is Uma. Something is wrong with the refund."),
+    "summarizer": ("summarize", "Ana fixed the design today. The team moved the plan on Friday."),
+}
+PROMPT = "### Task: {task}\n### Input: {text}\n### Output: "
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    request: GenerationRequest
+    arrived_at: float
+
+    @property
+    def adapter_key(self) -> int | None:
+        return None if self.request.adapter is None else self.request.adapter.lora_id
+
+
+@dataclass
+class RunResult:
+    seconds: float
+    output_tokens: int
+    jobs: int
+    loads: int
+    batches: int
+
+
+def make_adapter_dirs(count: int, root: Path) -> list[tuple[str, Path, str]]:
+    adapters = []
+    for i in range(count):
+        source = list(SOURCES)[i % len(SOURCES)]
+        target = root / f"adapter-{i:03d}"
+        shutil.copytree(ZOO / "adapters" / source, target)
+        adapters.append((f"adapter-{i:03d}", target, source))
+    return adapters
+
+
+def traffic(count: int, adapters: int, distribution: str, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    if distribution == "uniform":
+        return [rng.randrange(adapters) for _ in range(count)]
+    weights = [1 / (rank + 1) ** 1.1 for rank in range(adapters)]
+    return rng.choices(range(adapters), weights=weights, k=count)
+
+
+def run_policy(
+    engine: VllmEngine,
+    adapters: list[tuple[str, Path, str]],
+    picks: list[int],
+    policy: BatchPolicy,
+    max_loras: int,
+    next_id: list[int],
+    max_tokens: int,
+) -> RunResult:
+    # Fresh LoRA ids for every run: each run starts with a cold cache, like a fresh worker.
+    handles = []
+    for name, path, _ in adapters:
+        next_id[0] += 1
+        handles.append(AdapterHandle(name, str(next_id[0]), str(path), next_id[0]))
+    cache = AdapterCache(engine)
+    batcher: AdapterBatcher[BenchJob] = AdapterBatcher(
+        max_batch_size=128,
+        linger_s=0.0,
+        policy=policy,
+        max_adapters=max_loras,
+        max_wait_s=60.0,
+        is_resident=cache.is_resident,
+    )
+    prompts = {
+        source: engine.tokenize(PROMPT.format(task=task, text=text))
+        for source, (task, text) in SOURCES.items()
+    }
+    for order, pick in enumerate(picks):
+        handle = handles[pick]
+        request = GenerationRequest(prompts[adapters[pick][2]], handle, max_tokens, 0.0, None)
+        batcher.add(BenchJob(request, float(order)))
+    tokens = batches = 0
+    started = time.perf_counter()
+    while batch := batcher.next_batch(now=float(len(picks)), flush=True):
+        cache.ensure_loaded(job.request.adapter for job in batch)
+        tokens += sum(g.completion_tokens for g in engine.generate([j.request for j in batch]))
+        batches += 1
+    seconds = time.perf_counter() - started
+    for handle in handles:
+        engine.unregister_adapter(handle)
+    return RunResult(seconds, tokens, len(picks), cache.stats.loads, batches)
+
+
+def load_latencies(engine: VllmEngine, adapters: list, next_id: list[int]) -> dict[str, float]:
+    """Cold load (add_lora of an adapter not in the cache) vs a resident switch (one 1-token
+    request on another resident adapter) vs no switch, in milliseconds (p50)."""
+    name, path, source = adapters[0]
+    task, text = SOURCES[source]
+    prompt = engine.tokenize(PROMPT.format(task=task, text=text))
+    cold, switch, same = [], [], []
+    resident = []
+    for name, path, _ in adapters[:2]:
+        next_id[0] += 1
+        handle = AdapterHandle(name, "warm", str(path), next_id[0])
+        engine.register_adapter(handle)
+        resident.append(handle)
+    for i in range(20):
+        next_id[0] += 1
+        handle = AdapterHandle(f"cold-{i}", "1", str(adapters[i % len(adapters)][1]), next_id[0])
+        started = time.perf_counter()
+        engine.register_adapter(handle)
+        cold.append((time.perf_counter() - started) * 1000)
+        engine.unregister_adapter(handle)
+        for target, bucket in ((resident[i % 2], switch), (resident[i % 2], same)):
+            started = time.perf_counter()
+            engine.generate([GenerationRequest(prompt, target, 1, 0.0, None)])
+            bucket.append((time.perf_counter() - started) * 1000)
+    return {
+        "cold load (add_lora) ms p50": statistics.median(cold),
+        "cold load ms p95": statistics.quantiles(cold, n=20)[-1],
+        "1-token request after switching adapter ms p50": statistics.median(switch),
+        "1-token request, same adapter ms p50": statistics.median(same),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=1024)
+    parser.add_argument("--max-loras", type=int, default=2)
+    parser.add_argument("--max-cpu-loras", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    adapters = make_adapter_dirs(args.adapters, scratch)
+    engine = VllmEngine(
+        EngineSettings(
+            model=ZOO / "tiny-llama",
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_num_seqs=128,
+        )
+    )
+    next_id = [1000]
+    try:
+        latencies = load_latencies(engine, adapters, next_id)
+        rows = []
+        for distribution in ("uniform", "zipf"):
+            picks = traffic(args.jobs, args.adapters, distribution, seed=11)
+            runs: dict[BatchPolicy, list[RunResult]] = {p: [] for p in BatchPolicy}
+            for _ in range(args.repeats):  # interleaved, so drift hits both policies alike
+                for policy in (BatchPolicy.ARRIVAL, BatchPolicy.SWITCH_AWARE):
+                    runs[policy].append(
+                        run_policy(
+                            engine,
+                            adapters,
+                            picks,
+                            policy,
+                            args.max_loras,
+                            next_id,
+                            args.max_tokens,
+                        )
+                    )
+            for policy, results in runs.items():
+                tok_s = statistics.median(r.output_tokens / r.seconds for r in results)
+                jobs_s = statistics.median(r.jobs / r.seconds for r in results)
+                loads = statistics.median(r.loads * 1000 / r.jobs for r in results)
+                rows.append((distribution, policy.value, tok_s, jobs_s, loads, results[0].batches))
+    finally:
+        engine.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(
+        f"\n{args.adapters} adapters, max_loras={args.max_loras}, "
+        f"max_cpu_loras={args.max_cpu_loras}, {args.jobs} jobs, {args.max_tokens} tokens each, "
+        f"median of {args.repeats} interleaved runs\n"
+    )
+    print("| traffic | policy | output tok/s | jobs/s | adapter loads / 1,000 jobs | batches |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for distribution, policy, tok_s, jobs_s, loads, batches in rows:
+        cells = [distribution, policy, f"{tok_s:,.0f}", f"{jobs_s:,.1f}", f"{loads:.1f}"]
+        print("| " + " | ".join([*cells, str(batches)]) + " |")
+    for distribution in ("uniform", "zipf"):
+        by_policy = {r[1]: r[2] for r in rows if r[0] == distribution}
+        ratio = by_policy["switch_aware"] / by_policy["arrival"]
+        print(f"\n{distribution}: switch-aware / arrival output tok/s = {ratio:.2f}x")
+    print()
+    for label, value in latencies.items():
+        print(f"- {label}: {value:.1f}")
+
+
+if __name__ == "__main__":
+    main()
