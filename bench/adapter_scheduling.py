@@ -28,6 +28,7 @@ from workers.adapter_cache import AdapterCache  # noqa: E402
 from workers.batching import AdapterBatcher, BatchPolicy  # noqa: E402
 from workers.config import EngineSettings  # noqa: E402
 from workers.engine import AdapterHandle, GenerationRequest, VllmEngine  # noqa: E402
+from workers.logs import configure_logging  # noqa: E402
 
 ZOO = ROOT / "models"
 SOURCES = {
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    configure_logging("WARNING")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     adapters = make_adapter_dirs(args.adapters, scratch)

@@ -1,0 +1,168 @@
+"""Benchmark: update-to-first-served latency of a hot reload, on real Kafka and a real worker.
+
+    .venv/bin/python bench/adapter_reload.py [--updates 10]
+
+Starts ops/kafka-local and one `lora-workers run`, keeps a steady trickle of jobs for one
+adapter flowing, announces a new version of it again and again, and measures, per update, the
+time from the announcement being acknowledged by the broker to (a) the worker's `serving`
+status and (b) the first result produced by the new version. Prints p50/p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition  # noqa: E402
+
+from workers.adapter_admin import publish_version  # noqa: E402
+from workers.config import Settings  # noqa: E402
+from workers.logs import configure_logging  # noqa: E402
+
+ADAPTER = "customer-tone"
+TENANT = "acme"  # routes reply jobs to customer-tone
+
+
+def start_kafka(state: Path) -> str:
+    env = {**os.environ, "KAFKA_LOCAL_STATE": str(state)}
+    out = subprocess.run(
+        [str(ROOT / "ops" / "kafka-local"), "start"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+
+
+def tail_consumer(bootstrap: str, topic: str) -> Consumer:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}"})
+    partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+    return consumer
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=10)
+    args = parser.parse_args()
+    configure_logging("WARNING")
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-reload-"))
+    kafka_state = scratch / "kafka"
+    bootstrap = start_kafka(kafka_state)
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps([str(ROOT / "models"), str(scratch)]),
+    }
+    os.environ.update(env)
+    worker = None
+    clients: list[Consumer] = []
+    try:
+        cli = [sys.executable, "-m", "workers"]
+        subprocess.run([*cli, "topics", "create"], env=env, check=True, capture_output=True)
+        settings = Settings()
+        status = tail_consumer(bootstrap, settings.adapters.status_topic)
+        results = tail_consumer(bootstrap, "results.reply")
+        clients += [status, results]
+        log = (scratch / "worker.log").open("w")
+        worker = subprocess.Popen([*cli, "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+
+        def send_job() -> None:
+            job = {
+                "job_id": str(uuid.uuid4()),
+                "task": "reply",
+                "tenant": TENANT,
+                "input": "Hi, this is Ana. I have a question about my invoice.",
+            }
+            producer.produce("jobs.reply", key=job["job_id"].encode(), value=json.dumps(job))
+            producer.poll(0)
+
+        # Wait until the worker serves: its first result for the adapter.
+        deadline = time.monotonic() + 180
+        served = False
+        while not served:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not serve within 180 s")
+            send_job()
+            for message in results.consume(100, timeout=0.2):
+                served = served or message.error() is None
+        to_status, to_first_result = [], []
+        for i in range(args.updates):
+            version = f"bench-{i}"
+            weights = ["partner-tone", "customer-tone"][i % 2]
+            path = scratch / version
+            shutil.copytree(ROOT / "models" / "adapters" / weights, path)
+            publish_version(
+                settings,
+                name=ADAPTER,
+                version=version,
+                path=path,
+                base_model="tiny-llama",
+                weight=1.0,
+                tenants=None,
+                hot=False,
+                max_lora_rank=settings.engine.max_lora_rank,
+            )
+            started = time.time()  # the broker has acknowledged the update
+            status_at = first_at = None
+            deadline = time.monotonic() + 60
+            while first_at is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"version {version} never served")
+                send_job()
+                for message in status.consume(100, timeout=0.01):
+                    update = json.loads(message.value())
+                    if update["version"] == version and update["state"] == "serving":
+                        status_at = update["at_ms"] / 1000
+                for message in results.consume(100, timeout=0.02):
+                    result = json.loads(message.value())
+                    if (result["adapter"] or {}).get("version") == version:
+                        first_at = result["timings"]["completed_at_ms"] / 1000
+            if status_at is not None:
+                to_status.append((status_at - started) * 1000)
+            to_first_result.append((first_at - started) * 1000)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=120)
+        for client in clients:
+            client.close()
+        subprocess.run(
+            [str(ROOT / "ops" / "kafka-local"), "stop"],
+            env={**os.environ, "KAFKA_LOCAL_STATE": str(kafka_state)},
+            capture_output=True,
+        )
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"\n{args.updates} hot reloads of {ADAPTER!r} under a steady trickle of jobs\n")
+    print("| from broker-acked update to | p50 ms | p95 ms |")
+    print("| --- | ---: | ---: |")
+    for label, values in (
+        ("worker's `serving` status", to_status),
+        ("first result by the new version", to_first_result),
+    ):
+        print(f"| {label} | {statistics.median(values):.0f} | {percentile(values, 0.95):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
