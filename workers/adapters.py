@@ -135,7 +135,6 @@ class AdapterRegistry:
         except AdapterRejected as rejection:
             self._reject(update.name, spec.version, rejection)
             return False
-        previous = self._served.get(update.name)
         self._served[update.name] = ServedAdapter(
             name=update.name,
             routes=tuple(routes),
@@ -146,8 +145,7 @@ class AdapterRegistry:
             for route in routes:
                 self._engine.pin_adapter(route.handle)
         for route in routes:
-            if previous is None or route not in previous.routes:
-                self._status(update.name, route.handle.version, AdapterState.SERVING, route.weight)
+            self._status(update.name, route.handle.version, AdapterState.SERVING, route.weight)
         log.info(
             "adapter_serving",
             adapter=update.name,

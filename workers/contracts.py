@@ -20,6 +20,15 @@ class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _published_as(filename: str) -> ConfigDict:
+    """Config of a contract exported to schemas/: strict, immutable, with its schema $id."""
+    return ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"$id": f"https://lora-workers.dev/schemas/{filename}"},
+    )
+
+
 class JobParams(_Contract):
     """Per-job sampling overrides; unset fields fall back to the pipeline's defaults."""
 
@@ -31,11 +40,7 @@ class JobParams(_Contract):
 class Job(_Contract):
     """One LLM job, published as JSON to the task's input topic (key: job_id)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        json_schema_extra={"$id": "https://lora-workers.dev/schemas/job.schema.json"},
-    )
+    model_config = _published_as("job.schema.json")
 
     job_id: str = Field(min_length=1, max_length=256)
     task: str = Field(min_length=1, max_length=128)
@@ -88,11 +93,7 @@ class Timings(_Contract):
 class Result(_Contract):
     """One result per job, written to the task's result topic (key: job_id)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        json_schema_extra={"$id": "https://lora-workers.dev/schemas/result.schema.json"},
-    )
+    model_config = _published_as("result.schema.json")
 
     job_id: str
     task: str
@@ -128,11 +129,7 @@ class AdapterUpdate(_Contract):
     `adapters.updates`. Whole state, not a delta, so compaction keeps what a worker needs;
     a tombstone (null value) retires the adapter."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        json_schema_extra={"$id": "https://lora-workers.dev/schemas/adapter-update.schema.json"},
-    )
+    model_config = _published_as("adapter-update.schema.json")
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     base_model: str = Field(min_length=1, description="The base model the adapter was trained on.")

@@ -73,6 +73,7 @@ def test_evictions_and_reloads_keep_every_result_correct(
             "LORA_WORKERS_ENGINE__MAX_CPU_LORAS": str(MAX_CPU_LORAS),
             "LORA_WORKERS_ENGINE__MAX_LORAS": "2",
             "LORA_WORKERS_BATCHING__MAX_BATCH_SIZE": "16",
+            "LORA_WORKERS_ADAPTERS__PREWARM": '["cached-00", "cached-01"]',
         },
     )
     log = log_path.read_text()
@@ -101,7 +102,11 @@ def test_evictions_and_reloads_keep_every_result_correct(
             checked[job["adapter"]] += 1
     assert len(checked) == ADAPTERS
 
-    (stopped,) = [json.loads(line) for line in log.splitlines() if '"worker_stopped"' in line]
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    events = [line for line in lines if "event" in line]
+    (prewarmed,) = [e for e in events if e["event"] == "adapters_prewarmed"]
+    assert prewarmed["adapters"] == ["cached-00@1", "cached-01@1"]
+    (stopped,) = [e for e in events if e["event"] == "worker_stopped"]
     cache = stopped["adapter_cache"]
     assert cache["evictions"] > 0, cache
     assert cache["loads"] > 0 and cache["misses"] == cache["loads"], cache

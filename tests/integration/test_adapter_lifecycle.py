@@ -260,6 +260,40 @@ def test_canary_weight_splits_traffic_deterministically(lifecycle: Lifecycle) ->
     assert assert_matches_oracle(traffic, canary) >= 8
 
 
+def save_other_base(directory: Path) -> None:
+    """A different tiny Llama (other widths): adapters trained on it cannot fit ours."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def save_random_lora(base_dir: Path, out: Path, rank: int, claimed_base: str | None = None):
+    """A real PEFT adapter with random weights, trained on nothing: enough for load checks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(rank)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, lora).save_pretrained(out, save_embedding_layers=False)
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = claimed_base or base_dir.name
+    config_path.write_text(json.dumps(config))
+
+
 @dataclass(frozen=True)
 class BadUpdate:
     code: str
@@ -277,12 +311,12 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     deployment = lifecycle.deployment
     root = deployment.adapter_root
     good = ZOO / "adapters" / "summarizer"
-    shutil.copytree(good, root / "rank16")
-    config = json.loads((root / "rank16" / "adapter_config.json").read_text())
-    (root / "rank16" / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
-    shutil.copytree(good, root / "foreign")
-    foreign_config = {**config, "base_model_name_or_path": "other-llama"}
-    (root / "foreign" / "adapter_config.json").write_text(json.dumps(foreign_config))
+    save_random_lora(ZOO / "tiny-llama", root / "rank16", rank=16)
+    other_base = tmp_path / "other-llama"
+    save_other_base(other_base)
+    save_random_lora(other_base, root / "foreign", rank=8)
+    # Same shapes problem, but its config claims our base: only the engine can catch it.
+    save_random_lora(other_base, root / "disguised", rank=8, claimed_base="tiny-llama")
     shutil.copytree(good, tmp_path / "outside")
     (root / "escape").symlink_to(tmp_path / "outside")
 
@@ -292,6 +326,7 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
         BadUpdate("base_model_mismatch", "b3", str(good), base_model="other-llama"),
         BadUpdate("base_model_mismatch", "b4", str(root / "foreign")),
         BadUpdate("rank_too_large", "b5", str(root / "rank16")),
+        BadUpdate("load_failed", "b8", str(root / "disguised")),
         BadUpdate("path_outside_roots", "b6", str(tmp_path / "outside")),
         BadUpdate("path_outside_roots", "b7", str(root / "escape")),
     ]
@@ -327,6 +362,35 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     assert {served_version(results[i][0]) for i in jobs} == {"1"}
     assert assert_matches_oracle(lifecycle.traffic, jobs) >= 4
     assert lifecycle.worker.poll() is None
+
+
+def test_tenant_allow_list_dead_letters_forbidden_jobs(lifecycle: Lifecycle) -> None:
+    deployment, traffic = lifecycle.deployment, lifecycle.traffic
+    lifecycle.publish_version("classifier", "1", "classifier", "--tenants", "acme")
+    lifecycle.wait_for_status("classifier", "1", "serving", occurrences=2)
+    dlq = TopicWatcher(deployment.bootstrap, [deployment.pipelines["classify"].dlq_topic])
+    try:
+        jobs = {
+            tenant: {
+                "job_id": f"tenant-{tenant}",
+                "task": "classify",
+                "tenant": tenant,
+                "input": "Hello, this is Ana. I need help with my invoice today.",
+            }
+            for tenant in ("acme", "globex")
+        }
+        topic = deployment.pipelines["classify"].input_topic
+        produce(deployment.bootstrap, [job_record(topic, job) for job in jobs.values()])
+        traffic.jobs.update({job["job_id"]: job for job in jobs.values()})
+        traffic.wait_for_results(["tenant-acme"])
+        dlq.wait_for(lambda messages: len(messages) >= 1, timeout_s=60)
+        (rejected,) = dlq.messages
+        headers = dict(rejected.headers())
+        assert rejected.key() == b"tenant-globex"
+        assert headers["dlq.error.code"] == b"adapter_forbidden"
+        assert "tenant-globex" not in traffic.results()
+    finally:
+        dlq.close()
 
 
 def test_worker_stops_cleanly_on_sigterm(lifecycle: Lifecycle) -> None:
