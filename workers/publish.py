@@ -29,7 +29,14 @@ def job_key(line: str) -> bytes | None:
 def publish_lines(bootstrap_servers: str, topic: str, lines: Iterable[str]) -> PublishReport:
     report = PublishReport()
     producer = Producer(
-        {"bootstrap.servers": bootstrap_servers, "enable.idempotence": True, "linger.ms": 10},
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "linger.ms": 10,
+            # A fresh broker answers "coordinator loading" once; librdkafka retries, so only
+            # errors are worth printing to an operator.
+            "log_level": 3,
+        },
         logger=None,
     )
 
