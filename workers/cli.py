@@ -49,6 +49,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
 
+    bulk = commands.add_parser(
+        "bulk", help="run a file of jobs through one pipeline into a Parquet dataset, no Kafka"
+    )
+    bulk.add_argument(
+        "--pipeline", help="serve every row with this task's pipeline (default: each row's task)"
+    )
+    bulk.add_argument("--input", required=True, type=Path, help="jobs as .jsonl or .parquet")
+    bulk.add_argument("--output", required=True, type=Path, help="the Parquet dataset directory")
+    bulk.add_argument("--rows-per-file", type=_positive_int, default=10_000)
+    bulk.add_argument("--catalog", type=Path, help="adapter catalog YAML")
+
     publish = commands.add_parser("publish", help="publish JSONL jobs to a topic")
     publish.add_argument("--topic", required=True)
     publish.add_argument("file", help="JSONL file, one job per line; - for stdin")
@@ -145,6 +156,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     print(json.dumps({"finished": summary.finished, "output_tokens": summary.output_tokens}))
+    return 0
+
+
+def _cmd_bulk(args: argparse.Namespace) -> int:
+    from workers.bulk import print_summary
+    from workers.runtime import run_bulk
+
+    summary = run_bulk(
+        _settings(args),
+        task=args.pipeline,
+        input_path=args.input,
+        output_dir=args.output,
+        rows_per_file=args.rows_per_file,
+    )
+    print_summary(summary)
     return 0
 
 
@@ -255,6 +281,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_run(args)
     if args.command == "publish":
         return _cmd_publish(args)
+    if args.command == "bulk":
+        return _cmd_bulk(args)
     if args.command == "topics":
         return _cmd_topics_create(args)
     if args.command == "results":

@@ -57,6 +57,15 @@ class PipelineConfig(_Strict):
     output_schema: dict[str, Any] | None = Field(
         default=None, description="The task's JSON Schema (2020-12), loaded from `output_schema`."
     )
+    structured_output: bool = Field(
+        default=True, description="Constrain generation to output_schema (vLLM structured outputs)."
+    )
+    invalid_output_retries: int = Field(
+        default=1, ge=0, le=5, description="Retries of an invalid or truncated output."
+    )
+    retry_token_factor: float = Field(
+        default=2.0, gt=1.0, le=16.0, description="Each retry multiplies max_tokens by this."
+    )
 
     @model_validator(mode="after")
     def _default_topics(self) -> PipelineConfig:

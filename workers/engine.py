@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -53,6 +53,7 @@ class GenerationRequest:
     max_tokens: int
     temperature: float
     seed: int | None
+    json_schema: dict[str, Any] | None = None  # constrain the output to this JSON Schema
 
 
 @dataclass(frozen=True)
@@ -193,10 +194,18 @@ class VllmEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
         params = [
-            SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, seed=r.seed)
+            SamplingParams(
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                seed=r.seed,
+                structured_outputs=None
+                if r.json_schema is None
+                else StructuredOutputsParams(json=r.json_schema),
+            )
             for r in requests
         ]
         lora_requests = [self._registered(r.adapter) for r in requests]

@@ -57,3 +57,8 @@ ADAPTER_CACHE = Counter(
     "Adapter cache events per batch and adapter: hit, miss (loaded before generate), eviction.",
     ["event"],
 )
+SCHEMA_COMPLIANCE = Counter(
+    "lora_workers_schema_outputs_total",
+    "Final outputs of tasks with an output schema, valid or not, by task and adapter.",
+    ["task", "adapter", "valid"],
+)

@@ -29,6 +29,7 @@ class PreparedJob:
     request: GenerationRequest
     arrived_at: float  # monotonic seconds, for linger and queue time
     received_at_ms: int  # wall clock, for the result's timings
+    attempt: int = 0  # retries after an invalid output
 
     @property
     def adapter(self) -> AdapterHandle | None:
@@ -96,6 +97,7 @@ class JobPreparer:
                 else defaults.temperature
             ),
             seed=params.seed if params and params.seed is not None else defaults.seed,
+            json_schema=pipeline.output_schema if pipeline.structured_output else None,
         )
         return PreparedJob(
             job=job,

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import structlog
 from prometheus_client import start_http_server
 
 from workers.adapter_cache import AdapterCache
 from workers.adapter_feed import AdapterUpdateFeed
 from workers.adapters import AdapterRegistry
+from workers.batching import AdapterBatcher
+from workers.bulk import BulkRunner, BulkSummary
 from workers.config import (
+    AdapterCatalog,
     ConfigError,
     PipelineConfig,
     Settings,
     load_catalog,
     load_pipelines,
 )
+from workers.contracts import AdapterStatus
 from workers.engine import VllmEngine
-from workers.prepare import JobPreparer
+from workers.prepare import JobPreparer, PreparedJob
+from workers.processing import BatchProcessor
 from workers.sinks import KafkaSink
 from workers.source import KafkaJobSource
 from workers.worker import RunLimits, RunSummary, Worker
@@ -42,6 +51,66 @@ def prewarm(engine: VllmEngine, registry: AdapterRegistry, names: list[str]) -> 
     AdapterCache(engine).prewarm(handles, engine.tokenize("warm-up"))
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The engine and everything around it that the Kafka worker and bulk mode share."""
+
+    engine: VllmEngine
+    registry: AdapterRegistry
+    cache: AdapterCache
+    preparer: JobPreparer
+    batcher: AdapterBatcher[PreparedJob]
+
+
+def start_serving(
+    settings: Settings,
+    pipelines: dict[str, PipelineConfig],
+    catalog: AdapterCatalog,
+    on_status: Callable[[AdapterStatus], None],
+    updates: AdapterUpdateFeed | None = None,
+) -> Serving:
+    """Start the engine, register the catalog (then the update topic, if any) and check that
+    every pipeline routes to an adapter that exists. The caller closes `serving.engine`."""
+    engine = VllmEngine(settings.engine)
+    try:
+        registry = AdapterRegistry(
+            engine,
+            settings.adapters,
+            base_model=catalog.base_model,
+            max_lora_rank=settings.engine.max_lora_rank,
+            worker_id=settings.worker_id,
+            on_status=on_status,
+        )
+        registry.load_catalog(catalog)
+        if updates is not None:
+            # Serve the latest announced versions from the first job on.
+            seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
+            log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
+        check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
+        prewarm(engine, registry, settings.adapters.prewarm)
+        cache = AdapterCache(engine)
+        batching = settings.batching
+        batcher: AdapterBatcher[PreparedJob] = AdapterBatcher(
+            max_batch_size=batching.max_batch_size,
+            linger_s=batching.linger_ms / 1000,
+            policy=batching.policy,
+            max_adapters=batching.max_adapters_per_batch or settings.engine.max_loras,
+            max_wait_s=batching.max_wait_ms / 1000,
+            is_resident=cache.is_resident,
+        )
+        preparer = JobPreparer(
+            pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
+            known_tasks=set(pipelines),
+            resolve_adapter=registry.resolve,
+            tokenize=engine.tokenize,
+            max_model_len=engine.max_model_len,
+        )
+    except BaseException:
+        engine.close()
+        raise
+    return Serving(engine, registry, cache, preparer, batcher)
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -57,36 +126,23 @@ def run_worker(
 
     sink = KafkaSink(bootstrap, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
-    engine = VllmEngine(settings.engine)
+    serving = start_serving(
+        settings,
+        pipelines,
+        catalog,
+        on_status=lambda status: sink.write_status(settings.adapters.status_topic, status),
+        updates=updates,
+    )
     try:
-        registry = AdapterRegistry(
-            engine,
-            settings.adapters,
-            base_model=catalog.base_model,
-            max_lora_rank=settings.engine.max_lora_rank,
-            worker_id=settings.worker_id,
-            on_status=lambda status: sink.write_status(settings.adapters.status_topic, status),
-        )
-        registry.load_catalog(catalog)
-        # Serve the latest announced versions from the first job on.
-        seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
-        log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
-        check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
-        prewarm(engine, registry, settings.adapters.prewarm)
-        preparer = JobPreparer(
-            pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
-            known_tasks=set(pipelines),
-            resolve_adapter=registry.resolve,
-            tokenize=engine.tokenize,
-            max_model_len=engine.max_model_len,
-        )
         worker = Worker(
             settings,
             pipelines,
-            engine,
-            preparer,
-            registry,
+            serving.engine,
+            serving.preparer,
+            serving.registry,
             updates,
+            serving.cache,
+            serving.batcher,
             source_factory=lambda on_revoke: KafkaJobSource(
                 bootstrap,
                 settings.group_id,
@@ -98,4 +154,41 @@ def run_worker(
         )
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:
-        engine.close()
+        serving.engine.close()
+
+
+def run_bulk(
+    settings: Settings,
+    *,
+    task: str | None,
+    input_path: Path,
+    output_dir: Path,
+    rows_per_file: int,
+) -> BulkSummary:
+    """`task` None: every pipeline, each row served by the pipeline its `task` names."""
+    pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
+    if task is not None:
+        if task not in pipelines:
+            raise ConfigError(f"no pipeline {task!r}; known: {sorted(pipelines)}")
+        pipelines = {task: pipelines[task]}
+    if not input_path.is_file():
+        raise ConfigError(f"input {input_path} is not a file")
+    catalog = load_catalog(settings.catalog)
+
+    def log_status(status: AdapterStatus) -> None:
+        log.info("adapter_status", **status.model_dump(mode="json"))
+
+    serving = start_serving(settings, pipelines, catalog, on_status=log_status)
+    try:
+        runner = BulkRunner(
+            pipelines,
+            serving.preparer,
+            BatchProcessor(serving.engine, serving.cache, pipelines),
+            serving.batcher,
+            output_dir,
+            rows_per_file=rows_per_file,
+            default_task=task,
+        )
+        return runner.run(input_path)
+    finally:
+        serving.engine.close()

@@ -22,14 +22,14 @@ from workers.adapter_feed import AdapterUpdateFeed
 from workers.adapters import AdapterRegistry
 from workers.batching import AdapterBatcher
 from workers.config import PipelineConfig, Settings
-from workers.contracts import AdapterRef, Result, Timings, Usage
-from workers.engine import Engine, Generation
+from workers.contracts import Result
+from workers.engine import Engine
 from workers.errors import JobRejected
 from workers.offsets import OffsetTracker, TopicPartitionKey
 from workers.prepare import JobPreparer, PreparedJob
+from workers.processing import BatchProcessor
 from workers.sinks import KafkaSink
 from workers.source import KafkaJobSource, SourceMessage
-from workers.validation import OutputValidator
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,8 @@ class Worker:
         preparer: JobPreparer,
         registry: AdapterRegistry,
         updates: AdapterUpdateFeed,
+        cache: AdapterCache,
+        batcher: AdapterBatcher[PreparedJob],
         source_factory: Callable[[Callable[[list[TopicPartitionKey]], None]], KafkaJobSource],
         sink: KafkaSink,
     ) -> None:
@@ -69,19 +71,11 @@ class Worker:
         self.preparer = preparer
         self.registry = registry
         self.updates = updates
+        self.cache = cache
+        self.batcher = batcher
+        self.processor = BatchProcessor(engine, cache, pipelines)
         self.sink = sink
-        self.validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
         self.pipelines_by_topic = {p.input_topic: p for p in pipelines.values()}
-        self.cache = AdapterCache(engine)
-        batching = settings.batching
-        self.batcher: AdapterBatcher[PreparedJob] = AdapterBatcher(
-            max_batch_size=batching.max_batch_size,
-            linger_s=batching.linger_ms / 1000,
-            policy=batching.policy,
-            max_adapters=batching.max_adapters_per_batch or settings.engine.max_loras,
-            max_wait_s=batching.max_wait_ms / 1000,
-            is_resident=self.cache.is_resident,
-        )
         self.offsets = OffsetTracker()
         self.summary = RunSummary()
         self._stop_requested = False
@@ -201,56 +195,13 @@ class Worker:
     # --- generate, validate, write -----------------------------------------------------------
 
     def _run_batch(self, batch: list[PreparedJob]) -> None:
-        self.cache.ensure_loaded(job.adapter for job in batch)
-        handed_at = time.monotonic()
-        generations = self.engine.generate([job.request for job in batch])
-        generate_ms = (time.monotonic() - handed_at) * 1000
-        metrics.GENERATE_SECONDS.observe(generate_ms / 1000)
-        metrics.BATCH_JOBS.observe(len(batch))
-        metrics.BATCH_ADAPTERS.observe(len({job.adapter_key for job in batch}))
-        log.info(
-            "batch_done",
-            jobs=len(batch),
-            adapters=len({job.adapter_key for job in batch}),
-            generate_ms=round(generate_ms, 1),
-            output_tokens=sum(g.completion_tokens for g in generations),
-        )
-        for job, generation in zip(batch, generations, strict=True):
-            result = self._build_result(job, generation, handed_at, generate_ms)
+        outcome = self.processor.run(batch)
+        for job, result in outcome.results:
             self.sink.write_result(
                 job.pipeline.result_topic, result, self._result_delivered(job, result)
             )
-
-    def _build_result(
-        self, job: PreparedJob, generation: Generation, handed_at: float, generate_ms: float
-    ) -> Result:
-        checked = self.validators[job.pipeline.task].check(
-            generation.text, generation.finish_reason
-        )
-        adapter = job.adapter
-        return Result(
-            job_id=job.job.job_id,
-            task=job.pipeline.task,
-            status=checked.status,
-            output=checked.output,
-            raw_output=generation.text,
-            adapter=None
-            if adapter is None
-            else AdapterRef(name=adapter.name, version=adapter.version),
-            usage=Usage(
-                prompt_tokens=len(job.request.prompt_token_ids),
-                completion_tokens=generation.completion_tokens,
-            ),
-            error=checked.error,
-            metadata=job.job.metadata,
-            timings=Timings(
-                enqueued_at_ms=job.source.timestamp_ms,
-                received_at_ms=job.received_at_ms,
-                completed_at_ms=int(time.time() * 1000),
-                queue_ms=round((handed_at - job.arrived_at) * 1000, 3),
-                generate_ms=round(generate_ms, 3),
-            ),
-        )
+        for retry in outcome.retries:
+            self.batcher.add(retry)
 
     def _result_delivered(self, job: PreparedJob, result: Result) -> Callable[[], None]:
         adapter = metrics.adapter_label(

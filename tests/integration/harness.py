@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
@@ -187,3 +189,25 @@ class TopicWatcher:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def load_zoo_generators() -> ModuleType:
+    # The zoo script's synthetic generators give inputs with known labels; reusing them keeps the
+    # test's ground truth identical to what the classifier was trained to do.
+    spec = importlib.util.spec_from_file_location("build_zoo", ROOT / "ops" / "build_zoo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_adapter(job: dict) -> str | None:
+    """The routing the README promises, written out independently of workers.routing."""
+    if job.get("adapter"):
+        return job["adapter"]
+    if job["task"] == "classify":
+        return "classifier"
+    if job["task"] == "summarize":
+        return "summarizer"
+    return {"acme": "customer-tone", "globex": "partner-tone"}.get(job.get("tenant"))

@@ -6,10 +6,8 @@ One worker run serves the whole module: its start-up (the engine) is the expensi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from types import ModuleType
@@ -18,35 +16,21 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from jsonschema import Draft202012Validator
 
-from tests.integration.harness import ROOT, Deployment, deploy, job_record, produce
+from tests.integration.harness import (
+    ROOT,
+    Deployment,
+    deploy,
+    expected_adapter,
+    job_record,
+    load_zoo_generators,
+    produce,
+)
 from tests.integration.oracle import PeftOracle
 
 pytestmark = pytest.mark.integration
 
 ZOO = ROOT / "models"
 ORACLE_SAMPLES_PER_ADAPTER = 6
-
-
-def _load_zoo_generators() -> ModuleType:
-    # The zoo script's synthetic generators give inputs with known labels; reusing them keeps the
-    # test's ground truth identical to what the classifier was trained to do.
-    spec = importlib.util.spec_from_file_location("build_zoo", ROOT / "ops" / "build_zoo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-def expected_adapter(job: dict) -> str | None:
-    """The routing the README promises, written out independently of workers.routing."""
-    if job.get("adapter"):
-        return job["adapter"]
-    if job["task"] == "classify":
-        return "classifier"
-    if job["task"] == "summarize":
-        return "summarizer"
-    return {"acme": "customer-tone", "globex": "partner-tone"}.get(job.get("tenant"))
 
 
 def good_jobs(zoo: ModuleType, rng: random.Random) -> list[dict]:
@@ -116,7 +100,7 @@ def outcome(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> R
     tmp_path = tmp_path_factory.mktemp("e2e")
     deployment = deploy(kafka_bootstrap, tmp_path)
     rng = random.Random(20261123)
-    jobs = good_jobs(_load_zoo_generators(), rng)
+    jobs = good_jobs(load_zoo_generators(), rng)
     records = [job_record(deployment.pipelines[j["task"]].input_topic, j) for j in jobs]
     for poison in POISONS:
         topic = deployment.pipelines[poison.topic_task].input_topic

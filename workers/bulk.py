@@ -1,0 +1,263 @@
+"""Bulk mode: a whole file of jobs through the same routing, batching, engine and validation as
+the Kafka worker, into a Parquet dataset, without Kafka. The embedded default for a nightly run
+on one machine.
+
+Resumable: job_ids already in the output dataset are skipped, and files are written atomically
+under names unique to the run, so an interrupted run started again leaves no duplicate and no gap.
+Bad rows become `error` rows with their reason; only a failure of the run itself is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from workers.batching import AdapterBatcher
+from workers.config import ConfigError, PipelineConfig
+from workers.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage
+from workers.errors import JobRejected
+from workers.parquet_sink import ParquetDatasetWriter, existing_job_ids
+from workers.prepare import JobPreparer, PreparedJob, decode_job
+from workers.processing import BatchProcessor
+from workers.source import SourceMessage
+
+log = structlog.get_logger(__name__)
+
+
+def read_rows(path: Path) -> Iterator[bytes]:
+    """Each job as JSON bytes: JSONL lines as they are, Parquet rows converted (nulls dropped)."""
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield json.dumps({k: v for k, v in row.items() if v is not None}).encode()
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        with path.open("rb") as lines:
+            for line in lines:
+                if line.strip():
+                    yield line.rstrip(b"\n")
+    else:
+        raise ConfigError(f"{path}: expected a .jsonl or .parquet file")
+
+
+def count_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def _field(raw: bytes, name: str) -> str | None:
+    try:
+        value = json.loads(raw).get(name)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def job_id_of(raw: bytes, row: int) -> str:
+    return _field(raw, "job_id") or f"row-{row}"
+
+
+@dataclass
+class BulkSummary:
+    rows: int = 0
+    skipped: int = 0  # already in the output (resume)
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_adapter: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    output_tokens: int = 0
+    files: int = 0
+    seconds: float = 0.0
+
+
+class BulkRunner:
+    def __init__(
+        self,
+        pipelines: dict[str, PipelineConfig],
+        preparer: JobPreparer,
+        processor: BatchProcessor,
+        batcher: AdapterBatcher[PreparedJob],
+        output_dir: Path,
+        rows_per_file: int,
+        default_task: str | None = None,
+    ) -> None:
+        self._pipelines = pipelines
+        self._preparer = preparer
+        self._processor = processor
+        self._batcher = batcher
+        self._output_dir = output_dir
+        self._writers: dict[str, ParquetDatasetWriter] = {}
+        self._rows_per_file = rows_per_file
+        # With one pipeline every row is its job; otherwise a row's `task` picks the pipeline.
+        self._default_task = default_task
+        self._run_id = uuid.uuid4().hex[:8]
+        # (input row, result) not yet on disk, per task: each task has its own output columns.
+        self._pending: defaultdict[str, list[tuple[int, Result]]] = defaultdict(list)
+        self.summary = BulkSummary()
+
+    def run(self, input_path: Path, console: Console | None = None) -> BulkSummary:
+        started = time.monotonic()
+        done = existing_job_ids(self._output_dir)
+        total = count_rows(input_path)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            label = self._default_task or ", ".join(sorted(self._pipelines))
+            bar = progress.add_task(label, total=total, rate="")
+            for row, raw in enumerate(read_rows(input_path)):
+                self.summary.rows += 1
+                if job_id_of(raw, row) in done:
+                    self.summary.skipped += 1
+                    progress.advance(bar)
+                    continue
+                progress.advance(bar, self._accept(row, raw))
+                while batch := self._batcher.next_batch(time.monotonic()):
+                    progress.advance(bar, self._run_batch(batch))
+                    self._show_rate(progress, bar, started)
+            while batch := self._batcher.next_batch(time.monotonic(), flush=True):
+                progress.advance(bar, self._run_batch(batch))
+                self._show_rate(progress, bar, started)
+            self._write(final=True)
+        self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def _accept(self, row: int, raw: bytes) -> int:
+        """Queue the row's job; returns 1 if the row is already finished (an error row)."""
+        try:
+            task = self._task_of(raw)
+        except JobRejected as rejection:
+            # Kept, with its reason, under its own task's partition (or task=unknown).
+            task = _field(raw, "task") or "unknown"
+            self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
+            return 1
+        message = SourceMessage(
+            topic=self._pipelines[task].input_topic or "",
+            partition=0,
+            offset=row,
+            key=None,
+            value=raw,
+            headers=[],
+            timestamp_ms=int(time.time() * 1000),
+        )
+        try:
+            self._batcher.add(self._preparer.prepare(message))
+        except JobRejected as rejection:
+            self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
+            return 1
+        return 0
+
+    def _task_of(self, raw: bytes) -> str:
+        if self._default_task is not None:
+            return self._default_task
+        task = decode_job(raw).task  # rejects rows that are not JSON or not a job
+        if task not in self._pipelines:
+            raise JobRejected("unknown_task", f"no pipeline serves task {task!r}")
+        return task
+
+    def _run_batch(self, batch: list[PreparedJob]) -> int:
+        outcome = self._processor.run(batch)
+        for retry in outcome.retries:
+            self._batcher.add(retry)
+        for job, result in outcome.results:
+            self._keep(job.source.offset, result)
+        self.summary.output_tokens += outcome.output_tokens
+        self._write(final=False)
+        return len(outcome.results)
+
+    def _keep(self, row: int, result: Result) -> None:
+        self._pending[result.task].append((row, result))
+        self.summary.by_status[result.status.value] += 1
+        adapter = (
+            "base model"
+            if result.adapter is None
+            else (f"{result.adapter.name}@{result.adapter.version}")
+        )
+        if result.status is not ResultStatus.ERROR:
+            self.summary.by_adapter[adapter] += 1
+        if result.error is not None:
+            self.summary.errors[result.error.code] += 1
+
+    def _write(self, *, final: bool) -> None:
+        for task, pending in self._pending.items():
+            while len(pending) >= self._rows_per_file or (final and pending):
+                chunk = sorted(pending[: self._rows_per_file], key=lambda item: item[0])
+                del pending[: self._rows_per_file]
+                # Unique per run: a resumed run never overwrites a file an earlier run finished.
+                stem = f"part-{chunk[0][0]:09d}-{chunk[-1][0]:09d}-{self._run_id}"
+                written = self._writer_for(task).write([r for _, r in chunk], stem)
+                self.summary.files += len(written)
+
+    def _writer_for(self, task: str) -> ParquetDatasetWriter:
+        if task not in self._writers:
+            pipeline = self._pipelines.get(task)
+            schema = pipeline.output_schema if pipeline else None
+            self._writers[task] = ParquetDatasetWriter(self._output_dir, schema)
+        return self._writers[task]
+
+    def _error_result(self, job_id: str, task: str, rejection: JobRejected) -> Result:
+        now = int(time.time() * 1000)
+        return Result(
+            job_id=job_id,
+            task=task,
+            status=ResultStatus.ERROR,
+            output=None,
+            raw_output="",
+            adapter=None,
+            usage=Usage(prompt_tokens=0, completion_tokens=0),
+            error=ErrorInfo(code=rejection.code, message=rejection.message),
+            timings=Timings(
+                enqueued_at_ms=now,
+                received_at_ms=now,
+                completed_at_ms=now,
+                queue_ms=0,
+                generate_ms=0,
+            ),
+        )
+
+    def _show_rate(self, progress: Progress, bar: object, started: float) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        done = sum(self.summary.by_status.values())
+        rate = f"{done / elapsed:,.1f} jobs/s  {self.summary.output_tokens / elapsed:,.0f} tok/s"
+        progress.update(bar, rate=rate)  # type: ignore[arg-type]
+
+
+def print_summary(summary: BulkSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="Bulk run")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("input rows", f"{summary.rows:,}")
+    table.add_row("skipped (already written)", f"{summary.skipped:,}")
+    for status, count in sorted(summary.by_status.items()):
+        table.add_row(f"status {status}", f"{count:,}")
+    for adapter, count in sorted(summary.by_adapter.items()):
+        table.add_row(f"adapter {adapter}", f"{count:,}")
+    for code, count in sorted(summary.errors.items()):
+        table.add_row(f"reason {code}", f"{count:,}")
+    table.add_row("output tokens", f"{summary.output_tokens:,}")
+    table.add_row("files written", f"{summary.files:,}")
+    table.add_row("time", f"{summary.seconds:,.1f} s")
+    served = sum(summary.by_status.values())
+    seconds = max(summary.seconds, 1e-6)
+    table.add_row(
+        "throughput",
+        f"{served / seconds:,.1f} jobs/s, {summary.output_tokens / seconds:,.0f} tok/s",
+    )
+    console.print(table)
