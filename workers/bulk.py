@@ -13,48 +13,25 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from workers.batching import AdapterBatcher
-from workers.config import ConfigError, PipelineConfig
+from workers.config import PipelineConfig
 from workers.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage
 from workers.errors import JobRejected
+from workers.jobfiles import count_rows, read_rows
 from workers.parquet_sink import ParquetDatasetWriter, existing_job_ids
 from workers.prepare import JobPreparer, PreparedJob, decode_job
 from workers.processing import BatchProcessor
 from workers.source import SourceMessage
 
 log = structlog.get_logger(__name__)
-
-
-def read_rows(path: Path) -> Iterator[bytes]:
-    """Each job as JSON bytes: JSONL lines as they are, Parquet rows converted (nulls dropped)."""
-    if path.suffix == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                yield json.dumps({k: v for k, v in row.items() if v is not None}).encode()
-    elif path.suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open("rb") as lines:
-            for line in lines:
-                if line.strip():
-                    yield line.rstrip(b"\n")
-    else:
-        raise ConfigError(f"{path}: expected a .jsonl or .parquet file")
-
-
-def count_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    with path.open("rb") as lines:
-        return sum(1 for line in lines if line.strip())
 
 
 def _field(raw: bytes, name: str) -> str | None:

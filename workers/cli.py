@@ -60,9 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--rows-per-file", type=_positive_int, default=10_000)
     bulk.add_argument("--catalog", type=Path, help="adapter catalog YAML")
 
-    publish = commands.add_parser("publish", help="publish JSONL jobs to a topic")
+    publish = commands.add_parser("publish", help="publish jobs from a file to a topic")
     publish.add_argument("--topic", required=True)
-    publish.add_argument("file", help="JSONL file, one job per line; - for stdin")
+    publish.add_argument("file", help="a .jsonl or .parquet file of jobs; - for JSONL on stdin")
 
     topics = commands.add_parser("topics", help="manage the pipelines' topics")
     topic_commands = topics.add_subparsers(
@@ -175,18 +175,19 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from workers.publish import publish_lines
+    from workers.jobfiles import count_rows, read_rows
+    from workers.publish import publish_rows
 
     settings = _settings(args)
     bootstrap = settings.require_bootstrap()
     if args.file == "-":
-        report = publish_lines(bootstrap, args.topic, sys.stdin)
+        lines = (line.rstrip("\n").encode() for line in sys.stdin if line.strip())
+        report = publish_rows(bootstrap, args.topic, lines)
     else:
-        try:
-            with open(args.file, encoding="utf-8") as lines:
-                report = publish_lines(bootstrap, args.topic, lines)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from exc
+        path = Path(args.file)
+        if not path.is_file():
+            raise ConfigError(f"cannot read {args.file}: no such file")
+        report = publish_rows(bootstrap, args.topic, read_rows(path), count_rows(path))
     print(
         f"published {report.written} jobs to {args.topic}"
         + (f", {report.failed} failed" if report.failed else "")

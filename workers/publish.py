@@ -1,4 +1,5 @@
-"""Publish jobs from a JSONL file (or stdin) to a topic, keyed by job_id."""
+"""Publish jobs from a JSONL or Parquet file (or JSONL on stdin) to a topic, keyed by job_id,
+with a progress bar: a nightly file fanned out to a fleet of workers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, Message, Producer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 @dataclass
@@ -16,17 +19,19 @@ class PublishReport:
     unkeyed: int = 0  # lines that are not a JSON object with a job_id (published anyway)
 
 
-def job_key(line: str) -> bytes | None:
+def job_key(value: bytes) -> bytes | None:
     """The job_id as the message key, so one job always lands in one partition."""
     try:
-        document = json.loads(line)
+        document = json.loads(value)
     except json.JSONDecodeError:
         return None
     job_id = document.get("job_id") if isinstance(document, dict) else None
     return job_id.encode() if isinstance(job_id, str) else None
 
 
-def publish_lines(bootstrap_servers: str, topic: str, lines: Iterable[str]) -> PublishReport:
+def publish_rows(
+    bootstrap_servers: str, topic: str, rows: Iterable[bytes], total: int | None = None
+) -> PublishReport:
     report = PublishReport()
     producer = Producer(
         {
@@ -46,19 +51,27 @@ def publish_lines(bootstrap_servers: str, topic: str, lines: Iterable[str]) -> P
         else:
             report.failed += 1
 
-    for raw_line in lines:
-        line = raw_line.rstrip("\n")
-        if not line.strip():
-            continue
-        key = job_key(line)
-        report.unkeyed += key is None
-        while True:
-            try:
-                producer.produce(topic, key=key, value=line.encode(), on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
+    progress = Progress(
+        TextColumn(f"publishing to {topic}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        bar = progress.add_task("publish", total=total)
+        for value in rows:
+            key = job_key(value)
+            report.unkeyed += key is None
+            while True:
+                try:
+                    producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            producer.poll(0)
+            progress.advance(bar)
     remaining = producer.flush(60)
     report.failed += remaining
     return report

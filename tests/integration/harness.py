@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 
@@ -191,6 +192,7 @@ class TopicWatcher:
         self._consumer.close()
 
 
+@cache
 def load_zoo_generators() -> ModuleType:
     # The zoo script's synthetic generators give inputs with known labels; reusing them keeps the
     # test's ground truth identical to what the classifier was trained to do.

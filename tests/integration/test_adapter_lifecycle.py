@@ -8,6 +8,7 @@ visibly from the old one and the PEFT oracle knows exactly which weights each ve
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from tests.integration.harness import (
     TopicWatcher,
     deploy,
     job_record,
+    load_zoo_generators,
     produce,
 )
 from tests.integration.oracle import PeftOracle
@@ -75,7 +77,11 @@ class Traffic:
     def _job(self, phase: str, route: str) -> dict:
         self.sent += 1
         job_id = f"{phase}-{route}-{self.sent:05d}"
-        text = f"Hello, this is Ana. I need help with my invoice number {self.sent}."
+        # Inputs like each adapter's training data: constrained decoding only changes outputs
+        # that would break the task's schema, so in-distribution inputs keep the PEFT oracle exact.
+        zoo = load_zoo_generators()
+        rng = random.Random(self.sent)
+        text = zoo.make_report(rng) if route == "summarizer" else zoo.make_message(rng)[0]
         if route in ADAPTER_TENANTS:
             return {
                 "job_id": job_id,

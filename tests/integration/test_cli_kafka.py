@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,32 @@ def test_publish_from_stdin_keys_by_job_id(kafka_bootstrap: str, tmp_path: Path)
         (b"a-2", lines[2].encode()),
     ]
     assert [m.value() for m in messages if m.key() is None] == [b"not json at all"]
+
+
+def test_publish_a_parquet_file(kafka_bootstrap: str, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    topic = deployment.pipelines["summarize"].input_topic
+    jobs = pa.table(
+        {
+            "job_id": [f"n-{i}" for i in range(50)],
+            "task": ["summarize"] * 50,
+            "input": [f"Ana fixed report {i}. The team moved the plan." for i in range(50)],
+            "tenant": [None if i % 2 else "acme" for i in range(50)],
+        }
+    )
+    pq.write_table(jobs, tmp_path / "nightly.parquet")
+    completed = deployment.cli("publish", "--topic", topic, str(tmp_path / "nightly.parquet"))
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == f"published 50 jobs to {topic}"
+    published = {m.key().decode(): json.loads(m.value()) for m in deployment.read([topic])}
+    assert set(published) == {f"n-{i}" for i in range(50)}
+    assert published["n-0"] == {
+        "job_id": "n-0",
+        "task": "summarize",
+        "input": "Ana fixed report 0. The team moved the plan.",
+        "tenant": "acme",
+    }
+    assert "tenant" not in published["n-1"]  # nulls are dropped, not sent as null
