@@ -53,6 +53,8 @@ class BulkSummary:
     by_status: Counter[str] = field(default_factory=Counter)
     by_adapter: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    # (task, adapter) -> [valid, total] over outputs checked against the task's schema
+    compliance: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     output_tokens: int = 0
     files: int = 0
     seconds: float = 0.0
@@ -168,6 +170,11 @@ class BulkRunner:
         )
         if result.status is not ResultStatus.ERROR:
             self.summary.by_adapter[adapter] += 1
+            pipeline = self._pipelines.get(result.task)
+            if pipeline is not None and pipeline.output_schema is not None:
+                tally = self.summary.compliance.setdefault((result.task, adapter), [0, 0])
+                tally[0] += result.status is ResultStatus.OK
+                tally[1] += 1
         if result.error is not None:
             self.summary.errors[result.error.code] += 1
 
@@ -228,6 +235,8 @@ def print_summary(summary: BulkSummary, console: Console | None = None) -> None:
         table.add_row(f"adapter {adapter}", f"{count:,}")
     for code, count in sorted(summary.errors.items()):
         table.add_row(f"reason {code}", f"{count:,}")
+    for (task, adapter), (valid, total) in sorted(summary.compliance.items()):
+        table.add_row(f"schema-valid {task} / {adapter}", f"{valid / total:.1%} ({valid}/{total})")
     table.add_row("output tokens", f"{summary.output_tokens:,}")
     table.add_row("files written", f"{summary.files:,}")
     table.add_row("time", f"{summary.seconds:,.1f} s")
