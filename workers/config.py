@@ -13,7 +13,7 @@ import os
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -47,6 +47,14 @@ class RoutingConfig(_Strict):
     tenants: dict[str, str] = Field(default_factory=dict)
 
 
+class ParquetSinkConfig(_Strict):
+    path: Path = Field(description="Root of the Hive-partitioned dataset.")
+    rows_per_file: int = Field(default=1000, ge=1)
+    max_file_age_ms: int = Field(
+        default=10_000, ge=0, description="Write a partition's waiting rows at least this often."
+    )
+
+
 class PipelineConfig(_Strict):
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     input_topic: str | None = None
@@ -66,11 +74,21 @@ class PipelineConfig(_Strict):
     retry_token_factor: float = Field(
         default=2.0, gt=1.0, le=16.0, description="Each retry multiplies max_tokens by this."
     )
+    sinks: list[Literal["kafka", "parquet"]] = Field(
+        default_factory=lambda: ["kafka"], min_length=1
+    )
+    parquet: ParquetSinkConfig | None = None
 
     @model_validator(mode="after")
     def _default_topics(self) -> PipelineConfig:
         object.__setattr__(self, "input_topic", self.input_topic or f"jobs.{self.task}")
         object.__setattr__(self, "result_topic", self.result_topic or f"results.{self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _parquet_sink_configured(self) -> PipelineConfig:
+        if "parquet" in self.sinks and self.parquet is None:
+            raise ValueError("sinks names parquet but the pipeline has no `parquet:` section")
         return self
 
     @field_validator("prompt_template")

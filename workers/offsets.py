@@ -43,6 +43,14 @@ class OffsetTracker:
         if progress is not None:
             progress.unfinished.discard(offset)
 
+    def first_unfinished_outside(self, key: TopicPartitionKey, excluded: set[int]) -> int | None:
+        """The smallest unfinished offset of a partition that is not in `excluded` (None: every
+        unfinished offset is excluded)."""
+        progress = self._partitions.get(key)
+        if progress is None:
+            return None
+        return min(progress.unfinished - excluded, default=None)
+
     def unfinished_count(self) -> int:
         return sum(len(p.unfinished) for p in self._partitions.values())
 

@@ -177,8 +177,19 @@ class ParquetDatasetWriter:
     """Writes batches of results for one output schema into the dataset under `root`."""
 
     def __init__(
-        self, root: Path, output_schema: dict[str, Any] | None, *, row_group_size: int = 10_000
+        self,
+        root: Path,
+        output_schema: dict[str, Any] | None,
+        *,
+        row_group_size: int = 10_000,
+        date_from: str = "completed_at",
     ) -> None:
+        """`date_from`: "completed_at" (bulk runs) or "enqueued_at" (Kafka sinks: the job's
+        Kafka timestamp, which a replay after a crash reproduces, so rows land in the same
+        partition and file as before)."""
+        if date_from not in ("completed_at", "enqueued_at"):
+            raise ValueError(f"date_from must be completed_at or enqueued_at, got {date_from!r}")
+        self._date_from = date_from
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be at least 1, got {row_group_size}")
         self.root = Path(root)
@@ -200,7 +211,7 @@ class ParquetDatasetWriter:
         _check_stem(file_stem)
         groups: dict[tuple[str, date], list[Result]] = {}
         for result in results:
-            key = (result.task, _utc_date(result.timings.completed_at_ms))
+            key = (result.task, _utc_date(self._partition_ms(result)))
             groups.setdefault(key, []).append(result)
         written: list[Path] = []
         for (task, day), rows in groups.items():
@@ -213,6 +224,21 @@ class ParquetDatasetWriter:
             )
             written.append(self._write_file(directory, file_stem, self._table(rows)))
         return written
+
+    def remove_stem(self, task: str, file_stem: str) -> list[Path]:
+        """Delete this stem's files in every date partition of `task` (a replay that splits its
+        rows over other dates must not leave the old file behind)."""
+        _check_stem(file_stem)
+        task_dir = self.root / f"{PARTITION_TASK}={quote(task, safe='')}"
+        removed = sorted(task_dir.glob(f"{PARTITION_DATE}=*/{file_stem}.parquet"))
+        for path in removed:
+            path.unlink()
+        return removed
+
+    def _partition_ms(self, result: Result) -> int:
+        if self._date_from == "enqueued_at":
+            return result.timings.enqueued_at_ms
+        return result.timings.completed_at_ms
 
     def _table(self, rows: Sequence[Result]) -> pa.Table:
         columns: dict[str, list[Any]] = {field.name: [] for field in self._file_schema}

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 
 import structlog
@@ -26,6 +27,7 @@ from workers.contracts import Result
 from workers.engine import Engine
 from workers.errors import JobRejected
 from workers.offsets import OffsetTracker, TopicPartitionKey
+from workers.parquet_results import ParquetResults
 from workers.prepare import JobPreparer, PreparedJob
 from workers.processing import BatchProcessor
 from workers.sinks import KafkaSink
@@ -51,6 +53,13 @@ class RunSummary:
     output_tokens: int = 0
 
 
+@dataclass
+class _Awaiting:
+    job: PreparedJob
+    result: Result
+    sinks_left: int
+
+
 class Worker:
     def __init__(
         self,
@@ -74,6 +83,8 @@ class Worker:
         self.cache = cache
         self.batcher = batcher
         self.processor = BatchProcessor(engine, cache, pipelines)
+        self.parquet = ParquetResults(pipelines)
+        self._awaiting: dict[tuple[str, int, int], _Awaiting] = {}
         self.sink = sink
         self.pipelines_by_topic = {p.input_topic: p for p in pipelines.values()}
         self.offsets = OffsetTracker()
@@ -106,6 +117,7 @@ class Worker:
                     self._run_batch(batch)
                 self._follow_adapter_updates()
                 self.sink.poll(0)
+                self._flush_parquet()
                 self._commit_if_due()
                 if limits.idle_exit_s is not None and now - last_activity >= limits.idle_exit_s:
                     log.info("idle_exit", idle_s=limits.idle_exit_s)
@@ -124,6 +136,7 @@ class Worker:
         # in the batcher are not committed, so the group serves them again (at-least-once).
         try:
             self.sink.flush(FLUSH_TIMEOUT_S)
+            self._flush_parquet(force=True)
             self._commit()
         finally:
             self.source.close()
@@ -197,26 +210,53 @@ class Worker:
     def _run_batch(self, batch: list[PreparedJob]) -> None:
         outcome = self.processor.run(batch)
         for job, result in outcome.results:
-            self.sink.write_result(
-                job.pipeline.result_topic, result, self._result_delivered(job, result)
-            )
+            source = job.source
+            position = (source.topic, source.partition, source.offset)
+            sinks = job.pipeline.sinks
+            # The offset is finished once every sink of the pipeline has the result.
+            self._awaiting[position] = _Awaiting(job, result, len(sinks))
+            if "kafka" in sinks:
+                self.sink.write_result(
+                    job.pipeline.result_topic, result, partial(self._sink_done, position)
+                )
+            if "parquet" in sinks:
+                self.parquet.add(source.topic, source.partition, source.offset, result)
         for retry in outcome.retries:
             self.batcher.add(retry)
 
-    def _result_delivered(self, job: PreparedJob, result: Result) -> Callable[[], None]:
+    def _sink_done(self, position: tuple[str, int, int]) -> None:
+        awaiting = self._awaiting.get(position)
+        if awaiting is None:
+            return  # a partition revoked meanwhile
+        awaiting.sinks_left -= 1
+        if awaiting.sinks_left > 0:
+            return
+        del self._awaiting[position]
+        job, result = awaiting.job, awaiting.result
         adapter = metrics.adapter_label(
             result.adapter.name if result.adapter else None,
             result.adapter.version if result.adapter else None,
         )
+        self._finish(job.source)
+        self.summary.results[(result.task, result.status.value, adapter)] += 1
+        self.summary.output_tokens += result.usage.completion_tokens
+        metrics.RESULTS.labels(result.task, result.status.value, adapter).inc()
+        metrics.OUTPUT_TOKENS.labels(result.task, adapter).inc(result.usage.completion_tokens)
 
-        def delivered() -> None:
-            self._finish(job.source)
-            self.summary.results[(result.task, result.status.value, adapter)] += 1
-            self.summary.output_tokens += result.usage.completion_tokens
-            metrics.RESULTS.labels(result.task, result.status.value, adapter).inc()
-            metrics.OUTPUT_TOKENS.labels(result.task, adapter).inc(result.usage.completion_tokens)
+    def _flush_parquet(
+        self, *, force: bool = False, only: set[TopicPartitionKey] | None = None
+    ) -> None:
+        self.parquet.flush(
+            self.offsets.first_unfinished_outside, self._parquet_written, force=force, only=only
+        )
 
-        return delivered
+    def _parquet_written(self, key: TopicPartitionKey, offsets: list[int]) -> None:
+        for offset in offsets:
+            self._sink_done((*key, offset))
+        # Commit before the partition's next file: at most one file is ever uncommitted, and a
+        # replay rewrites exactly that file under the same name.
+        self.sink.flush(FLUSH_TIMEOUT_S)
+        self._commit()
 
     # --- offsets -----------------------------------------------------------------------------
 
@@ -241,6 +281,8 @@ class Worker:
         # the next owner starts from that commit, so nothing is lost.
         self.sink.flush(FLUSH_TIMEOUT_S)
         revoked = set(partitions)
+        self._flush_parquet(force=True, only=revoked)
+        self.parquet.forget(revoked)
         positions = {k: v for k, v in self.offsets.committable().items() if k in revoked}
         if positions:
             self.source.commit(positions)

@@ -76,6 +76,7 @@ class Deployment:
             env=self.env(**settings),
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill -9 can take the engine too
         )
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -44,3 +44,13 @@ def test_offsets_must_grow() -> None:
     tracker.track("t", 0, 5)
     with pytest.raises(ValueError):
         tracker.track("t", 0, 5)
+
+
+def test_first_unfinished_outside_skips_excluded_offsets() -> None:
+    tracker = OffsetTracker()
+    for offset in range(4):
+        tracker.track("t", 0, offset)
+    tracker.finish("t", 0, 0)
+    assert tracker.first_unfinished_outside(("t", 0), {1}) == 2
+    assert tracker.first_unfinished_outside(("t", 0), {1, 2, 3}) is None
+    assert tracker.first_unfinished_outside(("t", 9), set()) is None

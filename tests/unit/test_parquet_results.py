@@ -1,0 +1,78 @@
+"""File boundaries of the Kafka → Parquet stage (plain data, a temp directory)."""
+
+from pathlib import Path
+
+from workers.config import ParquetSinkConfig, PipelineConfig
+from workers.contracts import Result
+from workers.offsets import OffsetTracker
+from workers.parquet_results import ParquetResults
+from workers.parquet_sink import read_dataset
+
+
+def result(job_id: str) -> Result:
+    return Result.model_validate(
+        {
+            "job_id": job_id,
+            "task": "echo",
+            "status": "ok",
+            "output": "x",
+            "raw_output": "x",
+            "adapter": None,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            "timings": {
+                "enqueued_at_ms": 0,
+                "received_at_ms": 0,
+                "completed_at_ms": 0,
+                "queue_ms": 0,
+                "generate_ms": 0,
+            },
+        }
+    )
+
+
+def stage(root: Path, rows_per_file: int) -> ParquetResults:
+    pipeline = PipelineConfig(
+        task="echo",
+        prompt_template="{input}",
+        sinks=["parquet"],
+        parquet=ParquetSinkConfig(path=root, rows_per_file=rows_per_file, max_file_age_ms=10**9),
+    )
+    return ParquetResults({"echo": pipeline})
+
+
+def test_files_take_only_contiguous_offsets_and_commit_after_each(tmp_path: Path) -> None:
+    tracker = OffsetTracker()
+    for offset in range(6):
+        tracker.track("jobs.echo", 0, offset)
+    results = stage(tmp_path, rows_per_file=2)
+    written: list[list[int]] = []
+    for offset in (0, 1, 3, 4):  # offset 2 is still generating
+        results.add("jobs.echo", 0, offset, result(f"j{offset}"))
+
+    def on_written(key, offsets) -> None:
+        written.append(offsets)
+        for offset in offsets:
+            tracker.finish(*key, offset)
+
+    results.flush(tracker.first_unfinished_outside, on_written)
+    assert written == [[0, 1]]  # 3 and 4 wait for 2, or a replay could duplicate them
+    tracker.finish("jobs.echo", 0, 2)  # dead-lettered, say
+    results.flush(tracker.first_unfinished_outside, on_written)
+    assert written == [[0, 1], [3, 4]]
+    files = sorted(p.name for p in tmp_path.rglob("*.parquet"))
+    assert files == ["jobs.echo-p0000-000000000000.parquet", "jobs.echo-p0000-000000000003.parquet"]
+    assert sorted(read_dataset(tmp_path).column("job_id").to_pylist()) == ["j0", "j1", "j3", "j4"]
+
+
+def test_force_writes_a_partial_file_and_a_replay_overwrites_it(tmp_path: Path) -> None:
+    tracker = OffsetTracker()
+    tracker.track("jobs.echo", 1, 7)
+    results = stage(tmp_path, rows_per_file=100)
+    results.add("jobs.echo", 1, 7, result("first"))
+    results.flush(tracker.first_unfinished_outside, lambda key, offsets: None)
+    assert list(tmp_path.rglob("*.parquet")) == []  # not due yet
+    results.flush(tracker.first_unfinished_outside, lambda key, offsets: None, force=True)
+    replay = stage(tmp_path, rows_per_file=100)
+    replay.add("jobs.echo", 1, 7, result("again"))
+    replay.flush(tracker.first_unfinished_outside, lambda key, offsets: None, force=True)
+    assert read_dataset(tmp_path).column("job_id").to_pylist() == ["again"]
