@@ -70,6 +70,7 @@ class BulkRunner:
         output_dir: Path,
         rows_per_file: int,
         default_task: str | None = None,
+        row_group_size: int = 10_000,
     ) -> None:
         self._pipelines = pipelines
         self._preparer = preparer
@@ -78,6 +79,7 @@ class BulkRunner:
         self._output_dir = output_dir
         self._writers: dict[str, ParquetDatasetWriter] = {}
         self._rows_per_file = rows_per_file
+        self._row_group_size = row_group_size
         # With one pipeline every row is its job; otherwise a row's `task` picks the pipeline.
         self._default_task = default_task
         self._run_id = uuid.uuid4().hex[:8]
@@ -192,7 +194,9 @@ class BulkRunner:
         if task not in self._writers:
             pipeline = self._pipelines.get(task)
             schema = pipeline.output_schema if pipeline else None
-            self._writers[task] = ParquetDatasetWriter(self._output_dir, schema)
+            self._writers[task] = ParquetDatasetWriter(
+                self._output_dir, schema, row_group_size=self._row_group_size
+            )
         return self._writers[task]
 
     def _error_result(self, job_id: str, task: str, rejection: JobRejected) -> Result:

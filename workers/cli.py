@@ -58,6 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--input", required=True, type=Path, help="jobs as .jsonl or .parquet")
     bulk.add_argument("--output", required=True, type=Path, help="the Parquet dataset directory")
     bulk.add_argument("--rows-per-file", type=_positive_int, default=10_000)
+    bulk.add_argument("--row-group-size", type=_positive_int, default=10_000)
     bulk.add_argument("--catalog", type=Path, help="adapter catalog YAML")
 
     publish = commands.add_parser("publish", help="publish jobs from a file to a topic")
@@ -169,6 +170,7 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
         input_path=args.input,
         output_dir=args.output,
         rows_per_file=args.rows_per_file,
+        row_group_size=args.row_group_size,
     )
     print_summary(summary)
     return 0

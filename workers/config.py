@@ -50,6 +50,7 @@ class RoutingConfig(_Strict):
 class ParquetSinkConfig(_Strict):
     path: Path = Field(description="Root of the Hive-partitioned dataset.")
     rows_per_file: int = Field(default=1000, ge=1)
+    row_group_size: int = Field(default=10_000, ge=1)
     max_file_age_ms: int = Field(
         default=10_000, ge=0, description="Write a partition's waiting rows at least this often."
     )

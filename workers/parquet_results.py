@@ -35,7 +35,12 @@ class ParquetResults:
             p.input_topic: p for p in pipelines.values() if "parquet" in p.sinks and p.parquet
         }
         self._writers = {
-            topic: ParquetDatasetWriter(p.parquet.path, p.output_schema, date_from="enqueued_at")
+            topic: ParquetDatasetWriter(
+                p.parquet.path,
+                p.output_schema,
+                row_group_size=p.parquet.row_group_size,
+                date_from="enqueued_at",
+            )
             for topic, p in self._pipelines.items()
             if p.parquet is not None
         }

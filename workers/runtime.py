@@ -164,6 +164,7 @@ def run_bulk(
     input_path: Path,
     output_dir: Path,
     rows_per_file: int,
+    row_group_size: int = 10_000,
 ) -> BulkSummary:
     """`task` None: every pipeline, each row served by the pipeline its `task` names."""
     pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
@@ -188,6 +189,7 @@ def run_bulk(
             output_dir,
             rows_per_file=rows_per_file,
             default_task=task,
+            row_group_size=row_group_size,
         )
         return runner.run(input_path)
     finally:
