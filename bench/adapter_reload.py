@@ -20,31 +20,19 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
-from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition  # noqa: E402
-
-from workers.adapter_admin import publish_version  # noqa: E402
-from workers.config import Settings  # noqa: E402
-from workers.logs import configure_logging  # noqa: E402
+from tests.broker import kafka_broker
+from workers.adapter_admin import publish_version
+from workers.config import Settings
+from workers.logs import configure_logging
 
 ADAPTER = "customer-tone"
 TENANT = "acme"  # routes reply jobs to customer-tone
-
-
-def start_kafka(state: Path) -> str:
-    env = {**os.environ, "KAFKA_LOCAL_STATE": str(state)}
-    out = subprocess.run(
-        [str(ROOT / "ops" / "kafka-local"), "start"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip().splitlines()[-1].split("=", 1)[1]
 
 
 def tail_consumer(bootstrap: str, topic: str) -> Consumer:
@@ -67,7 +55,8 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     kafka_state = scratch / "kafka"
-    bootstrap = start_kafka(kafka_state)
+    broker = ExitStack()  # the tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container or kafka-local
+    bootstrap, _ = broker.enter_context(kafka_broker(kafka_state))
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -147,11 +136,7 @@ def main() -> None:
             worker.wait(timeout=120)
         for client in clients:
             client.close()
-        subprocess.run(
-            [str(ROOT / "ops" / "kafka-local"), "stop"],
-            env={**os.environ, "KAFKA_LOCAL_STATE": str(kafka_state)},
-            capture_output=True,
-        )
+        broker.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"\n{args.updates} hot reloads of {ADAPTER!r} under a steady trickle of jobs\n")

@@ -15,29 +15,18 @@ import argparse
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import PROMPT, TASK_OF, ZOO, copy_adapters, zoo_inputs
 
-from workers.adapter_cache import AdapterCache  # noqa: E402
-from workers.batching import AdapterBatcher, BatchPolicy  # noqa: E402
-from workers.config import EngineSettings  # noqa: E402
-from workers.engine import AdapterHandle, GenerationRequest, VllmEngine  # noqa: E402
-from workers.logs import configure_logging  # noqa: E402
-
-ZOO = ROOT / "models"
-SOURCES = {
-    "classifier": ("classify", "Hello, this is Ana. I have a question about my invoice."),
-    "customer-tone": ("reply", "Hi, this is Ben. Please look into my login bug."),
-    "partner-tone": ("reply", "Dear support, this is Uma. Something is wrong with the refund."),
-    "summarizer": ("summarize", "Ana fixed the design today. The team moved the plan on Friday."),
-}
-PROMPT = "### Task: {task}\n### Input: {text}\n### Output: "
+from workers.adapter_cache import AdapterCache
+from workers.batching import AdapterBatcher, BatchPolicy
+from workers.config import EngineSettings
+from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
+from workers.logs import configure_logging
 
 
 @dataclass(frozen=True)
@@ -57,16 +46,6 @@ class RunResult:
     jobs: int
     loads: int
     batches: int
-
-
-def make_adapter_dirs(count: int, root: Path) -> list[tuple[str, Path, str]]:
-    adapters = []
-    for i in range(count):
-        source = list(SOURCES)[i % len(SOURCES)]
-        target = root / f"adapter-{i:03d}"
-        shutil.copytree(ZOO / "adapters" / source, target)
-        adapters.append((f"adapter-{i:03d}", target, source))
-    return adapters
 
 
 def traffic(count: int, adapters: int, distribution: str, seed: int) -> list[int]:
@@ -101,8 +80,8 @@ def run_policy(
         is_resident=cache.is_resident,
     )
     prompts = {
-        source: engine.tokenize(PROMPT.format(task=task, text=text))
-        for source, (task, text) in SOURCES.items()
+        source: engine.tokenize(PROMPT.format(task=TASK_OF[source], text=text))
+        for source, text in zoo_inputs(len(TASK_OF), seed=5)
     }
     for order, pick in enumerate(picks):
         handle = handles[pick]
@@ -123,9 +102,9 @@ def run_policy(
 def load_latencies(engine: VllmEngine, adapters: list, next_id: list[int]) -> dict[str, float]:
     """Cold load (add_lora of an adapter not in the cache) vs a resident switch (one 1-token
     request on another resident adapter) vs no switch, in milliseconds (p50)."""
-    name, path, source = adapters[0]
-    task, text = SOURCES[source]
-    prompt = engine.tokenize(PROMPT.format(task=task, text=text))
+    source = adapters[0][2]
+    (_, text), *_ = zoo_inputs(1, seed=5)  # the first source is adapters[0]'s
+    prompt = engine.tokenize(PROMPT.format(task=TASK_OF[source], text=text))
     cold, switch, same = [], [], []
     resident = []
     for name, path, _ in adapters[:2]:
@@ -164,7 +143,7 @@ def main() -> None:
     configure_logging("WARNING")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-    adapters = make_adapter_dirs(args.adapters, scratch)
+    adapters = copy_adapters(args.adapters, scratch)
     engine = VllmEngine(
         EngineSettings(
             model=ZOO / "tiny-llama",

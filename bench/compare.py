@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -28,21 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from common import PROMPT, ROOT, TASK_OF, copy_adapters, zoo_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from workers.config import EngineSettings  # noqa: E402
-from workers.engine import AdapterHandle, GenerationRequest, VllmEngine  # noqa: E402
-from workers.logs import configure_logging  # noqa: E402
-
-PROMPT = "### Task: {task}\n### Input: {text}\n### Output: "
-TASK_OF = {
-    "classifier": "classify",
-    "customer-tone": "reply",
-    "partner-tone": "reply",
-    "summarizer": "summarize",
-}
+from workers.config import EngineSettings
+from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
+from workers.logs import configure_logging
 
 
 @dataclass
@@ -54,31 +43,6 @@ class Row:
     note: str = ""
 
 
-def zoo_inputs(count: int, seed: int) -> list[tuple[str, str]]:
-    """(adapter source, input text) pairs like the adapters' training data."""
-    from tests.integration.harness import load_zoo_generators
-
-    zoo = load_zoo_generators()
-    rng = random.Random(seed)
-    pairs = []
-    for i in range(count):
-        source = list(TASK_OF)[i % len(TASK_OF)]
-        text = zoo.make_report(rng) if source == "summarizer" else zoo.make_message(rng)[0]
-        pairs.append((source, text))
-    return pairs
-
-
-def copies(adapters_dir: Path, count: int, root: Path) -> list[tuple[str, Path, str]]:
-    made = []
-    for i in range(count):
-        source = list(TASK_OF)[i % len(TASK_OF)]
-        target = root / f"a{i:04d}"
-        if not target.exists():
-            shutil.copytree(adapters_dir / source, target)
-        made.append((f"a{i:04d}", target, source))
-    return made
-
-
 def tok_per_s(engine: VllmEngine, requests: list[GenerationRequest]) -> float:
     started = time.perf_counter()
     tokens = sum(g.completion_tokens for g in engine.generate(requests))
@@ -86,7 +50,7 @@ def tok_per_s(engine: VllmEngine, requests: list[GenerationRequest]) -> float:
 
 
 def lora_cost(args: argparse.Namespace, scratch: Path) -> tuple[list[Row], float]:
-    adapters = copies(args.adapters, args.lora_adapters, scratch / "lora-cost")
+    adapters = copy_adapters(args.lora_adapters, scratch / "lora-cost", args.adapters)
     engine = VllmEngine(
         EngineSettings(
             model=args.model,
@@ -283,7 +247,7 @@ def tree_rss() -> int:
 
 
 def memory(args: argparse.Namespace, scratch: Path) -> list[Row]:
-    adapters = copies(args.adapters, 1000, scratch / "memory")
+    adapters = copy_adapters(1000, scratch / "memory", args.adapters)
     sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for _, p, _ in adapters]
     engine = VllmEngine(EngineSettings(model=args.model, max_loras=2, max_cpu_loras=1000))
     rows = []

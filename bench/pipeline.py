@@ -20,27 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import PROMPT, ROOT, TASK_OF, zoo_inputs
 
-from bench.compare import PROMPT, TASK_OF, zoo_inputs  # noqa: E402
-from tests.integration.harness import job_record, produce  # noqa: E402
-from workers.config import Settings, load_pipelines  # noqa: E402
-from workers.engine import AdapterHandle, GenerationRequest, VllmEngine  # noqa: E402
-from workers.logs import configure_logging  # noqa: E402
-from workers.topics import read_to_end  # noqa: E402
-
-
-def kafka_local(command: str, state: Path) -> str:
-    env = {**os.environ, "KAFKA_LOCAL_STATE": str(state)}
-    done = subprocess.run(
-        [str(ROOT / "ops" / "kafka-local"), command],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=command == "start",
-    )
-    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+from tests.broker import kafka_broker
+from tests.integration.harness import job_record, produce
+from workers.config import Settings, load_pipelines
+from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
+from workers.logs import configure_logging
+from workers.topics import read_to_end
 
 
 def main() -> None:
@@ -62,10 +49,10 @@ def main() -> None:
         for i, (source, text) in enumerate(pairs)
     ]
     scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    bootstrap = kafka_local("start", scratch / "kafka").split("=", 1)[1]
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
-    cli = [sys.executable, "-m", "workers"]
-    try:
+    # The tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container, or ops/kafka-local.
+    with kafka_broker(scratch / "kafka") as (bootstrap, _):
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+        cli = [sys.executable, "-m", "workers"]
         subprocess.run([*cli, "topics", "create"], env=env, check=True, capture_output=True)
         produce(bootstrap, [job_record(f"jobs.{j['task']}", j) for j in jobs])
         subprocess.run(
@@ -78,8 +65,6 @@ def main() -> None:
             json.loads(m.value())
             for m in read_to_end(bootstrap, [f"results.{t}" for t in set(TASK_OF.values())])
         ]
-    finally:
-        kafka_local("stop", scratch / "kafka")
     assert len(results) == args.jobs, f"{len(results)} results for {args.jobs} jobs"
     span_s = (
         max(r["timings"]["completed_at_ms"] for r in results)
