@@ -104,7 +104,7 @@ class BulkRunner:
             bar = progress.add_task(label, total=total, rate="")
             for row, raw in enumerate(read_rows(input_path)):
                 self.summary.rows += 1
-                if job_id_of(raw, row) in done:
+                if done and job_id_of(raw, row) in done:  # parse only when resuming
                     self.summary.skipped += 1
                     progress.advance(bar)
                     continue
