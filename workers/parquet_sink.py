@@ -32,6 +32,7 @@ from workers.contracts import Result
 
 PARTITION_TASK = "task"
 PARTITION_DATE = "date"
+TEMP_SUFFIX = ".parquet.partial"
 OUTPUT_COLUMN_PREFIX = "out_"
 # pyarrow.dataset's default ignore_prefixes; DuckDB and Polars globs skip hidden files too.
 IGNORED_PREFIXES = (".", "_")
@@ -278,8 +279,10 @@ class ParquetDatasetWriter:
     def _write_file(self, directory: Path, file_stem: str, table: pa.Table) -> Path:
         _make_dirs_durable(directory)
         final = directory / f"{file_stem}.parquet"
-        # Same directory so os.replace is an atomic rename; the leading dot hides it from readers.
-        temp = directory / f".tmp-{file_stem}-{uuid.uuid4().hex}.parquet"
+        # Same directory so os.replace is an atomic rename. The leading dot hides it from
+        # pyarrow; the suffix keeps a file left by `kill -9` out of every `*.parquet` glob
+        # (DuckDB and Polars read dot files a glob matches, and would count its rows twice).
+        temp = directory / f".tmp-{file_stem}-{uuid.uuid4().hex}{TEMP_SUFFIX}"
         try:
             with open(temp, "xb") as handle:
                 with pq.ParquetWriter(handle, self._file_schema) as writer:

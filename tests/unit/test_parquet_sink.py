@@ -439,3 +439,22 @@ def test_read_dataset_of_a_missing_root_is_empty(tmp_path: Path) -> None:
     table = read_dataset(tmp_path / "nowhere")
     assert table.num_rows == 0
     assert table.column_names == [*FIXED_NAMES, "date"]
+
+
+def test_a_temp_file_left_by_a_crash_matches_no_parquet_glob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kill -9 between the write and the rename leaves the temp file behind; DuckDB and Polars
+    # would read it through `**/*.parquet` and count its rows twice.
+    temps: list[Path] = []
+
+    def crash_before_rename(source: Any, _target: Any) -> None:
+        temps.append(Path(source))
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(os, "replace", crash_before_rename)
+    with pytest.raises(SystemExit):
+        ParquetDatasetWriter(tmp_path, None).write([make_result("j-1")], "part-1")
+    (temp,) = temps
+    assert not temp.match("*.parquet")
+    assert list(tmp_path.rglob("*.parquet")) == []
