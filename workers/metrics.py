@@ -62,3 +62,11 @@ SCHEMA_COMPLIANCE = Counter(
     "Final outputs of tasks with an output schema, valid or not, by task and adapter.",
     ["task", "adapter", "valid"],
 )
+ENGINE_RESTARTS = Counter(
+    "lora_workers_engine_restarts_total", "Engine restarts after the engine died mid-batch."
+)
+TRANSACTIONS = Counter(
+    "lora_workers_transactions_total",
+    "Exactly-once commits (answers plus offsets), by outcome.",
+    ["outcome"],
+)

@@ -26,8 +26,9 @@ from workers.contracts import AdapterStatus
 from workers.engine import VllmEngine
 from workers.prepare import JobPreparer, PreparedJob
 from workers.processing import BatchProcessor
-from workers.sinks import KafkaSink
+from workers.sinks import KafkaSink, ResultSink
 from workers.source import KafkaJobSource
+from workers.transactions import TransactionalKafkaSink
 from workers.worker import RunLimits, RunSummary, Worker
 
 log = structlog.get_logger(__name__)
@@ -124,13 +125,24 @@ def run_worker(
     if metrics_port is not None:
         start_http_server(metrics_port)
 
-    sink = KafkaSink(bootstrap, settings.kafka)
+    # Adapter statuses are best-effort notices, never part of a transaction.
+    status_sink = KafkaSink(bootstrap, settings.kafka)
+    sink: ResultSink = (
+        TransactionalKafkaSink(
+            bootstrap,
+            settings.transactional_id,
+            settings.delivery.transaction_timeout_ms,
+            settings.kafka,
+        )
+        if settings.delivery.mode == "exactly_once"
+        else status_sink
+    )
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
     serving = start_serving(
         settings,
         pipelines,
         catalog,
-        on_status=lambda status: sink.write_status(settings.adapters.status_topic, status),
+        on_status=lambda status: status_sink.write_status(settings.adapters.status_topic, status),
         updates=updates,
     )
     try:
@@ -143,18 +155,20 @@ def run_worker(
             updates,
             serving.cache,
             serving.batcher,
-            source_factory=lambda on_revoke: KafkaJobSource(
+            source_factory=lambda handlers: KafkaJobSource(
                 bootstrap,
                 settings.group_id,
                 sorted(p.input_topic for p in pipelines.values()),
                 settings.kafka,
-                on_revoke,
+                handlers,
+                instance_id=settings.instance_id,
             ),
             sink=sink,
         )
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:
         serving.engine.close()
+        status_sink.close()
 
 
 def run_bulk(

@@ -1,7 +1,8 @@
 """Where jobs come from: a confluent-kafka consumer group over the pipelines' input topics.
 
 Auto-commit is off: the worker commits a position only after every message before it has been
-answered and the broker acknowledged the answer (see `offsets.py`).
+answered (see `offsets.py`), either in the results' transaction or, at-least-once, after the
+broker acknowledged them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +47,14 @@ class SourceMessage:
 PartitionsCallback = Callable[[list[tuple[str, int]]], None]
 
 
+@dataclass(frozen=True)
+class RebalanceHandlers:
+    """Called from inside `consume()`, on the worker's own thread."""
+
+    revoked: PartitionsCallback  # still ours: commit what is done, then let go
+    lost: PartitionsCallback  # already someone else's: commit nothing
+
+
 class KafkaJobSource:
     def __init__(
         self,
@@ -53,27 +62,51 @@ class KafkaJobSource:
         group_id: str,
         topics: list[str],
         extra_config: dict[str, str],
-        on_revoke: PartitionsCallback,
+        handlers: RebalanceHandlers,
+        instance_id: str | None = None,
     ) -> None:
         config = {
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            # Incremental rebalancing: a worker keeps its other partitions (and their in-flight
-            # batches) while one partition moves.
+            # Incremental rebalancing: a worker keeps its other partitions (and the expensive
+            # batches in flight for them) while one partition moves; eager rebalancing would
+            # revoke everything on every join or leave.
             "partition.assignment.strategy": "cooperative-sticky",
+            # Jobs published in an aborted transaction are never served.
+            "isolation.level": "read_committed",
             "enable.partition.eof": False,
             **extra_config,
         }
-        self._on_revoke = on_revoke
+        if instance_id is not None:
+            # Static membership: a restart within session.timeout.ms keeps the assignment.
+            config["group.instance.id"] = instance_id
+        self._handlers = handlers
         self._consumer = Consumer(config, logger=None)
-        self._consumer.subscribe(topics, on_revoke=self._revoked, on_lost=self._revoked)
+        self._consumer.subscribe(
+            topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
 
-    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        keys = [(tp.topic, tp.partition) for tp in partitions]
-        log.info("partitions_revoked", partitions=keys)
-        self._on_revoke(keys)
+    @staticmethod
+    def _keys(partitions: list[TopicPartition]) -> list[tuple[str, int]]:
+        return [(tp.topic, tp.partition) for tp in partitions]
+
+    def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Nothing to set up: tracking starts at the first message, from the committed offset.
+        log.info("partitions_assigned", partitions=self._keys(partitions))
+
+    def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("partitions_revoked", partitions=self._keys(partitions))
+        self._handlers.revoked(self._keys(partitions))
+
+    def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("partitions_lost", partitions=self._keys(partitions))
+        self._handlers.lost(self._keys(partitions))
+
+    def group_metadata(self) -> object:
+        """The consumer's group generation, which fences a transaction from a stale member."""
+        return self._consumer.consumer_group_metadata()
 
     def consume(self, max_messages: int, timeout_s: float) -> list[SourceMessage]:
         messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
@@ -89,17 +122,19 @@ class KafkaJobSource:
             decoded.append(SourceMessage.from_kafka(message))
         return decoded
 
-    def commit(self, positions: dict[tuple[str, int], int]) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+    def commit(self, positions: dict[tuple[str, int], int]) -> bool:
+        """Commit outside a transaction (at-least-once); False when it did not happen."""
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self._consumer.commit(offsets=to_topic_partitions(positions), asynchronous=False)
         except KafkaException as exc:
             error = exc.args[0]
-            # After a rebalance we may no longer own a partition; the new owner redoes the work.
-            if error.code() in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION):
-                log.warning("commit_skipped_rebalance", error=str(error))
-                return
-            raise
+            if error.fatal():
+                raise
+            # After a rebalance we may no longer own a partition, and a broker outage fails the
+            # commit; either way the work is redone or the commit retried later, never lost.
+            log.warning("commit_failed", error=str(error), retriable=error.retriable())
+            return False
+        return True
 
     def pause_all(self) -> None:
         self._consumer.pause(self._consumer.assignment())
@@ -109,3 +144,7 @@ class KafkaJobSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def to_topic_partitions(positions: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    return [TopicPartition(t, p, o) for (t, p), o in positions.items()]

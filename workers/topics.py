@@ -65,7 +65,7 @@ def create_topics(
 
 
 def read_to_end(
-    bootstrap_servers: str, topics: list[str], *, isolation: str = "read_uncommitted"
+    bootstrap_servers: str, topics: list[str], *, isolation: str = "read_committed"
 ) -> Iterator[Message]:
     """Every message currently in `topics`, from the beginning to the high watermark."""
     consumer = Consumer(

@@ -1,16 +1,24 @@
 """The worker loop: consume → prepare (decode, route, tokenize) → batch by adapter → generate →
 validate → write → commit. Data flows one way; each stage lives in its own module.
 
-At-least-once: a message's offset is finished only when its result or dead-letter record has
-been acknowledged by the broker, and commits never pass an unfinished offset.
+Generation runs on its own thread, one batch at a time, so this thread keeps polling Kafka
+(group membership, rebalances, adapter updates, fetching the next jobs) however long a batch
+takes: a slow batch never exceeds max.poll.interval.ms. While a batch runs, this thread does not
+touch the engine; adapter updates and the choice of the next batch wait for it.
+
+A message's offset is finished once its answer (result or dead letter) is written or held by the
+sink, and commits never pass an unfinished offset (`offsets.py`). Exactly-once by default: the
+answers below a commit and the commit are one transaction (`transactions.py`).
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
@@ -25,17 +33,19 @@ from workers.batching import AdapterBatcher
 from workers.config import PipelineConfig, Settings
 from workers.contracts import Result
 from workers.engine import Engine
+from workers.engine_guard import Guarded, run_isolating_crashes
 from workers.errors import JobRejected
 from workers.offsets import OffsetTracker, TopicPartitionKey
 from workers.parquet_results import ParquetResults
 from workers.prepare import JobPreparer, PreparedJob
-from workers.processing import BatchProcessor
-from workers.sinks import KafkaSink
-from workers.source import KafkaJobSource, SourceMessage
+from workers.processing import BatchOutcome, BatchProcessor
+from workers.sinks import ResultSink, dead_letter_record, result_record
+from workers.source import KafkaJobSource, RebalanceHandlers, SourceMessage
 
 log = structlog.get_logger(__name__)
 
 POLL_INTERVAL_S = 0.5
+POLL_WHILE_GENERATING_S = 0.05
 FLUSH_TIMEOUT_S = 60.0
 
 
@@ -51,6 +61,7 @@ class RunSummary:
     results: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     dead_letters: Counter[tuple[str, str]] = field(default_factory=Counter)
     output_tokens: int = 0
+    engine_restarts: int = 0
 
 
 @dataclass
@@ -58,6 +69,23 @@ class _Awaiting:
     job: PreparedJob
     result: Result
     sinks_left: int
+
+
+@dataclass
+class _InFlight:
+    """The batch on the engine thread. Partitions revoked meanwhile are noted, and their answers
+    dropped when it returns: the partition's next owner serves those jobs from the last commit."""
+
+    batch: list[PreparedJob]
+    future: Future[Guarded[PreparedJob, BatchOutcome]]
+    revoked: set[TopicPartitionKey] = field(default_factory=set)
+
+    def still_ours(self, job: PreparedJob) -> bool:
+        return (job.source.topic, job.source.partition) not in self.revoked
+
+
+def _partition_of(job: PreparedJob) -> TopicPartitionKey:
+    return (job.source.topic, job.source.partition)
 
 
 class Worker:
@@ -71,8 +99,8 @@ class Worker:
         updates: AdapterUpdateFeed,
         cache: AdapterCache,
         batcher: AdapterBatcher[PreparedJob],
-        source_factory: Callable[[Callable[[list[TopicPartitionKey]], None]], KafkaJobSource],
-        sink: KafkaSink,
+        source_factory: Callable[[RebalanceHandlers], KafkaJobSource],
+        sink: ResultSink,
     ) -> None:
         self.settings = settings
         self.pipelines = pipelines
@@ -91,8 +119,12 @@ class Worker:
         self.summary = RunSummary()
         self._stop_requested = False
         self._paused = False
+        self._inflight: _InFlight | None = None
         self._last_commit = time.monotonic()
-        self.source = source_factory(self._on_revoke)
+        self._commit_backoff_s = 0.0
+        self.source = source_factory(
+            RebalanceHandlers(revoked=self._on_revoked, lost=self._on_lost)
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -104,19 +136,26 @@ class Worker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         last_activity = time.monotonic()
-        log.info("worker_started", topics=sorted(self.pipelines_by_topic))
+        log.info(
+            "worker_started",
+            topics=sorted(self.pipelines_by_topic),
+            delivery=self.settings.delivery.mode,
+        )
         try:
             while not self._should_stop(limits):
                 messages = self._consume()
                 now = time.monotonic()
-                if messages or len(self.batcher) or self.offsets.unfinished_count():
+                if messages or self._busy():
                     last_activity = now
                 for message in messages:
                     self._accept(message)
-                while batch := self.batcher.next_batch(time.monotonic()):
-                    self._run_batch(batch)
-                self._follow_adapter_updates()
-                self.sink.poll(0)
+                self._collect_batch()
+                if self._inflight is None:
+                    self._follow_adapter_updates()
+                    batch = self.batcher.next_batch(time.monotonic())
+                    if batch:
+                        self._start_batch(batch)
+                self.sink.poll()
                 self._flush_parquet()
                 self._commit_if_due()
                 if limits.idle_exit_s is not None and now - last_activity >= limits.idle_exit_s:
@@ -126,28 +165,49 @@ class Worker:
             self._shutdown()
         return self.summary
 
+    def _busy(self) -> bool:
+        return bool(
+            self._inflight
+            or len(self.batcher)
+            or self.offsets.unfinished_count()
+            or self.sink.held()
+        )
+
     def _should_stop(self, limits: RunLimits) -> bool:
         if self._stop_requested:
             return True
         return limits.max_jobs is not None and self.summary.finished >= limits.max_jobs
 
     def _shutdown(self) -> None:
-        # Results already handed to the producer are flushed and committed; jobs still waiting
-        # in the batcher are not committed, so the group serves them again (at-least-once).
+        # Stop fetching, give the running batch until the deadline, commit what is answered.
+        # Jobs not answered by then are not committed, so the group serves them again.
         try:
+            self.source.pause_all()
+            self._await_batch(self.settings.delivery.shutdown_deadline_s)
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
         finally:
-            self.source.close()
+            self.source.close()  # leaves the group; partitions move at once
+            self.sink.close()
             self.updates.close()
             log.info(
                 "worker_stopped",
                 finished=self.summary.finished,
                 output_tokens=self.summary.output_tokens,
                 not_started=len(self.batcher),
+                abandoned=len(self._inflight.batch) if self._inflight else 0,
+                engine_restarts=self.summary.engine_restarts,
                 adapter_cache=vars(self.cache.stats),
             )
+
+    def _await_batch(self, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while self._inflight is not None and time.monotonic() < deadline:
+            self.source.consume(1, POLL_WHILE_GENERATING_S)  # paused: serves callbacks only
+            self._collect_batch()
+        if self._inflight is not None:
+            log.warning("batch_abandoned", jobs=len(self._inflight.batch), deadline_s=deadline_s)
 
     def _follow_adapter_updates(self) -> None:
         self.updates.follow(self.registry.apply_record)
@@ -160,14 +220,18 @@ class Worker:
     # --- consume and prepare -----------------------------------------------------------------
 
     def _consume(self) -> list[SourceMessage]:
-        # Backpressure: stop fetching while too much work is unfinished, but keep polling so the
-        # consumer stays in its group.
-        overloaded = self.offsets.unfinished_count() >= self.settings.batching.max_in_flight
+        # Backpressure: stop fetching while too much work is unanswered or uncommitted, but keep
+        # polling so the consumer stays in its group.
+        in_flight = self.offsets.unfinished_count() + self.sink.held()
+        overloaded = in_flight >= self.settings.batching.max_in_flight
         if overloaded != self._paused:
             (self.source.pause_all if overloaded else self.source.resume_all)()
             self._paused = overloaded
-        due_in = self.batcher.seconds_until_due(time.monotonic())
-        timeout = POLL_INTERVAL_S if due_in is None else min(POLL_INTERVAL_S, due_in)
+        if self._inflight is not None:
+            timeout = POLL_WHILE_GENERATING_S
+        else:
+            due_in = self.batcher.seconds_until_due(time.monotonic())
+            timeout = POLL_INTERVAL_S if due_in is None else min(POLL_INTERVAL_S, due_in)
         messages = self.source.consume(self.settings.batching.consume_batch, timeout)
         for message in messages:
             metrics.MESSAGES_CONSUMED.labels(message.topic).inc()
@@ -198,31 +262,73 @@ class Worker:
             offset=message.offset,
         )
 
-        def delivered() -> None:
+        def done() -> None:
             self._finish(message)
             self.summary.dead_letters[(pipeline.task, rejection.code)] += 1
             metrics.DEAD_LETTERS.labels(pipeline.task, rejection.code).inc()
 
-        self.sink.write_dead_letter(topic, message, rejection.code, rejection.message, delivered)
+        record = dead_letter_record(topic, message, rejection.code, rejection.message)
+        self.sink.write((message.topic, message.partition, message.offset), record, done)
 
-    # --- generate, validate, write -----------------------------------------------------------
+    # --- generate (engine thread), validate, write ------------------------------------------
 
-    def _run_batch(self, batch: list[PreparedJob]) -> None:
-        outcome = self.processor.run(batch)
-        for job, result in outcome.results:
-            source = job.source
-            position = (source.topic, source.partition, source.offset)
-            sinks = job.pipeline.sinks
-            # The offset is finished once every sink of the pipeline has the result.
-            self._awaiting[position] = _Awaiting(job, result, len(sinks))
-            if "kafka" in sinks:
-                self.sink.write_result(
-                    job.pipeline.result_topic, result, partial(self._sink_done, position)
+    def _start_batch(self, batch: list[PreparedJob]) -> None:
+        future: Future[Guarded[PreparedJob, BatchOutcome]] = Future()
+
+        def generate() -> None:
+            try:
+                future.set_result(
+                    run_isolating_crashes(
+                        batch,
+                        self.processor.run,
+                        self._restart_engine,
+                        self.settings.engine.crash_attempts,
+                    )
                 )
-            if "parquet" in sinks:
-                self.parquet.add(source.topic, source.partition, source.offset, result)
-        for retry in outcome.retries:
-            self.batcher.add(retry)
+            except BaseException as exc:  # handed to the worker thread, which re-raises it
+                future.set_exception(exc)
+
+        self._inflight = _InFlight(batch, future)
+        # A daemon thread: a shutdown past its deadline must not wait for generate() to return.
+        threading.Thread(target=generate, name="engine", daemon=True).start()
+
+    def _restart_engine(self) -> None:
+        self.engine.restart()
+        self.cache.refresh()
+
+    def _collect_batch(self) -> None:
+        inflight = self._inflight
+        if inflight is None or not inflight.future.done():
+            return
+        self._inflight = None
+        guarded = inflight.future.result()  # an engine that cannot restart ends the worker
+        self.summary.engine_restarts += guarded.restarts
+        for outcome in guarded.outcomes:
+            for job, result in outcome.results:
+                if inflight.still_ours(job):
+                    self._write_result(job, result)
+            for retry in outcome.retries:
+                if inflight.still_ours(retry):
+                    self.batcher.add(retry)
+        for job in guarded.crashed:
+            if inflight.still_ours(job):
+                reason = (
+                    f"the engine died {self.settings.engine.crash_attempts} times running this "
+                    "job alone"
+                )
+                self._dead_letter(job.source, JobRejected("engine_crash", reason))
+
+    def _write_result(self, job: PreparedJob, result: Result) -> None:
+        source = job.source
+        position = (source.topic, source.partition, source.offset)
+        sinks = job.pipeline.sinks
+        # The offset is finished once every sink of the pipeline has the result.
+        self._awaiting[position] = _Awaiting(job, result, len(sinks))
+        if "kafka" in sinks:
+            record = result_record(job.pipeline.result_topic, result)
+            self.sink.write(position, record, partial(self._sink_done, position))
+        if "parquet" in sinks:
+            self.parquet.add(source.topic, source.partition, source.offset, result)
 
     def _sink_done(self, position: tuple[str, int, int]) -> None:
         awaiting = self._awaiting.get(position)
@@ -265,29 +371,49 @@ class Worker:
         self.summary.finished += 1
 
     def _commit_if_due(self) -> None:
-        if (time.monotonic() - self._last_commit) * 1000 >= self.settings.commit_interval_ms:
+        interval_s = max(self.settings.commit_interval_ms / 1000, self._commit_backoff_s)
+        if time.monotonic() - self._last_commit >= interval_s:
             self._commit()
 
     def _commit(self) -> None:
-        positions = self.offsets.committable()
-        if positions:
-            self.source.commit(positions)
-            self.offsets.mark_committed(positions)
-            log.debug("committed", positions={f"{t}[{p}]": o for (t, p), o in positions.items()})
         self._last_commit = time.monotonic()
-
-    def _on_revoke(self, partitions: list[TopicPartitionKey]) -> None:
-        # Commit what is finished for the partitions we are losing, and drop their waiting jobs:
-        # the next owner starts from that commit, so nothing is lost.
-        self.sink.flush(FLUSH_TIMEOUT_S)
-        revoked = set(partitions)
-        self._flush_parquet(force=True, only=revoked)
-        self.parquet.forget(revoked)
-        positions = {k: v for k, v in self.offsets.committable().items() if k in revoked}
-        if positions:
-            self.source.commit(positions)
-        dropped = self.batcher.discard(
-            lambda job: (job.source.topic, job.source.partition) in revoked
+        positions = self.offsets.committable()
+        if not positions:
+            return
+        if self.sink.commit(positions, self.source):
+            self.offsets.mark_committed(positions)
+            self._commit_backoff_s = 0.0
+            log.debug("committed", positions={f"{t}[{p}]": o for (t, p), o in positions.items()})
+            return
+        # Broker away or a rebalance under way: try again later, backing off, never spinning.
+        self._commit_backoff_s = min(
+            max(2 * self._commit_backoff_s, 0.5), self.settings.delivery.retry_backoff_max_s
         )
-        self.offsets.forget(partitions)
-        log.info("revoked_handled", committed=len(positions), dropped_jobs=len(dropped))
+        log.warning("commit_deferred", retry_in_s=self._commit_backoff_s)
+
+    def _on_revoked(self, partitions: list[TopicPartitionKey]) -> None:
+        # Still ours for the length of this call: commit what is answered (bounded by the
+        # sink's call timeouts), then let go; the next owner starts from that commit.
+        revoked = set(partitions)
+        if self._inflight is not None:
+            self._inflight.revoked |= revoked
+        self.sink.flush(FLUSH_TIMEOUT_S)
+        self._flush_parquet(force=True, only=revoked)
+        self._commit()
+        self._let_go(revoked)
+
+    def _on_lost(self, partitions: list[TopicPartitionKey]) -> None:
+        # Already someone else's (our session expired): commit nothing, drop everything.
+        lost = set(partitions)
+        if self._inflight is not None:
+            self._inflight.revoked |= lost
+        self._let_go(lost)
+
+    def _let_go(self, partitions: set[TopicPartitionKey]) -> None:
+        self.parquet.forget(partitions)
+        self.sink.discard(partitions)
+        dropped = self.batcher.discard(lambda job: _partition_of(job) in partitions)
+        for position in [p for p in self._awaiting if (p[0], p[1]) in partitions]:
+            del self._awaiting[position]
+        self.offsets.forget(list(partitions))
+        log.info("partitions_released", partitions=sorted(partitions), dropped_jobs=len(dropped))

@@ -161,6 +161,8 @@ class TopicWatcher:
                 "bootstrap.servers": bootstrap,
                 "group.id": f"watcher-{uuid.uuid4()}",
                 "enable.auto.commit": False,
+                # Only what a transaction committed: an aborted answer must never count.
+                "isolation.level": "read_committed",
                 "auto.offset.reset": "earliest",
             }
         )
