@@ -106,7 +106,7 @@ class TransactionalKafkaSink:
             for offset in [o for o in held if o < position]:
                 del held[offset]
         metrics.TRANSACTIONS.labels("committed").inc()
-        log.debug("transaction_committed", records=len(records), partitions=len(positions))
+        log.info("transaction_committed", records=len(records), partitions=len(positions))
         return True
 
     def _recover(self, error: KafkaError) -> None:

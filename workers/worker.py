@@ -289,6 +289,7 @@ class Worker:
                 future.set_exception(exc)
 
         self._inflight = _InFlight(batch, future)
+        log.info("batch_started", jobs=len(batch), adapters=len({j.adapter_key for j in batch}))
         # A daemon thread: a shutdown past its deadline must not wait for generate() to return.
         threading.Thread(target=generate, name="engine", daemon=True).start()
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -40,6 +43,10 @@ class Deployment:
     @property
     def group_id(self) -> str:
         return f"lora-workers-{self.suffix}"
+
+    @property
+    def dlq_topics(self) -> list[str]:
+        return [p.dlq_topic for p in self.pipelines.values()]
 
     @property
     def updates_topic(self) -> str:
@@ -108,6 +115,11 @@ class Deployment:
     def read(self, topics: list[str]) -> list[Message]:
         return list(read_to_end(self.bootstrap, topics))
 
+    def results(self, tasks: tuple[str, ...] = ("classify", "reply", "summarize")) -> Counter[str]:
+        """Committed results per job_id, read with read_committed: aborted answers never count."""
+        topics = [self.pipelines[task].result_topic for task in tasks]
+        return Counter(json.loads(m.value())["job_id"] for m in self.read(topics))
+
 
 def deploy(bootstrap: str, tmp_path: Path) -> Deployment:
     """Copies of the shipped pipelines on topics suffixed for this test, topics created."""
@@ -145,6 +157,72 @@ def produce(
         producer.poll(0)
     assert producer.flush(60) == 0
     assert not failures, failures
+
+
+def mixed_jobs(count: int, seed: int, prefix: str) -> list[dict]:
+    """Jobs over the three shipped tasks in turn, inputs from the zoo's own generators."""
+    zoo = load_zoo_generators()
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(count):
+        task = ["classify", "reply", "summarize"][i % 3]
+        text = zoo.make_report(rng) if task == "summarize" else zoo.make_message(rng)[0]
+        jobs.append({"job_id": f"{prefix}-{i:04d}", "task": task, "input": text})
+    return jobs
+
+
+def job_records(deployment: Deployment, jobs: list[dict]) -> list:
+    return [job_record(deployment.pipelines[j["task"]].input_topic, j) for j in jobs]
+
+
+def wait_for_event(
+    worker: subprocess.Popen, log_path: Path, event: str, count: int = 1, timeout_s: float = 300
+) -> None:
+    """Until the worker's JSON log holds `event` `count` times (the worker must stay alive)."""
+    needle = f'"event": "{event}"'
+    deadline = time.monotonic() + timeout_s
+    while log_path.read_text(errors="replace").count(needle) < count:
+        assert worker.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, f"no {event} x{count} in {timeout_s}s"
+        time.sleep(0.05)
+
+
+class Trickle:
+    """Publishes jobs at a steady rate on a thread, so faults land mid-stream."""
+
+    def __init__(self, bootstrap: str, records: list, per_second: float) -> None:
+        self._bootstrap = bootstrap
+        self._records = records
+        self._interval = 1 / per_second
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.failures: list[str] = []
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Idempotent producer with a long delivery timeout: rides out a broker restart.
+        producer = Producer(
+            {
+                "bootstrap.servers": self._bootstrap,
+                "enable.idempotence": True,
+                "delivery.timeout.ms": 300_000,
+            }
+        )
+
+        def delivered(error, _message) -> None:  # type: ignore[no-untyped-def]
+            if error is not None:
+                self.failures.append(str(error))
+
+        for topic, key, value, headers in self._records:
+            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=delivered)
+            producer.poll(0)
+            time.sleep(self._interval)
+        if producer.flush(300) != 0:
+            self.failures.append("not all jobs acknowledged")
+
+    def join(self, timeout_s: float = 600) -> None:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "publishing did not finish"
+        assert not self.failures, self.failures
 
 
 def job_record(topic: str, job: dict) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:

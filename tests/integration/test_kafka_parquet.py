@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from tests.integration.harness import deploy, job_record, load_zoo_generators, produce
+from tests.integration.harness import deploy, job_record, mixed_jobs, produce
 from workers.parquet_sink import read_dataset
 
 pytestmark = pytest.mark.integration
@@ -36,14 +36,8 @@ def test_kill_9_and_restart_leave_no_duplicate_or_missing_row(
         pipeline["parquet"] = {"path": str(dataset), "rows_per_file": 12, "max_file_age_ms": 300}
         path.write_text(yaml.safe_dump(pipeline))
 
-    zoo = load_zoo_generators()
-    rng = random.Random(9)
-    jobs = []
-    for i in range(240):
-        task = ["classify", "reply", "summarize"][i % 3]
-        text = zoo.make_report(rng) if task == "summarize" else zoo.make_message(rng)[0]
-        jobs.append({"job_id": f"pq-{i:04d}", "task": task, "input": text})
-    rng.shuffle(jobs)
+    jobs = mixed_jobs(240, seed=9, prefix="pq")
+    random.Random(9).shuffle(jobs)
     topics = {
         task: f"jobs.{task}.{deployment.suffix}" for task in ("classify", "reply", "summarize")
     }

@@ -1,0 +1,200 @@
+"""Exactly-once under faults, on real parts: real Kafka, real vLLM, real worker processes.
+
+Every test ends the same way: each job has exactly one result committed on the result topics
+(read with read_committed), none is missing, and nothing is dead-lettered that should not be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.broker import ROOT, _local_broker
+from tests.integration.harness import (
+    Deployment,
+    Trickle,
+    deploy,
+    job_records,
+    mixed_jobs,
+    produce,
+    wait_for_event,
+)
+from workers.engine import engine_core_pids
+from workers.sinks import DLQ_ERROR_CODE
+from workers.topics import read_to_end
+
+pytestmark = pytest.mark.integration
+
+# Small batches make many batches and commits per run, so faults land between and inside them.
+# A killed worker's group session ends after 6 s instead of 45.
+FAST = {
+    "LORA_WORKERS_BATCHING__MAX_BATCH_SIZE": "16",
+    "LORA_WORKERS_BATCHING__LINGER_MS": "50",
+    "LORA_WORKERS_KAFKA": json.dumps({"session.timeout.ms": "6000"}),
+}
+IDLE_EXIT = ("--idle-exit", "20")
+
+
+def assert_exactly_once(deployment: Deployment, jobs: list[dict]) -> None:
+    committed = deployment.results()
+    expected = {job["job_id"] for job in jobs}
+    missing = expected - set(committed)
+    duplicated = {job_id: n for job_id, n in committed.items() if n > 1}
+    unexpected = set(committed) - expected
+    assert not missing, f"{len(missing)} jobs lost: {sorted(missing)[:10]}"
+    assert not duplicated, f"{len(duplicated)} jobs answered twice: {list(duplicated)[:10]}"
+    assert not unexpected, unexpected
+    # What the transactions aborted: visible to a read_uncommitted reader, never counted above.
+    topics = [p.result_topic for p in deployment.pipelines.values()]
+    everything = read_to_end(deployment.bootstrap, topics, isolation="read_uncommitted")
+    uncommitted = sum(1 for _ in everything)
+    print(f"\n{len(jobs)} jobs, {len(committed)} committed results, {uncommitted} written in all")
+
+
+def finish(deployment: Deployment, tmp_path: Path, name: str, **settings: str) -> str:
+    """A last worker that serves what is left and exits once idle."""
+    log_path = tmp_path / f"{name}.log"
+    code = deployment.run_worker(*IDLE_EXIT, log_path=log_path, settings={**FAST, **settings})
+    log = log_path.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    return log
+
+
+def test_kill_9_at_several_points_in_a_batch(kafka_bootstrap: str, tmp_path: Path) -> None:
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    jobs = mixed_jobs(480, seed=41, prefix="k9")
+    produce(kafka_bootstrap, job_records(deployment, jobs))
+    # The same instance each time, as a restarted pod: its first act fences the killed
+    # predecessor's open transaction, and static membership gives its partitions straight back.
+    same_replica = {**FAST, "LORA_WORKERS_INSTANCE_ID": "replica-0"}
+    # Mid-generate; generated but not committed; just after a commit.
+    for point, (event, count) in enumerate(
+        [("batch_started", 2), ("batch_done", 3), ("transaction_committed", 2)]
+    ):
+        log_path = tmp_path / f"killed-{point}.log"
+        worker = deployment.start_worker(log_path=log_path, **same_replica)
+        wait_for_event(worker, log_path, event, count)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
+    finish(deployment, tmp_path, "last", LORA_WORKERS_INSTANCE_ID="replica-0")
+    assert_exactly_once(deployment, jobs)
+
+
+def test_one_worker_joins_and_another_leaves_mid_run(kafka_bootstrap: str, tmp_path: Path) -> None:
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    jobs = mixed_jobs(600, seed=42, prefix="rb")
+    trickle = Trickle(kafka_bootstrap, job_records(deployment, jobs), per_second=6)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = deployment.start_worker(log_path=first_log, **FAST)
+    wait_for_event(first, first_log, "transaction_committed", 3)
+    second = deployment.start_worker(*IDLE_EXIT, log_path=second_log, **FAST)
+    wait_for_event(second, second_log, "transaction_committed", 3)
+    assert "partitions_revoked" in first_log.read_text(), "the join moved no partition"
+    first.send_signal(signal.SIGTERM)  # leaves; its partitions move to the second worker
+    assert first.wait(timeout=120) == 0, first_log.read_text()[-3000:]
+    trickle.join()
+    assert second.wait(timeout=600) == 0, second_log.read_text()[-3000:]
+    assert_exactly_once(deployment, jobs)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A broker of this test's own, since the test stops it; (bootstrap, state dir)."""
+    state = tmp_path / "broker"
+    with _local_broker(state) as bootstrap:
+        yield bootstrap, state
+
+
+def test_broker_stops_and_restarts_under_a_running_worker(
+    own_broker: tuple[str, Path], tmp_path: Path
+) -> None:
+    bootstrap, state = own_broker
+    kafka_local = {**os.environ, "KAFKA_LOCAL_STATE": str(state)}
+    deployment = deploy(bootstrap, tmp_path)
+    jobs = mixed_jobs(360, seed=43, prefix="br")
+    trickle = Trickle(bootstrap, job_records(deployment, jobs), per_second=6)
+    log_path = tmp_path / "worker.log"
+    worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **FAST)
+    wait_for_event(worker, log_path, "transaction_committed", 3)
+    halt = [str(ROOT / "ops" / "kafka-local"), "halt"]
+    subprocess.run(halt, env=kafka_local, check=True, timeout=60)  # kill -9 of the broker
+    time.sleep(15)
+    start = [str(ROOT / "ops" / "kafka-local"), "start"]
+    subprocess.run(start, env=kafka_local, check=True, timeout=300, capture_output=True)
+    trickle.join()
+    assert worker.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert log.count('"event": "worker_started"') == 1  # recovered without a restart
+    assert_exactly_once(deployment, jobs)
+
+
+def test_sigterm_during_a_batch_then_restart(kafka_bootstrap: str, tmp_path: Path) -> None:
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    jobs = mixed_jobs(360, seed=44, prefix="st")
+    produce(kafka_bootstrap, job_records(deployment, jobs))
+    outcomes = []
+    # Within the deadline the batch completes and commits; with no deadline it is abandoned.
+    for name, deadline in [("graceful", "30"), ("no-deadline", "0")]:
+        log_path = tmp_path / f"{name}.log"
+        worker = deployment.start_worker(
+            log_path=log_path, **FAST, LORA_WORKERS_DELIVERY__SHUTDOWN_DEADLINE_S=deadline
+        )
+        wait_for_event(worker, log_path, "batch_started", 3)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+        stopped = [
+            json.loads(line)
+            for line in log_path.read_text().splitlines()
+            if '"event": "worker_stopped"' in line
+        ]
+        outcomes.append(stopped[0]["abandoned"])
+    assert outcomes[0] == 0, "the graceful stop abandoned its batch"
+    finish(deployment, tmp_path, "last")
+    assert_exactly_once(deployment, jobs)
+
+
+def test_engine_core_killed_mid_batch_is_restarted(kafka_bootstrap: str, tmp_path: Path) -> None:
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    jobs = mixed_jobs(240, seed=45, prefix="ec")
+    produce(kafka_bootstrap, job_records(deployment, jobs))
+    log_path = tmp_path / "worker.log"
+    worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **FAST)
+    wait_for_event(worker, log_path, "batch_started", 2)
+    cores = engine_core_pids(worker.pid)
+    assert cores, "no engine-core process under the worker"
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    assert worker.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert log.count('"event": "engine_restarted"') >= 1
+    assert log.count('"event": "worker_started"') == 1
+    assert_exactly_once(deployment, jobs)
+    assert deployment.read(deployment.dlq_topics) == []
+
+
+def test_a_job_that_kills_the_engine_is_isolated(kafka_bootstrap: str, tmp_path: Path) -> None:
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    marker = "crash-the-engine-now"
+    jobs = mixed_jobs(60, seed=46, prefix="px")
+    poison = {"job_id": "poison", "task": "reply", "input": f"hello {marker} please"}
+    produce(kafka_bootstrap, job_records(deployment, [*jobs[:30], poison, *jobs[30:]]))
+    log = finish(
+        deployment,
+        tmp_path,
+        "worker",
+        LORA_WORKERS_BATCHING__MAX_BATCH_SIZE="4",
+        LORA_WORKERS_ENGINE__FAULT_INJECTION_CRASH_MARKER=marker,
+    )
+    assert_exactly_once(deployment, jobs)
+    dead = deployment.read(deployment.dlq_topics)
+    assert [m.key() for m in dead] == [b"poison"]
+    assert dict(dead[0].headers())[DLQ_ERROR_CODE] == b"engine_crash"
+    # Bounded: a batch of at most 4 bisects 4 → 2 → 1, and the lone job gets crash_attempts=2.
+    assert log.count('"event": "engine_restarted"') <= 4
