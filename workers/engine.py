@@ -257,7 +257,7 @@ class VllmEngine:
         if marker is not None and any(
             marker in self._tokenizer.decode(r.prompt_token_ids) for r in requests
         ):
-            self._kill_engine_core_soon()
+            self._kill_engine_core()
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
@@ -284,14 +284,16 @@ class VllmEngine:
             raise AdapterLoadError(f"adapter {adapter.engine_name} is not registered")
         return request
 
-    def _kill_engine_core_soon(self) -> None:
-        # Mid-batch, not before it: the crash must hit a running generate() call.
-        def kill() -> None:
-            for pid in engine_core_pids():
-                os.kill(pid, signal.SIGKILL)
+    def _kill_engine_core(self) -> None:
+        # Before the batch is handed over, and waited for: a timer would sometimes let a short
+        # batch finish and kill the next one, which would make the fault land on the wrong job.
+        import psutil
 
         log.warning("fault_injection_killing_engine_core")
-        threading.Timer(0.2, kill).start()
+        cores = [psutil.Process(pid) for pid in engine_core_pids()]
+        for core in cores:
+            core.send_signal(signal.SIGKILL)
+        psutil.wait_procs(cores, timeout=10)
 
     def _shutdown_llm(self) -> None:
         engine_core = getattr(self._llm.llm_engine, "engine_core", None)
