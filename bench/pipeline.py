@@ -72,7 +72,7 @@ class ResultCollector(threading.Thread):
         super().__init__(daemon=True)
         self.results: dict[str, tuple[float, dict]] = {}
         self.dead: set[str] = set()
-        self._stop = threading.Event()
+        self._closing = threading.Event()
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -93,7 +93,7 @@ class ResultCollector(threading.Thread):
         )
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._closing.is_set():
             message = self._consumer.poll(0.05)  # one at a time: consume() would batch arrivals
             if message is None or message.error() is not None:
                 continue
@@ -114,7 +114,7 @@ class ResultCollector(threading.Thread):
             time.sleep(0.2)
 
     def close(self) -> None:
-        self._stop.set()
+        self._closing.set()
         self.join()
         self._consumer.close()
 
