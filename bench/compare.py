@@ -11,7 +11,7 @@ measured side by side in this run, because the machine is noisy:
 4. Switching: 16 and 64 adapters, max_loras 2 and 4, uniform and Zipf(1.1) traffic,
    switch-aware vs arrival order (bench/adapter_scheduling.py): tok/s, adapter loads.
 5. The naive approach: per-request PEFT `set_adapter` + Hugging Face `generate` on the
-   pipeline's jobs vs the pipeline.
+   pipeline's jobs vs the pipeline, run between the pipeline's first run and its raw run.
 6. Bulk mode vs vLLM's own batch runner (`run_batch --enable-lora --lora-modules`), same jobs and
    output schemas, whole commands timed (both start an engine).
 7. Memory: engine RSS (all processes) with 1, 10, 100 and 1,000 adapters registered, against
@@ -92,7 +92,7 @@ def pipeline_rows(f: PipelineFigures) -> list[Row]:
         Row(
             "pipeline",
             f"Kafka → worker → result topic, {f.jobs} jobs",
-            f.pipeline_tokens / f.pipeline_s,
+            f.tok_s(f.pipeline_runs),
             "tok/s",
             f"{f.capacity:,.1f} jobs/s; {f.tok_ratio:.2f}x tok/s, "
             f"{f.jobs_ratio:.2f}x jobs/s of raw",
@@ -100,9 +100,9 @@ def pipeline_rows(f: PipelineFigures) -> list[Row]:
         Row(
             "pipeline",
             "raw `generate`, one call, same jobs",
-            f.raw_tokens / f.raw_s,
+            f.tok_s(f.raw_runs),
             "tok/s",
-            f"{f.jobs / f.raw_s:,.1f} jobs/s",
+            f"{f.jobs_s(f.raw_runs):,.1f} jobs/s; median of {len(f.raw_runs)} alternating runs",
         ),
     ]
     for load, (rate, ms) in f.latency.items():
@@ -193,8 +193,9 @@ def switching(
     return rows, ratios
 
 
-def peft_naive(args: argparse.Namespace, pipeline: PipelineFigures) -> tuple[Row, float]:
-    """Row, and the pipeline's output tok/s over this approach's."""
+def peft_naive(args: argparse.Namespace) -> tuple[int, float]:
+    """Output tokens and seconds of the pipeline's first jobs (same seed: same inputs, adapters
+    and token budget), one request at a time."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,7 +210,6 @@ def peft_naive(args: argparse.Namespace, pipeline: PipelineFigures) -> tuple[Row
     model.eval()
     tokens = 0
     started = time.perf_counter()
-    # The pipeline's first jobs (same seed): same inputs, adapters and token budget.
     for source, text in zoo_inputs(args.peft_requests, seed=4):
         model.set_adapter(source)  # the per-request switch of the FastAPI demo pattern
         inputs = tokenizer(PROMPT.format(task=TASK_OF[source], text=text), return_tensors="pt")
@@ -221,9 +221,14 @@ def peft_naive(args: argparse.Namespace, pipeline: PipelineFigures) -> tuple[Row
                 pad_token_id=tokenizer.pad_token_id,
             )
         tokens += out.shape[1] - inputs["input_ids"].shape[1]
-    seconds = time.perf_counter() - started
+    return tokens, time.perf_counter() - started
+
+
+def peft_row(args: argparse.Namespace, pipeline: PipelineFigures) -> tuple[Row, float]:
+    """Row, and the pipeline's output tok/s over the naive approach's."""
+    tokens, seconds = pipeline.alongside
     tps = tokens / seconds
-    ratio = (pipeline.pipeline_tokens / pipeline.pipeline_s) / tps
+    ratio = pipeline.tok_s(pipeline.pipeline_runs) / tps
     jobs_ratio = pipeline.capacity / (args.peft_requests / seconds)
     row = Row(
         "naive",
@@ -231,7 +236,7 @@ def peft_naive(args: argparse.Namespace, pipeline: PipelineFigures) -> tuple[Row
         tps,
         "tok/s",
         f"{args.peft_requests / seconds:.1f} jobs/s, {tokens / args.peft_requests:.1f} tok/job; "
-        f"the pipeline is {ratio:.1f}x tok/s, {jobs_ratio:.1f}x jobs/s",
+        f"the pipeline is {ratio:.1f}x tok/s, {jobs_ratio:.1f}x jobs/s (run between them)",
     )
     return row, ratio
 
@@ -243,8 +248,8 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     return time.perf_counter() - started, done.stderr + done.stdout
 
 
-def seconds_after_start_up(output: str, pattern: str) -> float:
-    """The command's own timer of its work, which starts once its engine is up."""
+def last_figure(output: str, pattern: str) -> float:
+    """The last match of `pattern` in a command's output: (minutes or "", number) → number."""
     found = re.findall(pattern, output)
     if not found:
         return float("nan")
@@ -291,7 +296,7 @@ def bulk_vs_run_batch(args: argparse.Namespace, scratch: Path) -> tuple[list[Row
         ],
         {**env, "LORA_WORKERS_ENGINE__MAX_LORAS": "5"},
     )
-    bulk_work_s = seconds_after_start_up(summary, r"time\W*()([\d,.]+) s")
+    bulk_work_s = last_figure(summary, r"time\W*()([\d,.]+) s")
     settings = EngineSettings()
     run_batch_s, log = timed(
         [
@@ -307,8 +312,13 @@ def bulk_vs_run_batch(args: argparse.Namespace, scratch: Path) -> tuple[list[Row
         env,
     )
     # run_batch's progress bar (1 s resolution) starts once every request is submitted.
-    run_batch_work_s = seconds_after_start_up(
-        log, r"Running batch: 100% Completed.*?\[(\d+):(\d+)<"
+    run_batch_work_s = last_figure(log, r"Running batch: 100% Completed.*?\[(\d+):(\d+)<")
+    # Output tokens: bulk retries truncated or invalid outputs with a larger budget, run_batch not.
+    bulk_tokens = last_figure(summary, r"output tokens\W*()([\d,]+)")
+    lines = (scratch / "run-batch-out.jsonl").read_text().splitlines()
+    run_batch_tokens = sum(
+        (json.loads(line)["response"]["body"] or {}).get("usage", {}).get("completion_tokens", 0)
+        for line in lines
     )
     return [
         Row(
@@ -316,7 +326,8 @@ def bulk_vs_run_batch(args: argparse.Namespace, scratch: Path) -> tuple[list[Row
             f"lora-workers bulk, {args.batch_jobs} jobs",
             args.batch_jobs / bulk_s,
             "jobs/s",
-            f"{bulk_s:.1f} s whole command, {bulk_work_s:.1f} s after engine start-up",
+            f"{bulk_s:.1f} s whole command, {bulk_work_s:.1f} s after engine start-up; "
+            f"{bulk_tokens:,.0f} output tokens",
         ),
         Row(
             "bulk",
@@ -324,7 +335,8 @@ def bulk_vs_run_batch(args: argparse.Namespace, scratch: Path) -> tuple[list[Row
             args.batch_jobs / run_batch_s,
             "jobs/s",
             f"{run_batch_s:.1f} s whole command, {run_batch_work_s:.0f} s after start-up; bulk is "
-            f"{run_batch_s / bulk_s:.2f}x whole, {run_batch_work_s / bulk_work_s:.2f}x after",
+            f"{run_batch_s / bulk_s:.2f}x whole, {run_batch_work_s / bulk_work_s:.2f}x after; "
+            f"{run_batch_tokens:,} output tokens",
         ),
     ], run_batch_s / bulk_s
 
@@ -339,7 +351,7 @@ def memory(args: argparse.Namespace, scratch: Path) -> tuple[list[Row], float]:
     top = max(args.memory_adapters)
     adapters = copy_adapters(top, scratch / "memory", args.adapters)
     sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for _, p, _ in adapters]
-    engine = VllmEngine(EngineSettings(model=args.model, max_loras=2, max_cpu_loras=top))
+    engine = VllmEngine(EngineSettings(model=args.model, max_loras=2, max_cpu_loras=max(top, 2)))
     rows, ratio = [], float("nan")
     try:
         registered = 0
@@ -435,6 +447,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--tokens", type=int, default=32, help="max output tokens per job")
     parser.add_argument("--pipeline-jobs", type=int, default=2048)
+    parser.add_argument("--pipeline-repeats", type=int, default=2)
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="per offered load")
     parser.add_argument("--prompts", type=int, default=256, help="LoRA cost prompts")
     parser.add_argument("--lora-adapters", type=int, default=8)
@@ -465,9 +478,12 @@ def main() -> None:
                 args.tokens,
                 (0.5, 0.9),
                 args.latency_seconds,
+                args.pipeline_repeats,
+                partial(peft_naive, args),  # between pipeline and raw runs: side by side
             ),
         )
         rows = pipeline_rows(pipe)
+        peft, peft_ratio = peft_row(args, pipe)
         ratios: dict[tuple[int, int, str], float] = {}
         for max_loras in args.switch_max_loras:
             engine = bench_engine(args.model, max_loras, args.max_cpu_loras)
@@ -482,10 +498,9 @@ def main() -> None:
                 engine.close()
             rows += more
             ratios.update(by_config)
-        peft_row, peft_ratio = section("naive PEFT", partial(peft_naive, args, pipe))
         bulk_rows, bulk_ratio = section("bulk", partial(bulk_vs_run_batch, args, scratch))
         mem_rows, mem_ratio = section("memory", partial(memory, args, scratch))
-        rows += [peft_row, *bulk_rows, *mem_rows]
+        rows += [peft, *bulk_rows, *mem_rows]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     zipf_key = (max(args.switch_adapters), min(args.switch_max_loras), "zipf")

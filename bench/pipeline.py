@@ -1,11 +1,12 @@
 """Benchmark: pipeline efficiency and end-to-end latency, Kafka → worker → result topic.
 
-    .venv/bin/python bench/pipeline.py [--jobs 2048] [--latency-seconds 20]
+    .venv/bin/python bench/pipeline.py [--jobs 2048] [--repeats 2] [--latency-seconds 20]
 
-1. Throughput: publishes the jobs first, then starts one `lora-workers run` on the tests' broker
-   and times the worker from the first job it received to the last result it completed (engine
-   start-up excluded). After the worker is gone, the very same prompts, adapters, token budgets
-   and output schemas go through the engine in one raw `generate` call. Ratio of the two.
+1. Throughput: starts a raw engine, publishes the jobs, then starts one `lora-workers run` on
+   the tests' broker and times the worker from the first job it received to the last result it
+   completed (engine start-up excluded). Right after, the very same prompts, adapters, token
+   budgets and output schemas go through the idle raw engine in one `generate` call. Repeated
+   (later loads are published to the running worker), medians and their ratio.
 2. Latency: with the same worker still running, publishes jobs at a steady rate of 50% and 90%
    of the capacity just measured and times each job from its publish to its result reaching a
    `read_committed` consumer of the result topics (p50/p95/p99).
@@ -17,14 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import PROMPT, TASK_OF, ZOO, percentile, worker_env, zoo_inputs, zoo_jobs
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -42,26 +46,32 @@ WAIT_S = 600  # for any one phase's results; the whole benchmark must fit in 20 
 @dataclass
 class PipelineFigures:
     jobs: int
-    pipeline_s: float
-    pipeline_tokens: int
-    raw_s: float
-    raw_tokens: int
     broker: str
+    # (seconds, output tokens) per run; pipeline and raw runs alternate
+    pipeline_runs: list[tuple[float, int]] = field(default_factory=list)
+    raw_runs: list[tuple[float, int]] = field(default_factory=list)
     # offered load (fraction of capacity) → (offered jobs/s, publish→result latencies in ms)
     latency: dict[float, tuple[float, list[float]]] = field(default_factory=dict)
     dead_letters: int = 0
+    alongside: Any = None  # what the `alongside` callable returned
+
+    def tok_s(self, runs: list[tuple[float, int]]) -> float:
+        return statistics.median(tokens / seconds for seconds, tokens in runs)
+
+    def jobs_s(self, runs: list[tuple[float, int]]) -> float:
+        return statistics.median(self.jobs / seconds for seconds, _ in runs)
 
     @property
     def capacity(self) -> float:
-        return self.jobs / self.pipeline_s
+        return self.jobs_s(self.pipeline_runs)
 
     @property
     def tok_ratio(self) -> float:
-        return (self.pipeline_tokens / self.pipeline_s) / (self.raw_tokens / self.raw_s)
+        return self.tok_s(self.pipeline_runs) / self.tok_s(self.raw_runs)
 
     @property
     def jobs_ratio(self) -> float:
-        return self.raw_s / self.pipeline_s
+        return self.capacity / self.jobs_s(self.raw_runs)
 
 
 class ResultCollector(threading.Thread):
@@ -145,100 +155,102 @@ def measure_pipeline(
     tokens: int,
     loads: tuple[float, ...] = (0.5, 0.9),
     latency_s: float = 20.0,
+    repeats: int = 2,
+    alongside: Callable[[], Any] | None = None,
 ) -> PipelineFigures:
+    """`alongside` (e.g. another approach on the same jobs) runs once, between the first
+    pipeline and raw runs, so that it too is measured side by side with them."""
     pairs = zoo_inputs(jobs_count, seed=4)
-    jobs = zoo_jobs(pairs, tokens, prefix="p")
     scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    # The raw engine starts first and idles while the worker runs, so every raw call comes
+    # seconds after its pipeline run: side by side even when the machine's load changes.
+    engine = VllmEngine(Settings().engine.model_copy(update={"model": model}))
     try:
+        raw = _raw_requests(engine, adapters_dir, pairs, tokens)
         env = worker_env(model, adapters_dir, scratch)
         # The tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container, or ops/kafka-local.
         with kafka_broker(scratch / "kafka") as (bootstrap, broker):
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            figures = _through_kafka(bootstrap, broker, env, jobs, tokens, loads, latency_s)
-        engine = VllmEngine(Settings().engine.model_copy(update={"model": model}))
-        try:
-            figures.raw_s, figures.raw_tokens = _raw_generate(engine, adapters_dir, pairs, tokens)
-        finally:
-            engine.close()
+            cli = [sys.executable, "-m", "workers"]
+            subprocess.run([*cli, "topics", "create"], env=env, check=True, capture_output=True)
+            collector = ResultCollector(bootstrap)
+            collector.start()
+            figures = PipelineFigures(jobs=jobs_count, broker=broker)
+            # The first load waits in Kafka before the worker starts (start-up not timed).
+            first = zoo_jobs(pairs, tokens, prefix="p0-")
+            produce(bootstrap, [job_record(f"jobs.{j['task']}", j) for j in first])
+            with tempfile.TemporaryFile() as log:
+                worker = subprocess.Popen(
+                    [*cli, "run", "--idle-exit", "600"], stdout=log, stderr=log, env=env
+                )
+                try:
+                    for run in range(repeats):
+                        jobs = first if run == 0 else zoo_jobs(pairs, tokens, prefix=f"p{run}-")
+                        if run > 0:
+                            produce(bootstrap, [job_record(f"jobs.{j['task']}", j) for j in jobs])
+                        figures.pipeline_runs.append(_pipeline_run(collector, worker, jobs))
+                        if run == 0 and alongside is not None:
+                            figures.alongside = alongside()
+                        figures.raw_runs.append(_raw_run(engine, raw))
+                    for n, load in enumerate(loads):
+                        rate = load * figures.capacity
+                        steady = zoo_jobs(
+                            zoo_inputs(max(1, round(rate * latency_s)), seed=10 + n),
+                            tokens,
+                            prefix=f"l{n}-",
+                        )
+                        figures.latency[load] = (
+                            rate,
+                            _latencies(bootstrap, collector, worker, steady, rate),
+                        )
+                    figures.dead_letters = len(collector.dead)
+                except BaseException:
+                    log.seek(0)
+                    sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+                    raise
+                finally:
+                    worker.terminate()  # a graceful stop: it finishes and commits what it holds
+                    worker.wait(timeout=120)
+                    collector.close()
     finally:
+        engine.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return figures
 
 
-def _through_kafka(
-    bootstrap: str,
-    broker: str,
-    env: dict[str, str],
-    jobs: list[dict],
-    tokens: int,
-    loads: tuple[float, ...],
-    latency_s: float,
-) -> PipelineFigures:
-    cli = [sys.executable, "-m", "workers"]
-    subprocess.run([*cli, "topics", "create"], env=env, check=True, capture_output=True)
-    collector = ResultCollector(bootstrap)
-    collector.start()
-    produce(bootstrap, [job_record(f"jobs.{j['task']}", j) for j in jobs])
-    with tempfile.TemporaryFile() as log:
-        worker = subprocess.Popen(
-            [*cli, "run", "--idle-exit", "600"], stdout=log, stderr=log, env=env
-        )
-        try:
-            return _measure(bootstrap, collector, worker, jobs, tokens, loads, latency_s, broker)
-        except BaseException:
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
-            worker.terminate()  # a graceful stop: it finishes and commits what it holds
-            worker.wait(timeout=120)
-            collector.close()
-
-
-def _measure(
-    bootstrap: str,
-    collector: ResultCollector,
-    worker: subprocess.Popen,
-    jobs: list[dict],
-    tokens: int,
-    loads: tuple[float, ...],
-    latency_s: float,
-    broker: str,
-) -> PipelineFigures:
+def _pipeline_run(
+    collector: ResultCollector, worker: subprocess.Popen, jobs: list[dict]
+) -> tuple[float, int]:
+    """The worker's span from its first received job to its last completed result."""
     collector.wait_for([j["job_id"] for j in jobs], worker)
     done = [collector.results[j["job_id"]][1] for j in jobs if j["job_id"] in collector.results]
     span_s = (
         max(r["timings"]["completed_at_ms"] for r in done)
         - min(r["timings"]["received_at_ms"] for r in done)
     ) / 1000
-    figures = PipelineFigures(
-        jobs=len(done),
-        pipeline_s=span_s,
-        pipeline_tokens=sum(r["usage"]["completion_tokens"] for r in done),
-        raw_s=0.0,
-        raw_tokens=0,
-        broker=broker,
-    )
-    for n, load in enumerate(loads):
-        rate = load * figures.capacity
-        count = max(1, round(rate * latency_s))
-        steady = zoo_jobs(zoo_inputs(count, seed=10 + n), tokens, prefix=f"l{n}-")
-        published = publish_steadily(bootstrap, steady, rate)
-        collector.wait_for(list(published), worker)
-        latencies = [
-            (collector.results[j][0] - at) * 1000
-            for j, at in published.items()
-            if j in collector.results
-        ]
-        figures.latency[load] = (rate, latencies)
-    figures.dead_letters = len(collector.dead)
-    return figures
+    return span_s, sum(r["usage"]["completion_tokens"] for r in done)
 
 
-def _raw_generate(
+def _latencies(
+    bootstrap: str,
+    collector: ResultCollector,
+    worker: subprocess.Popen,
+    jobs: list[dict],
+    rate: float,
+) -> list[float]:
+    published = publish_steadily(bootstrap, jobs, rate)
+    collector.wait_for(list(published), worker)
+    return [
+        (collector.results[j][0] - at) * 1000
+        for j, at in published.items()
+        if j in collector.results
+    ]
+
+
+def _raw_requests(
     engine: VllmEngine, adapters_dir: Path, pairs: list[tuple[str, str]], tokens: int
-) -> tuple[float, int]:
-    """The same jobs as one `generate` call on the worker's own engine settings."""
+) -> list[GenerationRequest]:
+    """The same jobs as the worker builds them: prompt, adapter, budget and output schema."""
     pipelines = load_pipelines(Settings().pipelines_dir, Settings().schemas_dir)
     handles = {
         source: AdapterHandle(source, "1", str(adapters_dir / source), i + 1)
@@ -258,9 +270,13 @@ def _raw_generate(
         for source, text in pairs
     ]
     engine.generate(requests[:16])  # warm-up, like the worker's first batch
+    return requests
+
+
+def _raw_run(engine: VllmEngine, requests: list[GenerationRequest]) -> tuple[float, int]:
     started = time.perf_counter()
-    raw_tokens = sum(g.completion_tokens for g in engine.generate(requests))
-    return time.perf_counter() - started, raw_tokens
+    tokens = sum(g.completion_tokens for g in engine.generate(requests))
+    return time.perf_counter() - started, tokens
 
 
 def main() -> None:
@@ -268,21 +284,29 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", type=Path, default=ZOO / "tiny-llama")
     parser.add_argument("--adapters", type=Path, default=ZOO / "adapters")
     args = parser.parse_args()
     configure_logging("WARNING")
     f = measure_pipeline(
-        args.model, args.adapters, args.jobs, args.tokens, (0.5, 0.9), args.latency_seconds
+        args.model,
+        args.adapters,
+        args.jobs,
+        args.tokens,
+        (0.5, 0.9),
+        args.latency_seconds,
+        args.repeats,
     )
     print(f"\n{f.jobs} jobs over 4 adapters, {args.tokens} max tokens, same prompts ({f.broker})\n")
     print("| path | seconds | jobs/s | output tok/s |")
     print("| --- | ---: | ---: | ---: |")
-    for label, seconds, tokens in (
-        ("Kafka → worker → result topic", f.pipeline_s, f.pipeline_tokens),
-        ("raw `generate`, one call", f.raw_s, f.raw_tokens),
+    for label, runs in (
+        ("Kafka → worker → result topic", f.pipeline_runs),
+        ("raw `generate`, one call", f.raw_runs),
     ):
-        print(f"| {label} | {seconds:.2f} | {f.jobs / seconds:,.1f} | {tokens / seconds:,.0f} |")
+        seconds = statistics.median(s for s, _ in runs)
+        print(f"| {label} | {seconds:.2f} | {f.jobs_s(runs):,.1f} | {f.tok_s(runs):,.0f} |")
     print(f"\npipeline / raw: {f.jobs_ratio:.2f}x jobs/s, {f.tok_ratio:.2f}x output tok/s\n")
     for load, (rate, ms) in f.latency.items():
         cells = [f"{percentile(ms, q):.0f}" for q in (0.5, 0.95, 0.99)]
