@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare.py [--model DIR --adapters DIR ...] [--out bench/out]
 
-On the tiny zoo by default (about 15 minutes on 2 cores). Each figure is a ratio of two things
+On the tiny zoo by default (about 11 minutes on 2 cores). Each figure is a ratio of two things
 measured side by side in this run, because the machine is noisy:
 1. Pipeline: the same jobs through Kafka → worker → result topic vs one raw `LLM.generate` call
    (bench/pipeline.py), output tok/s and jobs/s.
