@@ -23,7 +23,7 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, percentile
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 from tests.broker import kafka_broker
@@ -40,11 +40,6 @@ def tail_consumer(bootstrap: str, topic: str) -> Consumer:
     partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
     return consumer
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:

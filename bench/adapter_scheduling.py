@@ -1,12 +1,13 @@
 """Benchmark: adapter load latency and switch-aware scheduling vs arrival order.
 
     .venv/bin/python bench/adapter_scheduling.py [--adapters 16] [--jobs 1024] [--max-loras 2]
+        [--model DIR] [--adapters-dir DIR]
 
 Runs the worker's own batcher, adapter cache and vLLM engine (no Kafka) on the same jobs under
 both policies, interleaved in one run because this machine is noisy, and prints a Markdown table:
 output tok/s, jobs/s and adapter loads per 1,000 jobs, for uniform and Zipf(1.1) traffic.
 `N` adapters are copies of the zoo's four under distinct names (distinct LoRA ids), so vLLM
-treats them as N adapters.
+treats them as N adapters. bench/compare.py runs `compare_policies` for its switching section.
 """
 
 from __future__ import annotations
@@ -46,6 +47,30 @@ class RunResult:
     jobs: int
     loads: int
     batches: int
+
+
+@dataclass(frozen=True)
+class PolicyFigures:
+    """Medians over the interleaved runs of one policy."""
+
+    tok_s: float
+    jobs_s: float
+    loads_per_1000: float
+    batches: int
+
+
+def bench_engine(model: Path, max_loras: int, max_cpu_loras: int) -> VllmEngine:
+    # Every job names an adapter, so no identity adapter is needed to take a slot; 256 sequences
+    # as the worker's default, so one 128-job batch never waits on the scheduler.
+    return VllmEngine(
+        EngineSettings(
+            model=model,
+            max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras,
+            base_via_identity_adapter=False,
+            max_num_seqs=256,
+        )
+    )
 
 
 def traffic(count: int, adapters: int, distribution: str, seed: int) -> list[int]:
@@ -99,6 +124,33 @@ def run_policy(
     return RunResult(seconds, tokens, len(picks), cache.stats.loads, batches)
 
 
+def compare_policies(
+    engine: VllmEngine,
+    adapters: list[tuple[str, Path, str]],
+    picks: list[int],
+    max_loras: int,
+    max_tokens: int,
+    repeats: int,
+    next_id: list[int],
+) -> dict[BatchPolicy, PolicyFigures]:
+    """Both policies on the same picks, interleaved so drift hits them alike."""
+    runs: dict[BatchPolicy, list[RunResult]] = {p: [] for p in BatchPolicy}
+    for _ in range(repeats):
+        for policy in (BatchPolicy.ARRIVAL, BatchPolicy.SWITCH_AWARE):
+            runs[policy].append(
+                run_policy(engine, adapters, picks, policy, max_loras, next_id, max_tokens)
+            )
+    return {
+        policy: PolicyFigures(
+            tok_s=statistics.median(r.output_tokens / r.seconds for r in results),
+            jobs_s=statistics.median(r.jobs / r.seconds for r in results),
+            loads_per_1000=statistics.median(r.loads * 1000 / r.jobs for r in results),
+            batches=results[0].batches,
+        )
+        for policy, results in runs.items()
+    }
+
+
 def load_latencies(engine: VllmEngine, adapters: list, next_id: list[int]) -> dict[str, float]:
     """Cold load (add_lora of an adapter not in the cache) vs a resident switch (one 1-token
     request on another resident adapter) vs no switch, in milliseconds (p50)."""
@@ -139,44 +191,29 @@ def main() -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=ZOO / "tiny-llama")
+    parser.add_argument("--adapters-dir", type=Path, default=ZOO / "adapters")
     args = parser.parse_args()
     configure_logging("WARNING")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-    adapters = copy_adapters(args.adapters, scratch)
-    engine = VllmEngine(
-        EngineSettings(
-            model=ZOO / "tiny-llama",
-            max_loras=args.max_loras,
-            max_cpu_loras=args.max_cpu_loras,
-            max_num_seqs=128,
-        )
-    )
+    adapters = copy_adapters(args.adapters, scratch, args.adapters_dir)
+    engine = bench_engine(args.model, args.max_loras, args.max_cpu_loras)
     next_id = [1000]
     try:
         latencies = load_latencies(engine, adapters, next_id)
-        rows = []
-        for distribution in ("uniform", "zipf"):
-            picks = traffic(args.jobs, args.adapters, distribution, seed=11)
-            runs: dict[BatchPolicy, list[RunResult]] = {p: [] for p in BatchPolicy}
-            for _ in range(args.repeats):  # interleaved, so drift hits both policies alike
-                for policy in (BatchPolicy.ARRIVAL, BatchPolicy.SWITCH_AWARE):
-                    runs[policy].append(
-                        run_policy(
-                            engine,
-                            adapters,
-                            picks,
-                            policy,
-                            args.max_loras,
-                            next_id,
-                            args.max_tokens,
-                        )
-                    )
-            for policy, results in runs.items():
-                tok_s = statistics.median(r.output_tokens / r.seconds for r in results)
-                jobs_s = statistics.median(r.jobs / r.seconds for r in results)
-                loads = statistics.median(r.loads * 1000 / r.jobs for r in results)
-                rows.append((distribution, policy.value, tok_s, jobs_s, loads, results[0].batches))
+        figures = {
+            distribution: compare_policies(
+                engine,
+                adapters,
+                traffic(args.jobs, args.adapters, distribution, seed=11),
+                args.max_loras,
+                args.max_tokens,
+                args.repeats,
+                next_id,
+            )
+            for distribution in ("uniform", "zipf")
+        }
     finally:
         engine.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -188,12 +225,12 @@ def main() -> None:
     )
     print("| traffic | policy | output tok/s | jobs/s | adapter loads / 1,000 jobs | batches |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for distribution, policy, tok_s, jobs_s, loads, batches in rows:
-        cells = [distribution, policy, f"{tok_s:,.0f}", f"{jobs_s:,.1f}", f"{loads:.1f}"]
-        print("| " + " | ".join([*cells, str(batches)]) + " |")
-    for distribution in ("uniform", "zipf"):
-        by_policy = {r[1]: r[2] for r in rows if r[0] == distribution}
-        ratio = by_policy["switch_aware"] / by_policy["arrival"]
+    for distribution, by_policy in figures.items():
+        for policy, f in by_policy.items():
+            cells = [distribution, policy.value, f"{f.tok_s:,.0f}", f"{f.jobs_s:,.1f}"]
+            print("| " + " | ".join([*cells, f"{f.loads_per_1000:.1f}", str(f.batches)]) + " |")
+    for distribution, by_policy in figures.items():
+        ratio = by_policy[BatchPolicy.SWITCH_AWARE].tok_s / by_policy[BatchPolicy.ARRIVAL].tok_s
         print(f"\n{distribution}: switch-aware / arrival output tok/s = {ratio:.2f}x")
     print()
     for label, value in latencies.items():
