@@ -219,6 +219,10 @@ class Trickle:
         if producer.flush(300) != 0:
             self.failures.append("not all jobs acknowledged")
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout_s: float = 600) -> None:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "publishing did not finish"
