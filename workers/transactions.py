@@ -14,6 +14,7 @@ re-generated and the consumer need not rewind.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -30,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 CALL_TIMEOUT_S = 10.0
 RETRIES_PER_CALL = 3
+SEND_OFFSETS_DEADLINE_S = 30.0
 
 T = TypeVar("T")
 
@@ -53,6 +55,7 @@ class TransactionalKafkaSink:
             **extra_config,
         }
         self._producer: Producer | None = None
+        self._abandoned: list[Producer] = []
         self._held: dict[TopicPartitionKey, dict[int, OutputRecord]] = {}
 
     def _ready_producer(self) -> Producer:
@@ -92,11 +95,14 @@ class TransactionalKafkaSink:
             producer.begin_transaction()
             for record in records:
                 produce_waiting_for_room(producer, record)
-            self._retrying(
-                lambda: producer.send_offsets_to_transaction(
-                    to_topic_partitions(positions), source.group_metadata(), CALL_TIMEOUT_S
-                )
-            )
+            offsets = to_topic_partitions(positions)
+            group = source.group_metadata()
+            if not _returns_within(
+                lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S),
+                SEND_OFFSETS_DEADLINE_S,
+            ):
+                self._abandon_producer()
+                return False
             self._retrying(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
         except KafkaException as exc:
             self._recover(exc.args[0])
@@ -130,9 +136,19 @@ class TransactionalKafkaSink:
             log.warning("transaction_abort_failed", error=str(abort_error.args[0]))
             self._replace_producer()
 
-    def _replace_producer(self) -> None:
+    def _abandon_producer(self) -> None:
+        # librdkafka's send_offsets_to_transaction can ignore its timeout and block for good
+        # when the group coordinator went away (confluentinc/librdkafka#5456, #5511; seen here
+        # after a broker restart). That producer is never used again, so its transaction is
+        # never committed; the next producer's init_transactions fences and aborts it. It is
+        # kept referenced: destroying a producer stuck in a call would block this thread too.
+        log.error("transactional_producer_abandoned", deadline_s=SEND_OFFSETS_DEADLINE_S)
+        metrics.TRANSACTIONS.labels("failed").inc()
         if self._producer is not None:
-            self._producer.flush(0)
+            self._abandoned.append(self._producer)
+        self._producer = None
+
+    def _replace_producer(self) -> None:
         self._producer = None  # made again, with init_transactions, on the next commit
 
     @staticmethod
@@ -158,3 +174,25 @@ class TransactionalKafkaSink:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.flush(CALL_TIMEOUT_S)
+
+
+def _returns_within(call: Callable[[], object], deadline_s: float) -> bool:
+    """Run `call` on a daemon thread; False if it has not returned by the deadline. Its
+    exception, if any, is raised here."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="send-offsets").start()
+    if not done.wait(deadline_s):
+        return False
+    if failure:
+        raise failure[0]
+    return True

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,7 @@ class Deployment:
     suffix: str
     pipelines_dir: Path
     pipelines: dict[str, PipelineConfig]
+    workers: list[subprocess.Popen] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def unknown_task_dlq(self) -> str:
@@ -78,13 +80,22 @@ class Deployment:
 
     def start_worker(self, *args: str, log_path: Path, **settings: str) -> subprocess.Popen:
         log = log_path.open("w")
-        return subprocess.Popen(
+        worker = subprocess.Popen(
             [sys.executable, "-m", "workers", "run", *args],
             env=self.env(**settings),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: kill -9 can take the engine too
         )
+        self.workers.append(worker)
+        return worker
+
+    def kill_workers(self) -> None:
+        """Whatever a failed test left running, engine processes included."""
+        for worker in self.workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=60)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -176,24 +187,41 @@ def job_records(deployment: Deployment, jobs: list[dict]) -> list:
 
 
 def wait_for_event(
-    worker: subprocess.Popen, log_path: Path, event: str, count: int = 1, timeout_s: float = 300
+    worker: subprocess.Popen,
+    log_path: Path,
+    event: str,
+    count: int = 1,
+    timeout_s: float = 300,
+    containing: str = "",
 ) -> None:
-    """Until the worker's JSON log holds `event` `count` times (the worker must stay alive)."""
+    """Until the worker's JSON log holds `count` lines of `event` (that also contain
+    `containing`); the worker must stay alive meanwhile."""
     needle = f'"event": "{event}"'
+
+    def seen() -> int:
+        lines = log_path.read_text(errors="replace").splitlines()
+        return sum(1 for line in lines if needle in line and containing in line)
+
     deadline = time.monotonic() + timeout_s
-    while log_path.read_text(errors="replace").count(needle) < count:
+    while seen() < count:
         assert worker.poll() is None, log_path.read_text(errors="replace")[-3000:]
         assert time.monotonic() < deadline, f"no {event} x{count} in {timeout_s}s"
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 class Trickle:
-    """Publishes jobs at a steady rate on a thread, so faults land mid-stream."""
+    """Publishes jobs at a steady rate on a thread, so faults land mid-stream. With `hold_after`
+    it stops after that many jobs until `release()`, so a slow step (an engine start) cannot let
+    the stream run dry before the fault."""
 
-    def __init__(self, bootstrap: str, records: list, per_second: float) -> None:
+    def __init__(
+        self, bootstrap: str, records: list, per_second: float, hold_after: int | None = None
+    ) -> None:
         self._bootstrap = bootstrap
         self._records = records
         self._interval = 1 / per_second
+        self._hold_after = hold_after
+        self._released = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.failures: list[str] = []
         self._thread.start()
@@ -212,12 +240,17 @@ class Trickle:
             if error is not None:
                 self.failures.append(str(error))
 
-        for topic, key, value, headers in self._records:
+        for sent, (topic, key, value, headers) in enumerate(self._records):
+            if sent == self._hold_after:
+                self._released.wait(600)
             producer.produce(topic, key=key, value=value, headers=headers, on_delivery=delivered)
             producer.poll(0)
             time.sleep(self._interval)
         if producer.flush(300) != 0:
             self.failures.append("not all jobs acknowledged")
+
+    def release(self) -> None:
+        self._released.set()
 
     @property
     def running(self) -> bool:

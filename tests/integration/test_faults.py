@@ -42,6 +42,15 @@ FAST = {
 IDLE_EXIT = ("--idle-exit", "20")
 
 
+@pytest.fixture
+def cleanup() -> Iterator[list[Deployment]]:
+    """Deployments whose worker processes are killed after the test, whatever its outcome."""
+    deployments: list[Deployment] = []
+    yield deployments
+    for deployment in deployments:
+        deployment.kill_workers()
+
+
 def assert_exactly_once(deployment: Deployment, jobs: list[dict]) -> None:
     committed = deployment.results()
     expected = {job["job_id"] for job in jobs}
@@ -67,8 +76,11 @@ def finish(deployment: Deployment, tmp_path: Path, name: str, **settings: str) -
     return log
 
 
-def test_kill_9_at_several_points_in_a_batch(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_kill_9_at_several_points_in_a_batch(
+    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+) -> None:
     deployment = deploy(kafka_bootstrap, tmp_path)
+    cleanup.append(deployment)
     jobs = mixed_jobs(480, seed=41, prefix="k9")
     produce(kafka_bootstrap, job_records(deployment, jobs))
     # The same instance each time, as a restarted pod: its first act fences the killed
@@ -87,14 +99,20 @@ def test_kill_9_at_several_points_in_a_batch(kafka_bootstrap: str, tmp_path: Pat
     assert_exactly_once(deployment, jobs)
 
 
-def test_one_worker_joins_and_another_leaves_mid_run(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_one_worker_joins_and_another_leaves_mid_run(
+    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+) -> None:
     deployment = deploy(kafka_bootstrap, tmp_path)
+    cleanup.append(deployment)
     jobs = mixed_jobs(600, seed=42, prefix="rb")
-    trickle = Trickle(kafka_bootstrap, job_records(deployment, jobs), per_second=4)
+    records = job_records(deployment, jobs)
+    trickle = Trickle(kafka_bootstrap, records, per_second=6, hold_after=300)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = deployment.start_worker(log_path=first_log, **FAST)
     wait_for_event(first, first_log, "transaction_committed", 3)
     second = deployment.start_worker(log_path=second_log, **FAST)
+    wait_for_event(second, second_log, "partitions_assigned", containing='"partitions": [["')
+    trickle.release()  # the second half of the jobs arrives with two workers in the group
     wait_for_event(second, second_log, "transaction_committed", 2)
     assert "partitions_revoked" in first_log.read_text(), "the join moved no partition"
     assert trickle.running, "jobs stopped arriving before the join; the test proves nothing"
@@ -119,11 +137,12 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_broker_stops_and_restarts_under_a_running_worker(
-    own_broker: tuple[str, Path], tmp_path: Path
+    own_broker: tuple[str, Path], tmp_path: Path, cleanup: list[Deployment]
 ) -> None:
     bootstrap, state = own_broker
     kafka_local = {**os.environ, "KAFKA_LOCAL_STATE": str(state)}
     deployment = deploy(bootstrap, tmp_path)
+    cleanup.append(deployment)
     jobs = mixed_jobs(360, seed=43, prefix="br")
     trickle = Trickle(bootstrap, job_records(deployment, jobs), per_second=6)
     log_path = tmp_path / "worker.log"
@@ -141,8 +160,11 @@ def test_broker_stops_and_restarts_under_a_running_worker(
     assert_exactly_once(deployment, jobs)
 
 
-def test_sigterm_during_a_batch_then_restart(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_sigterm_during_a_batch_then_restart(
+    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+) -> None:
     deployment = deploy(kafka_bootstrap, tmp_path)
+    cleanup.append(deployment)
     jobs = mixed_jobs(360, seed=44, prefix="st")
     produce(kafka_bootstrap, job_records(deployment, jobs))
     outcomes = []
@@ -166,8 +188,11 @@ def test_sigterm_during_a_batch_then_restart(kafka_bootstrap: str, tmp_path: Pat
     assert_exactly_once(deployment, jobs)
 
 
-def test_engine_core_killed_mid_batch_is_restarted(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_engine_core_killed_mid_batch_is_restarted(
+    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+) -> None:
     deployment = deploy(kafka_bootstrap, tmp_path)
+    cleanup.append(deployment)
     jobs = mixed_jobs(240, seed=45, prefix="ec")
     produce(kafka_bootstrap, job_records(deployment, jobs))
     log_path = tmp_path / "worker.log"
@@ -185,8 +210,11 @@ def test_engine_core_killed_mid_batch_is_restarted(kafka_bootstrap: str, tmp_pat
     assert deployment.read(deployment.dlq_topics) == []
 
 
-def test_a_job_that_kills_the_engine_is_isolated(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_a_job_that_kills_the_engine_is_isolated(
+    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+) -> None:
     deployment = deploy(kafka_bootstrap, tmp_path)
+    cleanup.append(deployment)
     marker = "crash-the-engine-now"
     jobs = mixed_jobs(60, seed=46, prefix="px")
     poison = {"job_id": "poison", "task": "reply", "input": f"hello {marker} please"}
