@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from rich.table import Table
 from workers.batching import AdapterBatcher
 from workers.config import PipelineConfig
 from workers.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage
+from workers.engine_guard import run_isolating_crashes
 from workers.errors import JobRejected
 from workers.jobfiles import count_rows, read_rows
 from workers.parquet_sink import ParquetDatasetWriter, existing_job_ids
@@ -71,10 +73,14 @@ class BulkRunner:
         rows_per_file: int,
         default_task: str | None = None,
         row_group_size: int = 10_000,
+        restart_engine: Callable[[], None] | None = None,
+        crash_attempts: int = 2,
     ) -> None:
         self._pipelines = pipelines
         self._preparer = preparer
         self._processor = processor
+        self._restart_engine = restart_engine
+        self._crash_attempts = crash_attempts
         self._batcher = batcher
         self._output_dir = output_dir
         self._writers: dict[str, ParquetDatasetWriter] = {}
@@ -153,14 +159,30 @@ class BulkRunner:
         return task
 
     def _run_batch(self, batch: list[PreparedJob]) -> int:
-        outcome = self._processor.run(batch)
-        for retry in outcome.retries:
-            self._batcher.add(retry)
-        for job, result in outcome.results:
-            self._keep(job.source.offset, result)
-        self.summary.output_tokens += outcome.output_tokens
+        if self._restart_engine is None:
+            outcomes, crashed = [self._processor.run(batch)], []
+        else:
+            # As in the worker: a dead engine is restarted and the batch bisected; a row that
+            # kills the engine on its own becomes an engine_crash error row.
+            guarded = run_isolating_crashes(
+                batch, self._processor.run, self._restart_engine, self._crash_attempts
+            )
+            outcomes, crashed = guarded.outcomes, guarded.crashed
+        finished = len(crashed)
+        for outcome in outcomes:
+            for retry in outcome.retries:
+                self._batcher.add(retry)
+            for job, result in outcome.results:
+                self._keep(job.source.offset, result)
+            self.summary.output_tokens += outcome.output_tokens
+            finished += len(outcome.results)
+        for job in crashed:
+            rejection = JobRejected("engine_crash", "the engine died running this row alone")
+            self._keep(
+                job.source.offset, self._error_result(job.job.job_id, job.pipeline.task, rejection)
+            )
         self._write(final=False)
-        return len(outcome.results)
+        return finished
 
     def _keep(self, row: int, result: Result) -> None:
         self._pending[result.task].append((row, result))

@@ -62,6 +62,10 @@ class Serving:
     preparer: JobPreparer
     batcher: AdapterBatcher[PreparedJob]
 
+    def restart_engine(self) -> None:
+        self.engine.restart()
+        self.cache.refresh()
+
 
 def start_serving(
     settings: Settings,
@@ -204,6 +208,8 @@ def run_bulk(
             rows_per_file=rows_per_file,
             default_task=task,
             row_group_size=row_group_size,
+            restart_engine=serving.restart_engine,
+            crash_attempts=settings.engine.crash_attempts,
         )
         return runner.run(input_path)
     finally:

@@ -81,7 +81,7 @@ class _InFlight:
     revoked: set[TopicPartitionKey] = field(default_factory=set)
 
     def still_ours(self, job: PreparedJob) -> bool:
-        return (job.source.topic, job.source.partition) not in self.revoked
+        return _partition_of(job) not in self.revoked
 
 
 def _partition_of(job: PreparedJob) -> TopicPartitionKey:
