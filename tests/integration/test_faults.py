@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,19 @@ def assert_exactly_once(deployment: Deployment, jobs: list[dict]) -> None:
     everything = read_to_end(deployment.bootstrap, topics, isolation="read_uncommitted")
     uncommitted = sum(1 for _ in everything)
     print(f"\n{len(jobs)} jobs, {len(committed)} committed results, {uncommitted} written in all")
+
+
+def log_events(log: str) -> list[dict]:
+    """The worker's own JSON log lines (vLLM's processes write plain text into the same file)."""
+    events = []
+    for line in log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+    return events
 
 
 def finish(deployment: Deployment, tmp_path: Path, name: str, **settings: str) -> str:
@@ -177,11 +191,7 @@ def test_sigterm_during_a_batch_then_restart(
         wait_for_event(worker, log_path, "batch_started", 3)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
-        stopped = [
-            json.loads(line)
-            for line in log_path.read_text().splitlines()
-            if '"event": "worker_stopped"' in line
-        ]
+        stopped = [e for e in log_events(log_path.read_text()) if e["event"] == "worker_stopped"]
         outcomes.append(stopped[0]["abandoned"])
     assert outcomes[0] == 0, "the graceful stop abandoned its batch"
     finish(deployment, tmp_path, "last")
@@ -225,8 +235,22 @@ def test_a_job_that_kills_the_engine_is_isolated(
         "worker",
         LORA_WORKERS_BATCHING__MAX_BATCH_SIZE="4",
         LORA_WORKERS_ENGINE__FAULT_INJECTION_CRASH_MARKER=marker,
+        # The isolation (several engine restarts) keeps one batch on the engine thread far
+        # longer than this; a worker that stopped polling meanwhile would be thrown out.
+        LORA_WORKERS_KAFKA=json.dumps(
+            {"session.timeout.ms": "6000", "max.poll.interval.ms": "15000"}
+        ),
     )
     assert_exactly_once(deployment, jobs)
+    events = log_events(log)
+    crash_times = [
+        datetime.fromisoformat(e["timestamp"])
+        for e in events
+        if e["event"] in ("engine_died", "engine_restarted")
+    ]
+    assert (crash_times[-1] - crash_times[0]).total_seconds() > 15
+    assert not [e for e in events if e["event"] == "partitions_lost"]
+    assert sum(e["event"] == "partitions_revoked" for e in events) == 1  # only at exit
     dead = deployment.read(deployment.dlq_topics)
     assert [m.key() for m in dead] == [b"poison"]
     assert dict(dead[0].headers())[DLQ_ERROR_CODE] == b"engine_crash"
