@@ -11,6 +11,8 @@ from confluent_kafka import KafkaError, Message, Producer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from workers.sinks import produce_waiting_for_room
+
 
 @dataclass
 class PublishReport:
@@ -64,12 +66,7 @@ def publish_rows(
         for value in rows:
             key = job_key(value)
             report.unkeyed += key is None
-            while True:
-                try:
-                    producer.produce(topic, key=key, value=value, on_delivery=delivered)
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            produce_waiting_for_room(producer, topic, key=key, value=value, on_delivery=delivered)
             producer.poll(0)
             progress.advance(bar)
     remaining = producer.flush(60)

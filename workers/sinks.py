@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
@@ -89,20 +89,20 @@ class ResultSink(Protocol):
     def close(self) -> None: ...
 
 
-def produce_waiting_for_room(producer: Producer, record: OutputRecord, **kwargs: object) -> None:
+def produce_waiting_for_room(producer: Producer, topic: str, **fields: Any) -> None:
     while True:
         try:
-            producer.produce(
-                record.topic,
-                key=record.key,
-                value=record.value,
-                headers=record.headers,
-                **kwargs,
-            )
+            producer.produce(topic, **fields)
             return
         except BufferError:
             # Local queue full: serve delivery reports until there is room again.
             producer.poll(0.1)
+
+
+def produce_record(producer: Producer, record: OutputRecord, **fields: Any) -> None:
+    produce_waiting_for_room(
+        producer, record.topic, key=record.key, value=record.value, headers=record.headers, **fields
+    )
 
 
 class KafkaSink:
@@ -138,7 +138,7 @@ class KafkaSink:
                     (time.monotonic() + RETRY_BACKOFF_S, position, record, on_done)
                 )
 
-        produce_waiting_for_room(self._producer, record, on_delivery=delivered)
+        produce_record(self._producer, record, on_delivery=delivered)
         self._producer.poll(0)
 
     def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:

@@ -24,7 +24,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from workers import metrics
 from workers.offsets import TopicPartitionKey
-from workers.sinks import OnDone, OutputRecord, Position, produce_waiting_for_room
+from workers.sinks import OnDone, OutputRecord, Position, produce_record
 from workers.source import KafkaJobSource, to_topic_partitions
 
 log = structlog.get_logger(__name__)
@@ -94,7 +94,7 @@ class TransactionalKafkaSink:
             producer = self._ready_producer()
             producer.begin_transaction()
             for record in records:
-                produce_waiting_for_room(producer, record)
+                produce_record(producer, record)
             offsets = to_topic_partitions(positions)
             group = source.group_metadata()
             if not _returns_within(

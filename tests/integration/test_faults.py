@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -43,13 +43,28 @@ FAST = {
 IDLE_EXIT = ("--idle-exit", "20")
 
 
+DeployFn = Callable[[str], Deployment]
+
+
 @pytest.fixture
-def cleanup() -> Iterator[list[Deployment]]:
-    """Deployments whose worker processes are killed after the test, whatever its outcome."""
+def make_deployment(tmp_path: Path) -> Iterator[DeployFn]:
+    """`deploy` on a given broker; the deployments' worker processes are killed after the test,
+    whatever its outcome."""
     deployments: list[Deployment] = []
-    yield deployments
+
+    def make(bootstrap: str) -> Deployment:
+        deployments.append(deploy(bootstrap, tmp_path))
+        return deployments[-1]
+
+    yield make
     for deployment in deployments:
         deployment.kill_workers()
+
+
+def publish_jobs(deployment: Deployment, count: int, seed: int, prefix: str) -> list[dict]:
+    jobs = mixed_jobs(count, seed=seed, prefix=prefix)
+    produce(deployment.bootstrap, job_records(deployment, jobs))
+    return jobs
 
 
 def assert_exactly_once(deployment: Deployment, jobs: list[dict]) -> None:
@@ -91,12 +106,10 @@ def finish(deployment: Deployment, tmp_path: Path, name: str, **settings: str) -
 
 
 def test_kill_9_at_several_points_in_a_batch(
-    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
-    deployment = deploy(kafka_bootstrap, tmp_path)
-    cleanup.append(deployment)
-    jobs = mixed_jobs(480, seed=41, prefix="k9")
-    produce(kafka_bootstrap, job_records(deployment, jobs))
+    deployment = make_deployment(kafka_bootstrap)
+    jobs = publish_jobs(deployment, 480, seed=41, prefix="k9")
     # The same instance each time, as a restarted pod: its first act fences the killed
     # predecessor's open transaction, and static membership gives its partitions straight back.
     same_replica = {**FAST, "LORA_WORKERS_INSTANCE_ID": "replica-0"}
@@ -114,10 +127,9 @@ def test_kill_9_at_several_points_in_a_batch(
 
 
 def test_one_worker_joins_and_another_leaves_mid_run(
-    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
-    deployment = deploy(kafka_bootstrap, tmp_path)
-    cleanup.append(deployment)
+    deployment = make_deployment(kafka_bootstrap)
     jobs = mixed_jobs(600, seed=42, prefix="rb")
     records = job_records(deployment, jobs)
     trickle = Trickle(kafka_bootstrap, records, per_second=6, hold_after=300)
@@ -151,12 +163,11 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_broker_stops_and_restarts_under_a_running_worker(
-    own_broker: tuple[str, Path], tmp_path: Path, cleanup: list[Deployment]
+    own_broker: tuple[str, Path], tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     bootstrap, state = own_broker
     kafka_local = {**os.environ, "KAFKA_LOCAL_STATE": str(state)}
-    deployment = deploy(bootstrap, tmp_path)
-    cleanup.append(deployment)
+    deployment = make_deployment(bootstrap)
     jobs = mixed_jobs(360, seed=43, prefix="br")
     trickle = Trickle(bootstrap, job_records(deployment, jobs), per_second=6)
     log_path = tmp_path / "worker.log"
@@ -175,12 +186,10 @@ def test_broker_stops_and_restarts_under_a_running_worker(
 
 
 def test_sigterm_during_a_batch_then_restart(
-    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
-    deployment = deploy(kafka_bootstrap, tmp_path)
-    cleanup.append(deployment)
-    jobs = mixed_jobs(360, seed=44, prefix="st")
-    produce(kafka_bootstrap, job_records(deployment, jobs))
+    deployment = make_deployment(kafka_bootstrap)
+    jobs = publish_jobs(deployment, 360, seed=44, prefix="st")
     outcomes = []
     # Within the deadline the batch completes and commits; with no deadline it is abandoned.
     for name, deadline in [("graceful", "30"), ("no-deadline", "0")]:
@@ -199,12 +208,10 @@ def test_sigterm_during_a_batch_then_restart(
 
 
 def test_engine_core_killed_mid_batch_is_restarted(
-    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
-    deployment = deploy(kafka_bootstrap, tmp_path)
-    cleanup.append(deployment)
-    jobs = mixed_jobs(240, seed=45, prefix="ec")
-    produce(kafka_bootstrap, job_records(deployment, jobs))
+    deployment = make_deployment(kafka_bootstrap)
+    jobs = publish_jobs(deployment, 240, seed=45, prefix="ec")
     log_path = tmp_path / "worker.log"
     worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **FAST)
     wait_for_event(worker, log_path, "batch_started", 2)
@@ -221,10 +228,9 @@ def test_engine_core_killed_mid_batch_is_restarted(
 
 
 def test_a_job_that_kills_the_engine_is_isolated(
-    kafka_bootstrap: str, tmp_path: Path, cleanup: list[Deployment]
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
-    deployment = deploy(kafka_bootstrap, tmp_path)
-    cleanup.append(deployment)
+    deployment = make_deployment(kafka_bootstrap)
     marker = "crash-the-engine-now"
     jobs = mixed_jobs(60, seed=46, prefix="px")
     poison = {"job_id": "poison", "task": "reply", "input": f"hello {marker} please"}
