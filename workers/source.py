@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 
 log = structlog.get_logger(__name__)
 
@@ -121,6 +121,22 @@ class KafkaJobSource:
                 continue
             decoded.append(SourceMessage.from_kafka(message))
         return decoded
+
+    def fetch_pending(self) -> bool:
+        """True while an assigned partition has not started fetching.
+
+        A new owner cannot fetch until the group's committed offset for the partition is stable;
+        a killed worker's open transaction holds it back up to `transaction.timeout.ms`. The
+        cached high watermark stays unknown until the partition's first fetch response.
+        """
+        for partition in self._consumer.assignment():
+            try:
+                _, high = self._consumer.get_watermark_offsets(partition, cached=True)
+            except KafkaException:
+                return True
+            if high == OFFSET_INVALID:
+                return True
+        return False
 
     def commit(self, positions: dict[tuple[str, int], int]) -> bool:
         """Commit outside a transaction (at-least-once); False when it did not happen."""

@@ -145,7 +145,9 @@ class Worker:
             while not self._should_stop(limits):
                 messages = self._consume()
                 now = time.monotonic()
-                if messages or self._busy():
+                # Waiting for a partition's committed offset is not idleness: its jobs are
+                # still to come.
+                if messages or self._busy() or self.source.fetch_pending():
                     last_activity = now
                 for message in messages:
                     self._accept(message)

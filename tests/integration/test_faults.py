@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -96,10 +97,14 @@ def log_events(log: str) -> list[dict]:
     return events
 
 
-def finish(deployment: Deployment, tmp_path: Path, name: str, **settings: str) -> str:
+def finish(
+    deployment: Deployment, tmp_path: Path, name: str, idle_exit_s: str = "20", **settings: str
+) -> str:
     """A last worker that serves what is left and exits once idle."""
     log_path = tmp_path / f"{name}.log"
-    code = deployment.run_worker(*IDLE_EXIT, log_path=log_path, settings={**FAST, **settings})
+    code = deployment.run_worker(
+        "--idle-exit", idle_exit_s, log_path=log_path, settings={**FAST, **settings}
+    )
     log = log_path.read_text(errors="replace")
     assert code == 0, log[-3000:]
     return log
@@ -124,6 +129,57 @@ def test_kill_9_at_several_points_in_a_batch(
         worker.wait(timeout=60)
     finish(deployment, tmp_path, "last", LORA_WORKERS_INSTANCE_ID="replica-0")
     assert_exactly_once(deployment, jobs)
+
+
+# A worker killed inside its commit, reduced to what matters: a transaction holding the group's
+# offsets, never ended.
+ABANDON_OPEN_TRANSACTION = """
+import os, sys, uuid
+from confluent_kafka import Consumer, Producer, TopicPartition
+bootstrap, group, timeout_ms, *topics = sys.argv[1:]
+consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+consumer.subscribe(topics)
+while not consumer.assignment():
+    consumer.poll(0.2)
+producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": uuid.uuid4().hex,
+                     "transaction.timeout.ms": int(timeout_ms)})
+producer.init_transactions()
+producer.begin_transaction()
+positions = [TopicPartition(t, p, 0) for t in topics for p in range(3)]
+producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata())
+consumer.close()
+os._exit(0)
+"""
+
+
+def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
+) -> None:
+    deployment = make_deployment(kafka_bootstrap)
+    jobs = publish_jobs(deployment, 60, seed=47, prefix="ot")
+    inputs = [p.input_topic for p in deployment.pipelines.values()]
+    timeout_ms = 60000  # outlasts the engine start-up below
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ABANDON_OPEN_TRANSACTION,
+            kafka_bootstrap,
+            deployment.group_id,
+            str(timeout_ms),
+            *inputs,
+        ],
+        check=True,
+        timeout=120,
+    )
+    # No instance_id, so nothing fences that transaction: the group's offsets stay unstable,
+    # and fetching waits, until the broker aborts it. That wait is not idleness.
+    log = finish(deployment, tmp_path, "worker", idle_exit_s="5")
+    assert_exactly_once(deployment, jobs)
+    events = {e["event"]: datetime.fromisoformat(e["timestamp"]) for e in log_events(log)[::-1]}
+    held_back = (events["batch_started"] - events["partitions_assigned"]).total_seconds()
+    print(f"first batch {held_back:.1f} s after the assignment")
+    assert held_back > 5, "the transaction did not hold the partitions; the test proves nothing"
 
 
 def test_one_worker_joins_and_another_leaves_mid_run(
