@@ -69,7 +69,13 @@ def copy_adapters(
 
 def worker_env(model: Path, adapters_dir: Path, scratch: Path) -> dict[str, str]:
     """Environment for a `python -m workers` command serving `model` and the four adapters in
-    `adapters_dir`: a catalog in `scratch` (absolute paths) and allowed roots that admit it."""
+    `adapters_dir`."""
+    return {**os.environ, **worker_settings(model, adapters_dir, scratch)}
+
+
+def worker_settings(model: Path, adapters_dir: Path, scratch: Path) -> dict[str, str]:
+    """The settings for serving `model` and the four adapters in `adapters_dir`: a catalog in
+    `scratch` (absolute paths) and allowed roots that admit it."""
     catalog = scratch / "catalog.yaml"
     lines = [f"base_model: {model.name}", "adapters:"]
     for source in TASK_OF:
@@ -78,7 +84,6 @@ def worker_env(model: Path, adapters_dir: Path, scratch: Path) -> dict[str, str]
     catalog.write_text("\n".join(lines) + "\n")
     roots = [str(ZOO.resolve()), str(adapters_dir.resolve())]
     return {
-        **os.environ,
         "LORA_WORKERS_ENGINE__MODEL": str(model.resolve()),
         "LORA_WORKERS_CATALOG": str(catalog),
         "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps(roots),

@@ -30,16 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import PROMPT, TASK_OF, ZOO, percentile, worker_env, zoo_inputs, zoo_jobs
+from common import PROMPT, TASK_OF, ZOO, percentile, worker_settings, zoo_inputs, zoo_jobs
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from tests.broker import kafka_broker
-from tests.integration.harness import job_record, produce
+from tests.integration.harness import deploy, job_record, produce
 from workers.config import Settings, load_pipelines
 from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
 from workers.logs import configure_logging
 
-TASKS = sorted(set(TASK_OF.values()))
 WAIT_S = 600  # for any one phase's results; the whole benchmark must fit in 20 minutes
 
 
@@ -78,7 +77,7 @@ class ResultCollector(threading.Thread):
     """Every message of the result and dead-letter topics, by job id (the key), with the time it
     reached this process. read_committed: a result counts once a reader could act on it."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
         super().__init__(daemon=True)
         self.results: dict[str, tuple[float, dict]] = {}
         self.dead: set[str] = set()
@@ -92,7 +91,6 @@ class ResultCollector(threading.Thread):
             },
             logger=None,
         )
-        topics = [f"results.{t}" for t in TASKS] + [f"jobs.{t}.dlq" for t in TASKS]
         metadata = self._consumer.list_topics(timeout=30)
         self._consumer.assign(
             [
@@ -129,7 +127,9 @@ class ResultCollector(threading.Thread):
         self._consumer.close()
 
 
-def publish_steadily(bootstrap: str, jobs: list[dict], rate: float) -> dict[str, float]:
+def publish_steadily(
+    bootstrap: str, jobs: list[dict], rate: float, topic_of: dict[str, str]
+) -> dict[str, float]:
     """Publish at `rate` jobs/s on a fixed schedule (no catching up in bursts beyond it);
     returns each job's publish time (also its Kafka timestamp)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "acks": "all"})
@@ -140,7 +140,7 @@ def publish_steadily(bootstrap: str, jobs: list[dict], rate: float) -> dict[str,
         if delay > 0:
             time.sleep(delay)
         at = time.time()
-        topic, key, value, _ = job_record(f"jobs.{job['task']}", job)
+        topic, key, value, _ = job_record(topic_of[job["task"]], job)
         producer.produce(topic, key=key, value=value, timestamp=int(at * 1000))
         producer.poll(0)
         published[job["job_id"]] = at
@@ -167,18 +167,25 @@ def measure_pipeline(
     engine = VllmEngine(Settings().engine.model_copy(update={"model": model}))
     try:
         raw = _raw_requests(engine, adapters_dir, pairs, tokens)
-        env = worker_env(model, adapters_dir, scratch)
-        # The tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container, or ops/kafka-local.
+        # The tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container, or ops/kafka-local. Topics
+        # and group are this run's own, so a long-lived broker's earlier runs do not count.
         with kafka_broker(scratch / "kafka") as (bootstrap, broker):
-            env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            cli = [sys.executable, "-m", "workers"]
-            subprocess.run([*cli, "topics", "create"], env=env, check=True, capture_output=True)
-            collector = ResultCollector(bootstrap)
+            (scratch / "deployment").mkdir()
+            deployment = deploy(bootstrap, scratch / "deployment")
+            env = deployment.env(**worker_settings(model, adapters_dir, scratch))
+            topic_of = {task: p.input_topic for task, p in deployment.pipelines.items()}
+
+            def records(jobs: list[dict]) -> list:
+                return [job_record(topic_of[j["task"]], j) for j in jobs]
+
+            outputs = [p.result_topic for p in deployment.pipelines.values()]
+            collector = ResultCollector(bootstrap, outputs + deployment.dlq_topics)
             collector.start()
+            cli = [sys.executable, "-m", "workers"]
             figures = PipelineFigures(jobs=jobs_count, broker=broker)
             # The first load waits in Kafka before the worker starts (start-up not timed).
             first = zoo_jobs(pairs, tokens, prefix="p0-")
-            produce(bootstrap, [job_record(f"jobs.{j['task']}", j) for j in first])
+            produce(bootstrap, records(first))
             with tempfile.TemporaryFile() as log:
                 worker = subprocess.Popen(
                     [*cli, "run", "--idle-exit", "600"], stdout=log, stderr=log, env=env
@@ -187,7 +194,7 @@ def measure_pipeline(
                     for run in range(repeats):
                         jobs = first if run == 0 else zoo_jobs(pairs, tokens, prefix=f"p{run}-")
                         if run > 0:
-                            produce(bootstrap, [job_record(f"jobs.{j['task']}", j) for j in jobs])
+                            produce(bootstrap, records(jobs))
                         figures.pipeline_runs.append(_pipeline_run(collector, worker, jobs))
                         if run == 0 and alongside is not None:
                             figures.alongside = alongside()
@@ -201,7 +208,7 @@ def measure_pipeline(
                         )
                         figures.latency[load] = (
                             rate,
-                            _latencies(bootstrap, collector, worker, steady, rate),
+                            _latencies(bootstrap, collector, worker, steady, rate, topic_of),
                         )
                     figures.dead_letters = len(collector.dead)
                 except BaseException:
@@ -237,8 +244,9 @@ def _latencies(
     worker: subprocess.Popen,
     jobs: list[dict],
     rate: float,
+    topic_of: dict[str, str],
 ) -> list[float]:
-    published = publish_steadily(bootstrap, jobs, rate)
+    published = publish_steadily(bootstrap, jobs, rate, topic_of)
     collector.wait_for(list(published), worker)
     return [
         (collector.results[j][0] - at) * 1000
