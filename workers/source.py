@@ -7,6 +7,7 @@ broker acknowledged them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class SourceMessage:
             timestamp_ms=timestamp,
         )
 
+
+WAITING_WARNING_S = 10.0
 
 PartitionsCallback = Callable[[list[tuple[str, int]]], None]
 
@@ -83,6 +86,8 @@ class KafkaJobSource:
             # Static membership: a restart within session.timeout.ms keeps the assignment.
             config["group.instance.id"] = instance_id
         self._handlers = handlers
+        self._waiting_since: float | None = None  # for fetch_pending's warning
+        self._waiting_reported = False
         self._consumer = Consumer(config, logger=None)
         self._consumer.subscribe(
             topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
@@ -129,14 +134,29 @@ class KafkaJobSource:
         a killed worker's open transaction holds it back up to `transaction.timeout.ms`. The
         cached high watermark stays unknown until the partition's first fetch response.
         """
-        for partition in self._consumer.assignment():
-            try:
-                _, high = self._consumer.get_watermark_offsets(partition, cached=True)
-            except KafkaException:
-                return True
-            if high == OFFSET_INVALID:
-                return True
-        return False
+        waiting = [tp for tp in self._consumer.assignment() if not self._fetching(tp)]
+        if not waiting:
+            self._waiting_since, self._waiting_reported = None, False
+            return False
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since >= WAITING_WARNING_S and not self._waiting_reported:
+            self._waiting_reported = True
+            log.warning(
+                "partitions_waiting_for_offsets",
+                partitions=self._keys(waiting),
+                waited_s=round(now - self._waiting_since),
+                likely_cause="a killed worker's open transaction, until transaction.timeout.ms",
+            )
+        return True
+
+    def _fetching(self, partition: TopicPartition) -> bool:
+        try:
+            _, high = self._consumer.get_watermark_offsets(partition, cached=True)
+        except KafkaException:
+            return False
+        return high != OFFSET_INVALID
 
     def commit(self, positions: dict[tuple[str, int], int]) -> bool:
         """Commit outside a transaction (at-least-once); False when it did not happen."""

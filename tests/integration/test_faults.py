@@ -180,6 +180,7 @@ def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
     held_back = (events["batch_started"] - events["partitions_assigned"]).total_seconds()
     print(f"first batch {held_back:.1f} s after the assignment")
     assert held_back > 5, "the transaction did not hold the partitions; the test proves nothing"
+    assert "partitions_waiting_for_offsets" in events  # the operator is told why
 
 
 def test_one_worker_joins_and_another_leaves_mid_run(
