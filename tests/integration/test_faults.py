@@ -158,7 +158,7 @@ def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 60, seed=47, prefix="ot")
     inputs = [p.input_topic for p in deployment.pipelines.values()]
-    timeout_ms = 60000  # outlasts the engine start-up below
+    timeout_ms = 90000  # outlasts the engine start-up below, even on a loaded machine
     subprocess.run(
         [
             sys.executable,
