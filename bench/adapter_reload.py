@@ -27,6 +27,7 @@ from common import ROOT, percentile
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 from tests.broker import kafka_broker
+from tests.integration.harness import deploy
 from workers.adapter_admin import publish_version
 from workers.config import Settings
 from workers.logs import configure_logging
@@ -52,20 +53,20 @@ def main() -> None:
     kafka_state = scratch / "kafka"
     broker = ExitStack()  # the tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container or kafka-local
     bootstrap, _ = broker.enter_context(kafka_broker(kafka_state))
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps([str(ROOT / "models"), str(scratch)]),
-    }
+    # Topics (the compacted updates topic too) and group of this run's own: a long-lived
+    # broker's earlier runs are not replayed.
+    (scratch / "deployment").mkdir()
+    deployment = deploy(bootstrap, scratch / "deployment")
+    env = deployment.env()
     os.environ.update(env)
+    reply = deployment.pipelines["reply"]
     worker = None
     clients: list[Consumer] = []
     try:
         cli = [sys.executable, "-m", "workers"]
-        subprocess.run([*cli, "topics", "create"], env=env, check=True, capture_output=True)
         settings = Settings()
         status = tail_consumer(bootstrap, settings.adapters.status_topic)
-        results = tail_consumer(bootstrap, "results.reply")
+        results = tail_consumer(bootstrap, reply.result_topic)
         clients += [status, results]
         log = (scratch / "worker.log").open("w")
         worker = subprocess.Popen([*cli, "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -78,7 +79,7 @@ def main() -> None:
                 "tenant": TENANT,
                 "input": "Hi, this is Ana. I have a question about my invoice.",
             }
-            producer.produce("jobs.reply", key=job["job_id"].encode(), value=json.dumps(job))
+            producer.produce(reply.input_topic, key=job["job_id"].encode(), value=json.dumps(job))
             producer.poll(0)
 
         # Wait until the worker serves: its first result for the adapter.
@@ -94,7 +95,7 @@ def main() -> None:
         for i in range(args.updates):
             version = f"bench-{i}"
             weights = ["partner-tone", "customer-tone"][i % 2]
-            path = scratch / version
+            path = deployment.adapter_root / version
             shutil.copytree(ROOT / "models" / "adapters" / weights, path)
             publish_version(
                 settings,

@@ -400,7 +400,11 @@ def chart(rows: list[Row], targets: list[Target], path: Path) -> None:
     # Each target as measured / required, so 1.0 is the line to reach (inverted for "at most").
     shares = [t.required / t.measured if t.at_most else t.measured / t.required for t in targets]
     colours = ["#55a868" if t.met else "#c44e52" for t in targets]
-    goals.barh([t.name for t in targets], shares, color=colours)
+    # Bars stop at 2 so one far-met target does not flatten the rest; the labels say the value.
+    goals.barh([t.name for t in targets], [min(v, 2.0) for v in shares], color=colours)
+    for row, value in enumerate(shares):
+        goals.text(min(value, 2.0) + 0.03, row, f"{value:.2f}", va="center", fontsize=8)
+    goals.set_xlim(0, 2.3)
     goals.axvline(1.0, color="black", linewidth=1)
     goals.set_title("Targets: measured / required (≥ 1 is met)")
     sw = [r for r in rows if r.section == "switching"]
