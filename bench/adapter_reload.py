@@ -126,6 +126,7 @@ def main() -> None:
             if status_at is not None:
                 to_status.append((status_at - started) * 1000)
             to_first_result.append((first_at - started) * 1000)
+        producer.flush(10)
     finally:
         if worker is not None:
             worker.terminate()
