@@ -41,7 +41,8 @@ FAST = {
     "LORA_WORKERS_BATCHING__LINGER_MS": "50",
     "LORA_WORKERS_KAFKA": json.dumps({"session.timeout.ms": "6000"}),
 }
-IDLE_EXIT = ("--idle-exit", "20")
+IDLE_EXIT_S = "20"
+IDLE_EXIT = ("--idle-exit", IDLE_EXIT_S)
 
 
 DeployFn = Callable[[str], Deployment]
@@ -98,7 +99,11 @@ def log_events(log: str) -> list[dict]:
 
 
 def finish(
-    deployment: Deployment, tmp_path: Path, name: str, idle_exit_s: str = "20", **settings: str
+    deployment: Deployment,
+    tmp_path: Path,
+    name: str,
+    idle_exit_s: str = IDLE_EXIT_S,
+    **settings: str,
 ) -> str:
     """A last worker that serves what is left and exits once idle."""
     log_path = tmp_path / f"{name}.log"
