@@ -71,9 +71,9 @@ class BulkRunner:
         batcher: AdapterBatcher[PreparedJob],
         output_dir: Path,
         rows_per_file: int,
+        restart_engine: Callable[[], None],
         default_task: str | None = None,
         row_group_size: int = 10_000,
-        restart_engine: Callable[[], None] | None = None,
         crash_attempts: int = 2,
     ) -> None:
         self._pipelines = pipelines
@@ -159,24 +159,20 @@ class BulkRunner:
         return task
 
     def _run_batch(self, batch: list[PreparedJob]) -> int:
-        if self._restart_engine is None:
-            outcomes, crashed = [self._processor.run(batch)], []
-        else:
-            # As in the worker: a dead engine is restarted and the batch bisected; a row that
-            # kills the engine on its own becomes an engine_crash error row.
-            guarded = run_isolating_crashes(
-                batch, self._processor.run, self._restart_engine, self._crash_attempts
-            )
-            outcomes, crashed = guarded.outcomes, guarded.crashed
-        finished = len(crashed)
-        for outcome in outcomes:
+        # As in the worker: a dead engine is restarted and the batch bisected; a row that kills
+        # the engine on its own becomes an engine_crash error row.
+        guarded = run_isolating_crashes(
+            batch, self._processor.run, self._restart_engine, self._crash_attempts
+        )
+        finished = len(guarded.crashed)
+        for outcome in guarded.outcomes:
             for retry in outcome.retries:
                 self._batcher.add(retry)
             for job, result in outcome.results:
                 self._keep(job.source.offset, result)
             self.summary.output_tokens += outcome.output_tokens
             finished += len(outcome.results)
-        for job in crashed:
+        for job in guarded.crashed:
             rejection = JobRejected("engine_crash", "the engine died running this row alone")
             self._keep(
                 job.source.offset, self._error_result(job.job.job_id, job.pipeline.task, rejection)

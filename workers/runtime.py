@@ -168,6 +168,7 @@ def run_worker(
                 instance_id=settings.instance_id,
             ),
             sink=sink,
+            restart_engine=serving.restart_engine,
         )
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:

@@ -14,7 +14,6 @@ re-generated and the consumer need not rewind.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,6 +25,7 @@ from workers import metrics
 from workers.offsets import TopicPartitionKey
 from workers.sinks import OnDone, OutputRecord, Position, produce_record
 from workers.source import KafkaJobSource, to_topic_partitions
+from workers.threads import on_daemon_thread
 
 log = structlog.get_logger(__name__)
 
@@ -97,10 +97,13 @@ class TransactionalKafkaSink:
                 produce_record(producer, record)
             offsets = to_topic_partitions(positions)
             group = source.group_metadata()
-            if not _returns_within(
+            sent = on_daemon_thread(
                 lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S),
-                SEND_OFFSETS_DEADLINE_S,
-            ):
+                name="send-offsets",
+            )
+            try:
+                sent.result(timeout=SEND_OFFSETS_DEADLINE_S)  # its KafkaException raises here
+            except TimeoutError:
                 self._abandon_producer()
                 return False
             self._retrying(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
@@ -174,25 +177,3 @@ class TransactionalKafkaSink:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.flush(CALL_TIMEOUT_S)
-
-
-def _returns_within(call: Callable[[], object], deadline_s: float) -> bool:
-    """Run `call` on a daemon thread; False if it has not returned by the deadline. Its
-    exception, if any, is raised here."""
-    done = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True, name="send-offsets").start()
-    if not done.wait(deadline_s):
-        return False
-    if failure:
-        raise failure[0]
-    return True

@@ -14,7 +14,6 @@ answers below a commit and the commit are one transaction (`transactions.py`).
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from workers.prepare import JobPreparer, PreparedJob
 from workers.processing import BatchOutcome, BatchProcessor
 from workers.sinks import ResultSink, dead_letter_record, result_record
 from workers.source import KafkaJobSource, RebalanceHandlers, SourceMessage
+from workers.threads import on_daemon_thread
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +101,7 @@ class Worker:
         batcher: AdapterBatcher[PreparedJob],
         source_factory: Callable[[RebalanceHandlers], KafkaJobSource],
         sink: ResultSink,
+        restart_engine: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.pipelines = pipelines
@@ -110,6 +111,7 @@ class Worker:
         self.updates = updates
         self.cache = cache
         self.batcher = batcher
+        self._restart_engine = restart_engine  # with the same adapters; the cache re-read
         self.processor = BatchProcessor(engine, cache, pipelines)
         self.parquet = ParquetResults(pipelines)
         self._awaiting: dict[tuple[str, int, int], _Awaiting] = {}
@@ -275,29 +277,16 @@ class Worker:
     # --- generate (engine thread), validate, write ------------------------------------------
 
     def _start_batch(self, batch: list[PreparedJob]) -> None:
-        future: Future[Guarded[PreparedJob, BatchOutcome]] = Future()
-
-        def generate() -> None:
-            try:
-                future.set_result(
-                    run_isolating_crashes(
-                        batch,
-                        self.processor.run,
-                        self._restart_engine,
-                        self.settings.engine.crash_attempts,
-                    )
-                )
-            except BaseException as exc:  # handed to the worker thread, which re-raises it
-                future.set_exception(exc)
-
-        self._inflight = _InFlight(batch, future)
         log.info("batch_started", jobs=len(batch), adapters=len({j.adapter_key for j in batch}))
         # A daemon thread: a shutdown past its deadline must not wait for generate() to return.
-        threading.Thread(target=generate, name="engine", daemon=True).start()
-
-    def _restart_engine(self) -> None:
-        self.engine.restart()
-        self.cache.refresh()
+        # Errors reach the worker thread through the future, which re-raises them.
+        future = on_daemon_thread(
+            lambda: run_isolating_crashes(
+                batch, self.processor.run, self._restart_engine, self.settings.engine.crash_attempts
+            ),
+            name="engine",
+        )
+        self._inflight = _InFlight(batch, future)
 
     def _collect_batch(self) -> None:
         inflight = self._inflight
