@@ -28,8 +28,8 @@ from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 from tests.broker import kafka_broker
 from tests.integration.harness import deploy
-from workers.adapter_admin import publish_version
-from workers.config import Settings
+from workers.adapters.admin import publish_version
+from workers.core.config import Settings
 from workers.logs import configure_logging
 
 ADAPTER = "customer-tone"

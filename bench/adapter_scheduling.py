@@ -23,10 +23,11 @@ from pathlib import Path
 
 from common import PROMPT, TASK_OF, ZOO, copy_adapters, zoo_inputs
 
-from workers.adapter_cache import AdapterCache
-from workers.batching import AdapterBatcher, BatchPolicy
-from workers.config import EngineSettings
-from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
+from workers.adapters.cache import AdapterCache
+from workers.core.batching import AdapterBatcher, BatchPolicy
+from workers.core.config import EngineSettings
+from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
 

@@ -51,9 +51,10 @@ from common import (
 )
 from pipeline import PipelineFigures, measure_pipeline
 
-from workers.batching import BatchPolicy
-from workers.config import EngineSettings, Settings, load_pipelines
-from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
+from workers.core.batching import BatchPolicy
+from workers.core.config import EngineSettings, Settings, load_pipelines
+from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
 T = TypeVar("T")

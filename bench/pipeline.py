@@ -35,8 +35,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from tests.broker import kafka_broker
 from tests.integration.harness import deploy, job_record, produce
-from workers.config import Settings, load_pipelines
-from workers.engine import AdapterHandle, GenerationRequest, VllmEngine
+from workers.core.config import Settings, load_pipelines
+from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
 WAIT_S = 600  # for any one phase's results; the whole benchmark must fit in 20 minutes

@@ -16,8 +16,8 @@ from typing import Any, NoReturn
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
-from workers.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
-from workers.contracts import contract_schemas
+from workers.core.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
+from workers.core.contracts import contract_schemas
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -161,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bulk(args: argparse.Namespace) -> int:
-    from workers.bulk import print_summary
+    from workers.bulk.runner import print_summary
     from workers.runtime import run_bulk
 
     summary = run_bulk(
@@ -177,8 +177,8 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from workers.jobfiles import count_rows, read_rows
-    from workers.publish import publish_rows
+    from workers.bulk.jobfiles import count_rows, read_rows
+    from workers.kafka.publish import publish_rows
 
     settings = _settings(args)
     bootstrap = settings.require_bootstrap()
@@ -199,7 +199,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics_create(args: argparse.Namespace) -> int:
-    from workers.topics import create_topics, pipeline_topics
+    from workers.kafka.topics import create_topics, pipeline_topics
 
     settings = _settings(args)
     topics = pipeline_topics(settings, _pipelines(settings), args.partitions)
@@ -210,7 +210,7 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from workers.report import collect, print_report
+    from workers.kafka.report import collect, print_report
 
     settings = _settings(args)
     pipelines = _pipelines(settings).values()
@@ -232,8 +232,8 @@ def _cmd_schemas_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:
-    from workers.adapter_admin import list_adapters, publish_version
-    from workers.adapter_checks import AdapterRejected
+    from workers.adapters.admin import list_adapters, publish_version
+    from workers.core.errors import AdapterRejected
 
     settings = _settings(args)
     if args.adapters_command == "list":

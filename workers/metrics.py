@@ -37,10 +37,6 @@ GENERATE_SECONDS = Histogram(
 )
 
 
-def adapter_label(name: str | None, version: str | None) -> str:
-    return "base" if name is None else f"{name}@{version}"
-
-
 ADAPTER_LOAD_SECONDS = Histogram(
     "lora_workers_adapter_load_seconds",
     "Time to validate-load one adapter version into the engine (add_lora).",

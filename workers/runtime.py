@@ -9,12 +9,12 @@ from pathlib import Path
 import structlog
 from prometheus_client import start_http_server
 
-from workers.adapter_cache import AdapterCache
-from workers.adapter_feed import AdapterUpdateFeed
-from workers.adapters import AdapterRegistry
-from workers.batching import AdapterBatcher
-from workers.bulk import BulkRunner, BulkSummary
-from workers.config import (
+from workers.adapters.cache import AdapterCache
+from workers.adapters.feed import AdapterUpdateFeed
+from workers.adapters.registry import AdapterRegistry
+from workers.bulk.runner import BulkRunner, BulkSummary
+from workers.core.batching import AdapterBatcher
+from workers.core.config import (
     AdapterCatalog,
     ConfigError,
     PipelineConfig,
@@ -22,13 +22,14 @@ from workers.config import (
     load_catalog,
     load_pipelines,
 )
-from workers.contracts import AdapterStatus
-from workers.engine import VllmEngine
-from workers.prepare import JobPreparer, PreparedJob
-from workers.processing import BatchProcessor
-from workers.sinks import KafkaSink, ResultSink
-from workers.source import KafkaJobSource
-from workers.transactions import TransactionalKafkaSink
+from workers.core.contracts import AdapterStatus
+from workers.core.prepare import JobPreparer, PreparedJob
+from workers.core.processing import BatchProcessor
+from workers.engine.vllm_engine import VllmEngine
+from workers.kafka.sinks import AtLeastOnceSink, ResultSink
+from workers.kafka.source import KafkaJobSource
+from workers.kafka.status import AdapterStatusWriter
+from workers.kafka.transactions import ExactlyOnceSink
 from workers.worker import RunLimits, RunSummary, Worker
 
 log = structlog.get_logger(__name__)
@@ -129,24 +130,23 @@ def run_worker(
     if metrics_port is not None:
         start_http_server(metrics_port)
 
-    # Adapter statuses are best-effort notices, never part of a transaction.
-    status_sink = KafkaSink(bootstrap, settings.kafka)
     sink: ResultSink = (
-        TransactionalKafkaSink(
+        ExactlyOnceSink(
             bootstrap,
             settings.transactional_id,
             settings.delivery.transaction_timeout_ms,
             settings.kafka,
         )
         if settings.delivery.mode == "exactly_once"
-        else status_sink
+        else AtLeastOnceSink(bootstrap, settings.kafka)
     )
+    statuses = AdapterStatusWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
     serving = start_serving(
         settings,
         pipelines,
         catalog,
-        on_status=lambda status: status_sink.write_status(settings.adapters.status_topic, status),
+        on_status=statuses.write,
         updates=updates,
     )
     try:
@@ -173,7 +173,7 @@ def run_worker(
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:
         serving.engine.close()
-        status_sink.close()
+        statuses.close()
 
 
 def run_bulk(

@@ -25,21 +25,22 @@ from types import FrameType
 import structlog
 
 from workers import metrics
-from workers.adapter_cache import AdapterCache
-from workers.adapter_feed import AdapterUpdateFeed
-from workers.adapters import AdapterRegistry
-from workers.batching import AdapterBatcher
-from workers.config import PipelineConfig, Settings
-from workers.contracts import Result
-from workers.engine import Engine
-from workers.engine_guard import Guarded, run_isolating_crashes
-from workers.errors import JobRejected
-from workers.offsets import OffsetTracker, TopicPartitionKey
-from workers.parquet_results import ParquetResults
-from workers.prepare import JobPreparer, PreparedJob
-from workers.processing import BatchOutcome, BatchProcessor
-from workers.sinks import ResultSink, dead_letter_record, result_record
-from workers.source import KafkaJobSource, RebalanceHandlers, SourceMessage
+from workers.adapters.cache import AdapterCache
+from workers.adapters.feed import AdapterUpdateFeed
+from workers.adapters.registry import AdapterRegistry
+from workers.core.batching import AdapterBatcher
+from workers.core.config import PipelineConfig, Settings
+from workers.core.contracts import Result, adapter_label
+from workers.core.engine_api import Engine
+from workers.core.errors import JobError, JobRejected
+from workers.core.messages import SourceMessage
+from workers.core.offsets import OffsetTracker, TopicPartitionKey
+from workers.core.prepare import JobPreparer, PreparedJob
+from workers.core.processing import BatchOutcome, BatchProcessor
+from workers.engine.crashes import Guarded, run_isolating_crashes
+from workers.kafka.sinks import ResultSink, dead_letter_record, result_record
+from workers.kafka.source import KafkaJobSource, RebalanceHandlers
+from workers.parquet.kafka_results import ParquetResults
 from workers.threads import on_daemon_thread
 
 log = structlog.get_logger(__name__)
@@ -254,7 +255,7 @@ class Worker:
         pipeline = self.pipelines_by_topic[message.topic]
         topic = (
             self.settings.unknown_task_dlq
-            if rejection.code == "unknown_task"
+            if rejection.code is JobError.UNKNOWN_TASK
             else pipeline.dlq_topic
         )
         log.warning(
@@ -308,7 +309,7 @@ class Worker:
                     f"the engine died {self.settings.engine.crash_attempts} times running this "
                     "job alone"
                 )
-                self._dead_letter(job.source, JobRejected("engine_crash", reason))
+                self._dead_letter(job.source, JobRejected(JobError.ENGINE_CRASH, reason))
 
     def _write_result(self, job: PreparedJob, result: Result) -> None:
         source = job.source
@@ -331,9 +332,8 @@ class Worker:
             return
         del self._awaiting[position]
         job, result = awaiting.job, awaiting.result
-        adapter = metrics.adapter_label(
-            result.adapter.name if result.adapter else None,
-            result.adapter.version if result.adapter else None,
+        adapter = adapter_label(
+            result.adapter and result.adapter.name, result.adapter and result.adapter.version
         )
         self._finish(job.source)
         self.summary.results[(result.task, result.status.value, adapter)] += 1

@@ -22,8 +22,8 @@ from types import ModuleType
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from workers.config import PipelineConfig, load_pipelines
-from workers.topics import read_to_end
+from workers.core.config import PipelineConfig, load_pipelines
+from workers.kafka.topics import read_to_end
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -323,7 +323,7 @@ def load_zoo_generators() -> ModuleType:
 
 
 def expected_adapter(job: dict) -> str | None:
-    """The routing the README promises, written out independently of workers.routing."""
+    """The routing the README promises, written out independently of workers.core.routing."""
     if job.get("adapter"):
         return job["adapter"]
     if job["task"] == "classify":

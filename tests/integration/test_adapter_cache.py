@@ -13,8 +13,8 @@ import pytest
 
 from tests.integration.harness import ROOT, deploy, job_record, produce
 from tests.integration.oracle import PeftOracle
-from workers.adapter_checks import adapter_digest
-from workers.contracts import AdapterUpdate, AdapterVersionSpec
+from workers.adapters.checks import adapter_digest
+from workers.core.contracts import AdapterUpdate, AdapterVersionSpec
 
 pytestmark = pytest.mark.integration
 

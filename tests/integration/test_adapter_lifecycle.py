@@ -312,7 +312,7 @@ class BadUpdate:
 def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     lifecycle: Lifecycle, tmp_path: Path
 ) -> None:
-    from workers.adapter_checks import adapter_digest
+    from workers.adapters.checks import adapter_digest
 
     deployment = lifecycle.deployment
     root = deployment.adapter_root

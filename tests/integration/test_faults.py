@@ -28,9 +28,9 @@ from tests.integration.harness import (
     produce,
     wait_for_event,
 )
-from workers.engine import engine_core_pids
-from workers.sinks import DLQ_ERROR_CODE
-from workers.topics import read_to_end
+from workers.engine.vllm_engine import engine_core_pids
+from workers.kafka.sinks import DLQ_ERROR_CODE
+from workers.kafka.topics import read_to_end
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
+from tests.datasets import read_dataset
 from tests.integration.harness import deploy, job_record, mixed_jobs, produce
-from workers.parquet_sink import read_dataset
 
 pytestmark = pytest.mark.integration
 

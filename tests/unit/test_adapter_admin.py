@@ -1,5 +1,5 @@
-from workers.adapter_admin import next_state
-from workers.contracts import AdapterUpdate, AdapterVersionSpec
+from workers.adapters.admin import next_state
+from workers.core.contracts import AdapterUpdate, AdapterVersionSpec
 
 SHA = "a" * 64
 

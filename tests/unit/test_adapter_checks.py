@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from tests.unit.adapter_fixtures import copy_adapter
-from workers.adapter_checks import AdapterRejected, adapter_digest, inspect_adapter
-from workers.config import LLAMA_LORA_MODULES
+from workers.adapters.checks import adapter_digest, inspect_adapter
+from workers.core.config import LLAMA_LORA_MODULES
+from workers.core.errors import AdapterRejected
 
 
 def check(path: Path | str, root: Path, **overrides):

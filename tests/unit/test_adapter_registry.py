@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from tests.unit.adapter_fixtures import copy_adapter
-from workers.adapter_checks import adapter_digest
-from workers.adapter_feed import decode_update
-from workers.adapters import AdapterRegistry
-from workers.config import AdapterSettings
-from workers.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
-from workers.engine import AdapterHandle, AdapterLoadError
-from workers.errors import JobRejected
+from workers.adapters.checks import adapter_digest
+from workers.adapters.registry import AdapterRegistry
+from workers.adapters.updates import decode_update
+from workers.core.config import AdapterSettings
+from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
+from workers.core.engine_api import AdapterHandle, AdapterLoadError
+from workers.core.errors import JobRejected
 
 
 class RecordingEngine:

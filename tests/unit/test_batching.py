@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from workers.batching import AdapterBatcher, BatchPolicy
+from workers.core.batching import AdapterBatcher, BatchPolicy
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import ConfigError, load_pipelines
+from workers.core.config import ConfigError, load_pipelines
 
 ROOT = Path(__file__).resolve().parents[2]
 

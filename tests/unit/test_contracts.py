@@ -5,7 +5,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-from workers.contracts import Job, Result, contract_schemas
+from workers.core.contracts import Job, Result, contract_schemas
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 

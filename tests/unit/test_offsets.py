@@ -1,6 +1,6 @@
 import pytest
 
-from workers.offsets import OffsetTracker
+from workers.core.offsets import OffsetTracker
 
 
 def test_commit_stops_at_the_first_unfinished_offset() -> None:

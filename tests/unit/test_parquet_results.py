@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from workers.config import ParquetSinkConfig, PipelineConfig
-from workers.contracts import Result
-from workers.offsets import OffsetTracker
-from workers.parquet_results import ParquetResults
-from workers.parquet_sink import read_dataset
+from tests.datasets import read_dataset
+from workers.core.config import ParquetSinkConfig, PipelineConfig
+from workers.core.contracts import Result
+from workers.core.offsets import OffsetTracker
+from workers.parquet.kafka_results import ParquetResults
 
 
 def result(job_id: str) -> Result:

@@ -10,13 +10,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from workers.contracts import AdapterRef, ErrorInfo, Result, ResultStatus, Timings, Usage
-from workers.parquet_sink import (
+from tests.datasets import read_dataset
+from workers.core.contracts import AdapterRef, ErrorInfo, Result, ResultStatus, Timings, Usage
+from workers.parquet.dataset import (
     ParquetDatasetWriter,
     arrow_schema_for,
     existing_job_ids,
     output_columns,
-    read_dataset,
 )
 
 # 2024-03-01T12:00:00Z and the last / first millisecond around the following midnight.

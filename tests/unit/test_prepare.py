@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import load_pipelines
-from workers.contracts import Job
-from workers.engine import AdapterHandle
-from workers.errors import JobRejected
-from workers.prepare import JobPreparer
-from workers.source import SourceMessage
+from workers.core.config import load_pipelines
+from workers.core.contracts import Job
+from workers.core.engine_api import AdapterHandle
+from workers.core.errors import JobRejected
+from workers.core.messages import SourceMessage
+from workers.core.prepare import JobPreparer
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = load_pipelines(ROOT / "pipelines", ROOT / "schemas")

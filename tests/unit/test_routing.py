@@ -1,10 +1,10 @@
 import pytest
 
-from workers.config import PipelineConfig, RoutingConfig
-from workers.contracts import Job
-from workers.engine import AdapterHandle
-from workers.errors import JobRejected
-from workers.routing import adapter_name_for, route
+from workers.core.config import PipelineConfig, RoutingConfig
+from workers.core.contracts import Job
+from workers.core.engine_api import AdapterHandle
+from workers.core.errors import JobRejected
+from workers.core.routing import adapter_name_for, route
 
 PIPELINE = PipelineConfig(
     task="reply",

@@ -1,7 +1,7 @@
 import pytest
 
-from workers.contracts import ResultStatus
-from workers.validation import OutputValidator
+from workers.core.contracts import ResultStatus
+from workers.core.validation import OutputValidator
 
 LABEL_SCHEMA = {
     "type": "object",

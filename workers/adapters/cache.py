@@ -1,0 +1,79 @@
+"""What the engine's adapter cache holds, so the scheduler can prefer resident adapters and
+every cold load happens (and is timed) before `generate`, not hidden inside it.
+
+vLLM keeps up to `max_cpu_loras` adapters in its host cache (LRU, pinned ones exempt) and up to
+`max_loras` of them in the active slots of a step. `list_loras()` reports the cache; comparing
+it before and after a batch counts evictions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from workers import metrics
+from workers.core.engine_api import AdapterHandle, Engine, GenerationRequest
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+
+class AdapterCache:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._resident: set[int] = engine.resident_adapters()
+        self.stats = CacheStats()
+
+    def is_resident(self, lora_id: object) -> bool:
+        # The base model (key None) needs no adapter from disk.
+        return lora_id is None or lora_id in self._resident
+
+    def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> None:
+        """Count a hit or a miss per distinct adapter of a batch; load the misses now."""
+        for adapter in {a.lora_id: a for a in adapters if a is not None}.values():
+            if adapter.lora_id in self._resident:
+                self.stats.hits += 1
+                metrics.ADAPTER_CACHE.labels("hit").inc()
+                continue
+            self.stats.misses += 1
+            metrics.ADAPTER_CACHE.labels("miss").inc()
+            started = time.monotonic()
+            self._engine.register_adapter(adapter)
+            elapsed = time.monotonic() - started
+            self.stats.loads += 1
+            self.stats.load_seconds += elapsed
+            metrics.ADAPTER_LOAD_SECONDS.observe(elapsed)
+            log.debug("adapter_cold_load", adapter=adapter.engine_name, load_ms=elapsed * 1000)
+        self.refresh()
+
+    def refresh(self, unregistered: Iterable[int] = ()) -> None:
+        """Re-read the engine's cache; adapters that vanished without being unregistered were
+        evicted."""
+        now = self._engine.resident_adapters()
+        evicted = self._resident - now - set(unregistered)
+        if evicted:
+            self.stats.evictions += len(evicted)
+            metrics.ADAPTER_CACHE.labels("eviction").inc(len(evicted))
+        self._resident = now
+
+    def prewarm(self, adapters: list[AdapterHandle], prompt_token_ids: list[int]) -> None:
+        """Load adapters and run one token through each, so first jobs find them warm."""
+        if not adapters:
+            return
+        self.ensure_loaded(adapters)
+        self._engine.generate(
+            [GenerationRequest(prompt_token_ids, a, 1, 0.0, None) for a in adapters]
+        )
+        self.refresh()
+        log.info("adapters_prewarmed", adapters=[a.engine_name for a in adapters])

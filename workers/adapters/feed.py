@@ -1,0 +1,76 @@
+"""The adapter-update topic: read whole at start-up, then followed; and the status topic.
+
+Every worker reads `adapters.updates` with its own consumer (assigned partitions, no group), so
+each one learns every adapter's latest state, however many workers run.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from workers.adapters.updates import UpdateRecord, decode_update
+
+log = structlog.get_logger(__name__)
+
+
+class AdapterUpdateFeed:
+    def __init__(self, bootstrap_servers: str, topic: str, extra_config: dict[str, str]) -> None:
+        self._topic = topic
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap_servers,
+                # A throwaway group id: offsets are never committed, the topic is replayed.
+                "group.id": f"lora-workers-adapters-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+                **extra_config,
+            },
+            logger=None,
+        )
+        metadata = self._consumer.list_topics(topic, timeout=30)
+        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
+        if not partitions or metadata.topics[topic].error is not None:
+            log.warning("adapter_updates_topic_missing", topic=topic)
+            partitions = {}
+        self._partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+        self._consumer.assign(self._partitions)
+
+    def catch_up(self, apply: Callable[[UpdateRecord], None], timeout_s: float) -> int:
+        """Apply every record up to the current end of the topic; returns how many."""
+        ends = {}
+        for tp in self._partitions:
+            _, high = self._consumer.get_watermark_offsets(tp, timeout=30)
+            ends[tp.partition] = high
+        deadline = time.monotonic() + timeout_s
+        applied = 0
+        while any(self._position(p) < end for p, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {self._topic} to its end in {timeout_s}s")
+            applied += self.follow(apply, timeout_s=0.5)
+        return applied
+
+    def follow(self, apply: Callable[[UpdateRecord], None], timeout_s: float = 0.0) -> int:
+        """Apply whatever arrived since the last call."""
+        if not self._partitions:
+            return 0
+        messages = self._consumer.consume(num_messages=100, timeout=timeout_s)
+        for message in messages:
+            if message.error() is not None:
+                if message.error().fatal():
+                    raise KafkaException(message.error())
+                log.warning("adapter_updates_error", error=str(message.error()))
+                continue
+            apply(decode_update(message.key(), message.value()))
+        return len(messages)
+
+    def _position(self, partition: int) -> int:
+        (tp,) = self._consumer.position([TopicPartition(self._topic, partition)])
+        return tp.offset if tp.offset >= 0 else 0
+
+    def close(self) -> None:
+        self._consumer.close()

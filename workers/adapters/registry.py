@@ -1,0 +1,266 @@
+"""The adapter registry: which versions of which adapters serve, and with what share of traffic.
+
+Sources: the catalog file at start-up, then the compacted `adapters.updates` topic. An update is
+the adapter's whole desired state (versions and weights). It is applied all or nothing: every
+version is checked (`adapter_checks`) and loaded into the engine (`add_lora`) before the switch,
+so a bad update never serves and the previous state keeps serving.
+
+Hot reload: jobs are routed when they are prepared, so jobs already routed (waiting in the
+batcher or inside `generate`) finish on the version they were routed to; jobs routed after the
+switch get the new one. A version no route uses any more leaves the engine once no waiting job
+holds it (`release_unused`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from workers import metrics
+from workers.adapters.checks import adapter_digest, inspect_adapter
+from workers.adapters.updates import UpdateRecord
+from workers.core.config import AdapterCatalog, AdapterEntry, AdapterSettings
+from workers.core.contracts import (
+    AdapterState,
+    AdapterStatus,
+    AdapterUpdate,
+    AdapterVersionSpec,
+    Job,
+)
+from workers.core.engine_api import AdapterHandle, AdapterLoadError, Engine
+from workers.core.errors import AdapterError, AdapterRejected, JobError, JobRejected
+
+log = structlog.get_logger(__name__)
+
+StatusCallback = Callable[[AdapterStatus], None]
+
+
+def traffic_point(adapter: str, job_id: str) -> float:
+    """A stable point in [0, 1) per (adapter, job): a retried job lands on the same version."""
+    digest = hashlib.sha256(f"{adapter}\0{job_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def update_from_catalog(catalog: AdapterCatalog, entry: AdapterEntry) -> AdapterUpdate:
+    """A catalog entry as the update that would announce it, so both sources share one path."""
+    spec = AdapterVersionSpec(
+        version=entry.version, path=str(entry.path), sha256=adapter_digest(entry.path)
+    )
+    return AdapterUpdate(
+        name=entry.name,
+        base_model=catalog.base_model,
+        versions=[spec],
+        tenants=entry.tenants,
+        hot=entry.hot,
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    handle: AdapterHandle
+    weight: float
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    name: str
+    routes: tuple[Route, ...]
+    tenants: frozenset[str] | None
+    hot: bool
+
+    def pick(self, job_id: str) -> AdapterHandle:
+        point = traffic_point(self.name, job_id)
+        cumulative = 0.0
+        for route in self.routes:
+            cumulative += route.weight
+            if point < cumulative:
+                return route.handle
+        return self.routes[-1].handle
+
+    def allows(self, tenant: str | None) -> bool:
+        return self.tenants is None or (tenant is not None and tenant in self.tenants)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: AdapterSettings,
+        *,
+        base_model: str,
+        max_lora_rank: int,
+        worker_id: str,
+        on_status: StatusCallback,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._base_model = base_model
+        self._max_lora_rank = max_lora_rank
+        self._worker_id = worker_id
+        self._on_status = on_status
+        self._served: dict[str, ServedAdapter] = {}
+        # Every version the engine holds, by (name, version); the checksum guards against a
+        # version republished with other files under the same engine name.
+        self._loaded: dict[tuple[str, str], tuple[str, AdapterHandle]] = {}
+        # LoRA ids are never reused, so no version can ever be served another's cached weights.
+        self._lora_ids = itertools.count(1)
+
+    # --- routing -------------------------------------------------------------------------------
+
+    def resolve(self, name: str, job: Job) -> AdapterHandle:
+        served = self._served.get(name)
+        if served is None:
+            raise JobRejected(
+                JobError.UNKNOWN_ADAPTER, f"adapter {name!r} is not served by this worker"
+            )
+        if not served.allows(job.tenant):
+            raise JobRejected(
+                JobError.ADAPTER_FORBIDDEN, f"tenant {job.tenant!r} may not use adapter {name!r}"
+            )
+        return served.pick(job.job_id)
+
+    def served(self) -> dict[str, ServedAdapter]:
+        return dict(self._served)
+
+    # --- updates -------------------------------------------------------------------------------
+
+    def load_catalog(self, catalog: AdapterCatalog) -> None:
+        for entry in catalog.adapters:
+            self.apply(update_from_catalog(catalog, entry))
+
+    def apply(self, update: AdapterUpdate) -> bool:
+        """Switch `update.name` to the update's versions; False (and old state kept) if any
+        version is rejected."""
+        routes: list[Route] = []
+        try:
+            for spec in update.versions:
+                routes.append(Route(self._load(update, spec), spec.weight))
+        except AdapterRejected as rejection:
+            self._reject(update.name, spec.version, rejection)
+            return False
+        self._served[update.name] = ServedAdapter(
+            name=update.name,
+            routes=tuple(routes),
+            tenants=None if update.tenants is None else frozenset(update.tenants),
+            hot=update.hot,
+        )
+        if update.hot:
+            for route in routes:
+                self._engine.pin_adapter(route.handle)
+        for route in routes:
+            self._status(update.name, route.handle.version, AdapterState.SERVING, route.weight)
+        log.info(
+            "adapter_serving",
+            adapter=update.name,
+            versions={r.handle.version: r.weight for r in routes},
+        )
+        return True
+
+    def apply_record(self, record: UpdateRecord) -> None:
+        """One record of the updates topic: an update, a retirement or a malformed message."""
+        if record.error is not None:
+            self._reject(
+                record.name, None, AdapterRejected(AdapterError.MALFORMED_UPDATE, record.error)
+            )
+        elif record.update is None:
+            self.retire(record.name)
+        else:
+            self.apply(record.update)
+
+    def retire(self, name: str) -> None:
+        if self._served.pop(name, None) is not None:
+            log.info("adapter_retired", adapter=name)
+
+    def release_unused(self, in_use: Iterable[int]) -> list[int]:
+        """Remove versions no route serves and no waiting job holds from the engine; returns
+        their LoRA ids."""
+        holding = set(in_use)
+        routed = {r.handle.lora_id for s in self._served.values() for r in s.routes}
+        released: list[int] = []
+        for key, (_, handle) in list(self._loaded.items()):
+            if handle.lora_id in routed or handle.lora_id in holding:
+                continue
+            self._engine.unregister_adapter(handle)
+            del self._loaded[key]
+            metrics.ADAPTER_UNLOADS.inc()
+            log.info("adapter_unloaded", adapter=handle.name, version=handle.version)
+            self._status(handle.name, handle.version, AdapterState.RETIRED, None)
+            released.append(handle.lora_id)
+        return released
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _load(self, update: AdapterUpdate, spec: AdapterVersionSpec) -> AdapterHandle:
+        known = self._loaded.get((update.name, spec.version))
+        if known is not None:
+            sha256, handle = known
+            if sha256 != spec.sha256:
+                raise AdapterRejected(
+                    AdapterError.VERSION_CONFLICT,
+                    f"{update.name}@{spec.version} is already served with other files; "
+                    "publish a new version instead",
+                )
+            return handle
+        facts = inspect_adapter(
+            spec.path,
+            expected_sha256=spec.sha256,
+            served_base_model=self._base_model,
+            claimed_base_model=update.base_model,
+            max_rank=self._max_lora_rank,
+            supported_modules=self._settings.supported_target_modules,
+            allowed_roots=self._settings.allowed_roots,
+        )
+        handle = AdapterHandle(update.name, spec.version, str(facts.path), next(self._lora_ids))
+        started = time.monotonic()
+        try:
+            self._engine.register_adapter(handle)
+        except AdapterLoadError as exc:
+            raise AdapterRejected(AdapterError.LOAD_FAILED, str(exc)) from exc
+        metrics.ADAPTER_LOAD_SECONDS.observe(time.monotonic() - started)
+        self._loaded[(update.name, spec.version)] = (spec.sha256, handle)
+        log.info(
+            "adapter_loaded",
+            adapter=update.name,
+            version=spec.version,
+            lora_id=handle.lora_id,
+            rank=facts.rank,
+            load_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return handle
+
+    def _reject(self, name: str, version: str | None, rejection: AdapterRejected) -> None:
+        metrics.ADAPTER_REJECTIONS.labels(rejection.code).inc()
+        log.error(
+            "adapter_rejected",
+            adapter=name,
+            version=version,
+            code=rejection.code,
+            reason=rejection.message,
+        )
+        status = AdapterStatus(
+            name=name,
+            version=version,
+            state=AdapterState.REJECTED,
+            worker=self._worker_id,
+            code=rejection.code,
+            message=rejection.message,
+            at_ms=int(time.time() * 1000),
+        )
+        self._on_status(status)
+
+    def _status(self, name: str, version: str, state: AdapterState, weight: float | None) -> None:
+        self._on_status(
+            AdapterStatus(
+                name=name,
+                version=version,
+                state=state,
+                worker=self._worker_id,
+                weight=weight,
+                at_ms=int(time.time() * 1000),
+            )
+        )

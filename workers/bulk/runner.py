@@ -1,0 +1,269 @@
+"""Bulk mode: a whole file of jobs through the same routing, batching, engine and validation as
+the Kafka worker, into a Parquet dataset, without Kafka. The embedded default for a nightly run
+on one machine.
+
+Resumable: job_ids already in the output dataset are skipped, and files are written atomically
+under names unique to the run, so an interrupted run started again leaves no duplicate and no gap.
+Bad rows become `error` rows with their reason; only a failure of the run itself is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from workers.bulk.jobfiles import count_rows, read_rows
+from workers.core.batching import AdapterBatcher
+from workers.core.config import PipelineConfig
+from workers.core.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage, adapter_label
+from workers.core.errors import JobError, JobRejected
+from workers.core.messages import SourceMessage
+from workers.core.prepare import JobPreparer, PreparedJob, decode_job
+from workers.core.processing import BatchProcessor
+from workers.engine.crashes import run_isolating_crashes
+from workers.parquet.dataset import ParquetDatasetWriter, existing_job_ids
+
+log = structlog.get_logger(__name__)
+
+
+def _field(raw: bytes, name: str) -> str | None:
+    try:
+        value = json.loads(raw).get(name)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def job_id_of(raw: bytes, row: int) -> str:
+    return _field(raw, "job_id") or f"row-{row}"
+
+
+@dataclass
+class BulkSummary:
+    rows: int = 0
+    skipped: int = 0  # already in the output (resume)
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_adapter: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    # (task, adapter) -> [valid, total] over outputs checked against the task's schema
+    compliance: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    output_tokens: int = 0
+    files: int = 0
+    seconds: float = 0.0
+
+
+class BulkRunner:
+    def __init__(
+        self,
+        pipelines: dict[str, PipelineConfig],
+        preparer: JobPreparer,
+        processor: BatchProcessor,
+        batcher: AdapterBatcher[PreparedJob],
+        output_dir: Path,
+        rows_per_file: int,
+        restart_engine: Callable[[], None],
+        default_task: str | None = None,
+        row_group_size: int = 10_000,
+        crash_attempts: int = 2,
+    ) -> None:
+        self._pipelines = pipelines
+        self._preparer = preparer
+        self._processor = processor
+        self._restart_engine = restart_engine
+        self._crash_attempts = crash_attempts
+        self._batcher = batcher
+        self._output_dir = output_dir
+        self._writers: dict[str, ParquetDatasetWriter] = {}
+        self._rows_per_file = rows_per_file
+        self._row_group_size = row_group_size
+        # With one pipeline every row is its job; otherwise a row's `task` picks the pipeline.
+        self._default_task = default_task
+        self._run_id = uuid.uuid4().hex[:8]
+        # (input row, result) not yet on disk, per task: each task has its own output columns.
+        self._pending: defaultdict[str, list[tuple[int, Result]]] = defaultdict(list)
+        self.summary = BulkSummary()
+
+    def run(self, input_path: Path, console: Console | None = None) -> BulkSummary:
+        started = time.monotonic()
+        done = existing_job_ids(self._output_dir)
+        total = count_rows(input_path)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            label = self._default_task or ", ".join(sorted(self._pipelines))
+            bar = progress.add_task(label, total=total, rate="")
+            for row, raw in enumerate(read_rows(input_path)):
+                self.summary.rows += 1
+                if done and job_id_of(raw, row) in done:  # parse only when resuming
+                    self.summary.skipped += 1
+                    progress.advance(bar)
+                    continue
+                progress.advance(bar, self._accept(row, raw))
+                while batch := self._batcher.next_batch(time.monotonic()):
+                    progress.advance(bar, self._run_batch(batch))
+                    self._show_rate(progress, bar, started)
+            while batch := self._batcher.next_batch(time.monotonic(), flush=True):
+                progress.advance(bar, self._run_batch(batch))
+                self._show_rate(progress, bar, started)
+            self._write(final=True)
+        self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def _accept(self, row: int, raw: bytes) -> int:
+        """Queue the row's job; returns 1 if the row is already finished (an error row)."""
+        try:
+            task = self._task_of(raw)
+        except JobRejected as rejection:
+            # Kept, with its reason, under its own task's partition (or task=unknown).
+            task = _field(raw, "task") or "unknown"
+            self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
+            return 1
+        message = SourceMessage(
+            topic=self._pipelines[task].input_topic or "",
+            partition=0,
+            offset=row,
+            key=None,
+            value=raw,
+            headers=[],
+            timestamp_ms=int(time.time() * 1000),
+        )
+        try:
+            self._batcher.add(self._preparer.prepare(message))
+        except JobRejected as rejection:
+            self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
+            return 1
+        return 0
+
+    def _task_of(self, raw: bytes) -> str:
+        if self._default_task is not None:
+            return self._default_task
+        task = decode_job(raw).task  # rejects rows that are not JSON or not a job
+        if task not in self._pipelines:
+            raise JobRejected(JobError.UNKNOWN_TASK, f"no pipeline serves task {task!r}")
+        return task
+
+    def _run_batch(self, batch: list[PreparedJob]) -> int:
+        # As in the worker: a dead engine is restarted and the batch bisected; a row that kills
+        # the engine on its own becomes an engine_crash error row.
+        guarded = run_isolating_crashes(
+            batch, self._processor.run, self._restart_engine, self._crash_attempts
+        )
+        finished = len(guarded.crashed)
+        for outcome in guarded.outcomes:
+            for retry in outcome.retries:
+                self._batcher.add(retry)
+            for job, result in outcome.results:
+                self._keep(job.source.offset, result)
+            self.summary.output_tokens += outcome.output_tokens
+            finished += len(outcome.results)
+        for job in guarded.crashed:
+            rejection = JobRejected(JobError.ENGINE_CRASH, "the engine died running this row alone")
+            self._keep(
+                job.source.offset, self._error_result(job.job.job_id, job.pipeline.task, rejection)
+            )
+        self._write(final=False)
+        return finished
+
+    def _keep(self, row: int, result: Result) -> None:
+        self._pending[result.task].append((row, result))
+        self.summary.by_status[result.status.value] += 1
+        adapter = adapter_label(
+            result.adapter and result.adapter.name, result.adapter and result.adapter.version
+        )
+        if result.status is not ResultStatus.ERROR:
+            self.summary.by_adapter[adapter] += 1
+            pipeline = self._pipelines.get(result.task)
+            if pipeline is not None and pipeline.output_schema is not None:
+                tally = self.summary.compliance.setdefault((result.task, adapter), [0, 0])
+                tally[0] += result.status is ResultStatus.OK
+                tally[1] += 1
+        if result.error is not None:
+            self.summary.errors[result.error.code] += 1
+
+    def _write(self, *, final: bool) -> None:
+        for task, pending in self._pending.items():
+            while len(pending) >= self._rows_per_file or (final and pending):
+                chunk = sorted(pending[: self._rows_per_file], key=lambda item: item[0])
+                del pending[: self._rows_per_file]
+                # Unique per run: a resumed run never overwrites a file an earlier run finished.
+                stem = f"part-{chunk[0][0]:09d}-{chunk[-1][0]:09d}-{self._run_id}"
+                written = self._writer_for(task).write([r for _, r in chunk], stem)
+                self.summary.files += len(written)
+
+    def _writer_for(self, task: str) -> ParquetDatasetWriter:
+        if task not in self._writers:
+            pipeline = self._pipelines.get(task)
+            schema = pipeline.output_schema if pipeline else None
+            self._writers[task] = ParquetDatasetWriter(
+                self._output_dir, schema, row_group_size=self._row_group_size
+            )
+        return self._writers[task]
+
+    def _error_result(self, job_id: str, task: str, rejection: JobRejected) -> Result:
+        now = int(time.time() * 1000)
+        return Result(
+            job_id=job_id,
+            task=task,
+            status=ResultStatus.ERROR,
+            output=None,
+            raw_output="",
+            adapter=None,
+            usage=Usage(prompt_tokens=0, completion_tokens=0),
+            error=ErrorInfo(code=rejection.code, message=rejection.message),
+            timings=Timings(
+                enqueued_at_ms=now,
+                received_at_ms=now,
+                completed_at_ms=now,
+                queue_ms=0,
+                generate_ms=0,
+            ),
+        )
+
+    def _show_rate(self, progress: Progress, bar: object, started: float) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        done = sum(self.summary.by_status.values())
+        rate = f"{done / elapsed:,.1f} jobs/s  {self.summary.output_tokens / elapsed:,.0f} tok/s"
+        progress.update(bar, rate=rate)  # type: ignore[arg-type]
+
+
+def print_summary(summary: BulkSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="Bulk run")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("input rows", f"{summary.rows:,}")
+    table.add_row("skipped (already written)", f"{summary.skipped:,}")
+    for status, count in sorted(summary.by_status.items()):
+        table.add_row(f"status {status}", f"{count:,}")
+    for adapter, count in sorted(summary.by_adapter.items()):
+        table.add_row(f"adapter {adapter}", f"{count:,}")
+    for code, count in sorted(summary.errors.items()):
+        table.add_row(f"reason {code}", f"{count:,}")
+    for (task, adapter), (valid, total) in sorted(summary.compliance.items()):
+        table.add_row(f"schema-valid {task} / {adapter}", f"{valid / total:.1%} ({valid}/{total})")
+    table.add_row("output tokens", f"{summary.output_tokens:,}")
+    table.add_row("files written", f"{summary.files:,}")
+    table.add_row("time", f"{summary.seconds:,.1f} s")
+    served = sum(summary.by_status.values())
+    seconds = max(summary.seconds, 1e-6)
+    table.add_row(
+        "throughput",
+        f"{served / seconds:,.1f} jobs/s, {summary.output_tokens / seconds:,.0f} tok/s",
+    )
+    console.print(table)

@@ -1,0 +1,333 @@
+"""All configuration in one typed place.
+
+- `Settings`: worker settings from defaults, then `LORA_WORKERS_*` environment variables
+  (nested with `__`, e.g. `LORA_WORKERS_ENGINE__MAX_LORAS=4`), then CLI flags.
+- `PipelineConfig`: one YAML file per task in `pipelines/`.
+- `AdapterCatalog`: the adapters a worker may serve (`models/catalog.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.core.batching import BatchPolicy
+from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(Exception):
+    """A configuration file or value is unusable; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- pipelines -------------------------------------------------------------------------------
+
+
+class SamplingDefaults(_Strict):
+    max_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+class RoutingConfig(_Strict):
+    adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
+    tenants: dict[str, str] = Field(default_factory=dict)
+
+
+class ParquetSinkConfig(_Strict):
+    path: Path = Field(description="Root of the Hive-partitioned dataset.")
+    rows_per_file: int = Field(default=1000, ge=1)
+    row_group_size: int = Field(default=10_000, ge=1)
+    max_file_age_ms: int = Field(
+        default=10_000, ge=0, description="Write a partition's waiting rows at least this often."
+    )
+
+
+class PipelineConfig(_Strict):
+    task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    input_topic: str | None = None
+    result_topic: str | None = None
+    prompt_template: str
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="The task's JSON Schema (2020-12), loaded from `output_schema`."
+    )
+    structured_output: bool = Field(
+        default=True, description="Constrain generation to output_schema (vLLM structured outputs)."
+    )
+    invalid_output_retries: int = Field(
+        default=1, ge=0, le=5, description="Retries of an invalid or truncated output."
+    )
+    retry_token_factor: float = Field(
+        default=2.0, gt=1.0, le=16.0, description="Each retry multiplies max_tokens by this."
+    )
+    sinks: list[Literal["kafka", "parquet"]] = Field(
+        default_factory=lambda: ["kafka"], min_length=1
+    )
+    parquet: ParquetSinkConfig | None = None
+
+    @model_validator(mode="after")
+    def _default_topics(self) -> PipelineConfig:
+        object.__setattr__(self, "input_topic", self.input_topic or f"jobs.{self.task}")
+        object.__setattr__(self, "result_topic", self.result_topic or f"results.{self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _parquet_sink_configured(self) -> PipelineConfig:
+        if "parquet" in self.sinks and self.parquet is None:
+            raise ValueError("sinks names parquet but the pipeline has no `parquet:` section")
+        return self
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_input(cls, template: str) -> str:
+        if "{input}" not in template:
+            raise ValueError("prompt_template must contain {input}")
+        return template
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.input_topic}.dlq"
+
+    def render_prompt(self, text: str) -> str:
+        # Plain substitution: braces in the input or in a JSON example inside the template
+        # must stay literal, which str.format would not allow.
+        return self.prompt_template.replace("{input}", text)
+
+
+def load_pipeline(path: Path, schemas_dir: Path) -> PipelineConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    schema_ref = raw.pop("output_schema", None)
+    if schema_ref is not None:
+        schema_path = schemas_dir / schema_ref
+        try:
+            raw["output_schema"] = json.loads(schema_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: output_schema {schema_path}: {exc}") from exc
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_pipelines(pipelines_dir: Path, schemas_dir: Path) -> dict[str, PipelineConfig]:
+    """All `*.yaml` pipelines in a directory, keyed by task."""
+    files = sorted(pipelines_dir.glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"{pipelines_dir}: no pipeline files (*.yaml)")
+    pipelines: dict[str, PipelineConfig] = {}
+    for path in files:
+        pipeline = load_pipeline(path, schemas_dir)
+        if pipeline.task in pipelines:
+            raise ConfigError(f"{path}: task {pipeline.task!r} is defined twice")
+        pipelines[pipeline.task] = pipeline
+    topics = [p.input_topic for p in pipelines.values()]
+    if len(set(topics)) != len(topics):
+        raise ConfigError(f"{pipelines_dir}: two pipelines read the same input topic")
+    return pipelines
+
+
+# --- adapters --------------------------------------------------------------------------------
+
+
+class AdapterEntry(_Strict):
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    path: Path
+    tenants: list[str] | None = None
+    hot: bool = False
+
+
+class AdapterCatalog(_Strict):
+    base_model: str
+    adapters: list[AdapterEntry]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AdapterCatalog:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter name appears twice; one version per name is served")
+        return self
+
+    @cached_property
+    def by_name(self) -> dict[str, AdapterEntry]:
+        return {a.name: a for a in self.adapters}
+
+
+def load_catalog(path: Path) -> AdapterCatalog:
+    try:
+        raw = yaml.safe_load(path.read_text())
+        catalog = AdapterCatalog.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    # Paths in the catalog are relative to the catalog file, so the zoo can move as one folder.
+    resolved = [
+        a.model_copy(update={"path": (path.parent / a.path).resolve()}) for a in catalog.adapters
+    ]
+    return catalog.model_copy(update={"adapters": resolved})
+
+
+# --- worker settings -------------------------------------------------------------------------
+
+
+class EngineSettings(_Strict):
+    model: Path = REPO_ROOT / "models" / "tiny-llama"
+    dtype: str = "float32"
+    max_model_len: int = Field(default=512, ge=16)
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_loras: int = Field(default=5, ge=1)
+    max_lora_rank: int = Field(default=8, ge=1)
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+    # On the CPU backend vLLM reserves this much host memory for the KV cache.
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    enforce_eager: bool = True
+    seed: int = 0
+    # Serve base-model jobs through a zero LoRA so they never share a batch as "no LoRA" rows,
+    # which vLLM's CPU LoRA ops mis-serve (see engine.write_identity_adapter). It takes a slot.
+    base_via_identity_adapter: bool = True
+    vllm_log_level: str = "WARNING"
+    crash_attempts: int = Field(
+        default=2,
+        ge=1,
+        description="Engine deaths a single job may cause before it is dead-lettered as "
+        "engine_crash (a crashed batch is bisected until the job that kills it stands alone).",
+    )
+    fault_injection_crash_marker: str | None = Field(
+        default=None,
+        min_length=1,
+        description="FAULT INJECTION, for tests only: a batch holding a prompt that contains "
+        "this text kills vLLM's engine-core process mid-generate, as a job that crashes the "
+        "engine would. Off (None) by default.",
+    )
+
+
+class BatchingSettings(_Strict):
+    # Large calls keep vLLM's scheduler full: 512 measured 0.87-0.94x of one raw generate call
+    # for the whole load (bench/pipeline.py), 128 only 0.76x.
+    max_batch_size: int = Field(default=512, ge=1, description="Jobs per engine call.")
+    linger_ms: int = Field(default=200, ge=0, description="Wait this long to fill a batch.")
+    consume_batch: int = Field(default=500, ge=1, description="Messages per consume() call.")
+    max_in_flight: int = Field(
+        default=2000, ge=1, description="Pause fetching above this many unfinished jobs."
+    )
+    policy: BatchPolicy = BatchPolicy.SWITCH_AWARE
+    max_adapters_per_batch: int | None = Field(
+        default=None, ge=1, description="Switch-aware only; default: the engine's max_loras."
+    )
+    max_wait_ms: int = Field(
+        default=30_000, ge=0, description="No job waits longer for switch-aware selection."
+    )
+
+
+# LoRA target modules vLLM can serve on Llama-family models.
+LLAMA_LORA_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+)
+
+
+class AdapterSettings(_Strict):
+    allowed_roots: list[Path] = Field(
+        default_factory=lambda: [REPO_ROOT / "models"],
+        description="Adapter directories must resolve (symlinks followed) inside one of these.",
+    )
+    updates_topic: str = "adapters.updates"
+    status_topic: str = "adapters.status"
+    supported_target_modules: frozenset[str] = LLAMA_LORA_MODULES
+    catch_up_timeout_s: float = Field(default=60.0, gt=0)
+    prewarm: list[str] = Field(
+        default_factory=list,
+        description="Adapters run once at start-up so first jobs find them warm.",
+    )
+
+
+class DeliverySettings(_Strict):
+    mode: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once",
+        description="exactly_once: results, dead letters and consumed offsets commit in one "
+        "Kafka transaction. at_least_once: for brokers or sinks that cannot take transactions.",
+    )
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=1000,
+        description="How long the broker keeps a dead worker's open transaction before "
+        "aborting it; a restarted worker with the same instance_id aborts it at once.",
+    )
+    shutdown_deadline_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, wait this long for the running batch, then abort it "
+        "(its jobs are served again by the group).",
+    )
+    retry_backoff_max_s: float = Field(
+        default=5.0, gt=0, description="Longest pause between retries of a failed commit."
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_WORKERS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LORA_WORKERS_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    group_id: str = "lora-workers"
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Names this worker in adapters.status messages.",
+    )
+    instance_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="A stable name per replica (e.g. the StatefulSet pod name): static group "
+        "membership and a stable transactional.id, so a restarted worker gets its partitions "
+        "back without a rebalance and aborts its predecessor's open transaction at once.",
+    )
+    pipelines_dir: Path = REPO_ROOT / "pipelines"
+    schemas_dir: Path = REPO_ROOT / "schemas"
+    catalog: Path = REPO_ROOT / "models" / "catalog.yaml"
+    unknown_task_dlq: str = "jobs.dlq"
+    kafka: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka settings for every client."
+    )
+    commit_interval_ms: int = Field(default=1000, ge=0)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.group_id}.{self.instance_id or self.worker_id}"
+
+    def require_bootstrap(self) -> str:
+        if not self.bootstrap_servers:
+            raise ConfigError(
+                "no Kafka bootstrap servers: "
+                "pass --bootstrap-servers or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        return self.bootstrap_servers

@@ -1,0 +1,194 @@
+"""Wire contracts: the job a producer publishes and the result a worker writes.
+
+These pydantic models are the source of truth; `schemas/job.schema.json` and
+`schemas/result.schema.json` are exported from them (`lora-workers schemas export`) and a test
+keeps the files in sync, so non-Python producers and consumers can validate the same shapes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Adapter names travel in jobs and in vLLM LoRA names; a path-like name must never get through.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _published_as(filename: str) -> ConfigDict:
+    """Config of a contract exported to schemas/: strict, immutable, with its schema $id."""
+    return ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={"$id": f"https://lora-workers.dev/schemas/{filename}"},
+    )
+
+
+class JobParams(_Contract):
+    """Per-job sampling overrides; unset fields fall back to the pipeline's defaults."""
+
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+class Job(_Contract):
+    """One LLM job, published as JSON to the task's input topic (key: job_id)."""
+
+    model_config = _published_as("job.schema.json")
+
+    job_id: str = Field(min_length=1, max_length=256)
+    task: str = Field(min_length=1, max_length=128)
+    input: str
+    tenant: str | None = Field(default=None, min_length=1, max_length=128)
+    adapter: str | None = Field(
+        default=None,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="A registered adapter name (never a path); overrides tenant and task routing.",
+    )
+    params: JobParams | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Opaque to the worker; copied to the result."
+    )
+
+
+class ResultStatus(StrEnum):
+    OK = "ok"
+    INVALID_OUTPUT = "invalid_output"
+    ERROR = "error"
+
+
+class AdapterRef(_Contract):
+    """The exact adapter version that produced a result."""
+
+    name: str
+    version: str
+
+
+# What metrics, reports and summaries call the base model; adapters are labelled name@version,
+# so no adapter name can collide with it.
+BASE_MODEL_LABEL = "base"
+
+
+def adapter_label(name: str | None, version: str | None) -> str:
+    return BASE_MODEL_LABEL if name is None else f"{name}@{version}"
+
+
+class Usage(_Contract):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class ErrorInfo(_Contract):
+    code: str
+    message: str
+
+
+class Timings(_Contract):
+    """Milliseconds since the Unix epoch, and durations in milliseconds."""
+
+    enqueued_at_ms: int = Field(description="Kafka timestamp of the job message.")
+    received_at_ms: int = Field(description="When the worker consumed the job.")
+    completed_at_ms: int = Field(description="When the result was built.")
+    queue_ms: float = Field(ge=0, description="Consumed until handed to the engine.")
+    generate_ms: float = Field(ge=0, description="Wall time of the engine call holding the job.")
+
+
+class Result(_Contract):
+    """One result per job, written to the task's result topic (key: job_id)."""
+
+    model_config = _published_as("result.schema.json")
+
+    job_id: str
+    task: str
+    status: ResultStatus
+    output: Any = Field(
+        description="The parsed JSON value where the task has an output schema, else the text."
+    )
+    raw_output: str = Field(description="The generated text, exactly as the engine returned it.")
+    adapter: AdapterRef | None = Field(description="null when the base model served the job.")
+    usage: Usage
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] | None = None
+    timings: Timings
+
+
+# --- adapter lifecycle -----------------------------------------------------------------------
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"
+
+
+class AdapterVersionSpec(_Contract):
+    """One version of an adapter and its share of the adapter's traffic."""
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    path: str = Field(min_length=1, description="Directory under one of the allowed roots.")
+    sha256: str = Field(
+        pattern=SHA256_PATTERN, description="workers.adapters.checks.adapter_digest."
+    )
+    weight: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class AdapterUpdate(_Contract):
+    """The whole desired state of one adapter, keyed by its name on the compacted topic
+    `adapters.updates`. Whole state, not a delta, so compaction keeps what a worker needs;
+    a tombstone (null value) retires the adapter."""
+
+    model_config = _published_as("adapter-update.schema.json")
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    base_model: str = Field(min_length=1, description="The base model the adapter was trained on.")
+    versions: list[AdapterVersionSpec] = Field(min_length=1, max_length=8)
+    tenants: list[str] | None = Field(
+        default=None, description="Tenants that may use the adapter; absent means all."
+    )
+    hot: bool = Field(default=False, description="Pin in the engine's adapter slots.")
+    published_at_ms: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _weights_cover_all_traffic(self) -> AdapterUpdate:
+        total = sum(v.weight for v in self.versions)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"version weights must add up to 1, got {total:g}")
+        if len({v.version for v in self.versions}) != len(self.versions):
+            raise ValueError("a version appears twice")
+        return self
+
+
+class AdapterState(StrEnum):
+    SERVING = "serving"
+    REJECTED = "rejected"
+    RETIRED = "retired"
+
+
+class AdapterStatus(_Contract):
+    """What a worker did with an update, on `adapters.status` (key: adapter name)."""
+
+    name: str
+    version: str | None
+    state: AdapterState
+    worker: str
+    code: str | None = None
+    message: str | None = None
+    weight: float | None = None
+    at_ms: int
+
+
+def contract_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema documents exported to `schemas/`, by file name."""
+    documents: dict[str, dict[str, Any]] = {}
+    for filename, model in (
+        ("job.schema.json", Job),
+        ("result.schema.json", Result),
+        ("adapter-update.schema.json", AdapterUpdate),
+        ("adapter-status.schema.json", AdapterStatus),
+    ):
+        schema = model.model_json_schema(mode="serialization")
+        documents[filename] = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return documents

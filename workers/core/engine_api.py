@@ -1,0 +1,75 @@
+"""The engine's narrow interface and the values that cross it. Pure types, no vLLM.
+
+The rest of the worker sees only `Engine`: tokenize a prompt, register an adapter, run a batch of
+`GenerationRequest`s. `workers.engine.vllm_engine.VllmEngine` implements it with one offline vLLM
+`LLM` holding many LoRA adapters on one base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """One adapter version as the engine knows it.
+
+    vLLM keys its LoRA caches by id and its prefix cache by name, so a new version must get a
+    fresh id and name, never reuse them (see README, "Adapters").
+    """
+
+    name: str
+    version: str
+    path: str
+    lora_id: int
+
+    @property
+    def engine_name(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    adapter: AdapterHandle | None
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    json_schema: dict[str, Any] | None = None  # constrain the output to this JSON Schema
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    completion_tokens: int
+    finish_reason: str | None
+
+
+class AdapterLoadError(Exception):
+    """The engine refused an adapter; the message names it. The engine keeps serving."""
+
+
+class EngineDied(Exception):
+    """The engine process died during a call; `restart()` brings it back."""
+
+
+class Engine(Protocol):
+    max_model_len: int
+
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    def register_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    def unregister_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    def pin_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    def resident_adapters(self) -> set[int]: ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    def restart(self) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,138 @@
+"""Generate one micro-batch and turn every output into a checked `Result`, or a retry.
+
+This is the stage where jobs are generated and validated; the Kafka worker and the bulk runner
+both use it, so a job is served the same way whichever door it came in by.
+
+Where a task has an output schema, generation is constrained to it (vLLM structured outputs)
+and then still validated (jsonschema, formats checked). An output that is invalid or cut off by
+`max_tokens` is retried with a larger token budget up to the pipeline's
+`invalid_output_retries`; after that it becomes an `invalid_output` result with the reason,
+never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from workers import metrics
+from workers.core.config import PipelineConfig
+from workers.core.contracts import AdapterRef, Result, ResultStatus, Timings, Usage, adapter_label
+from workers.core.engine_api import AdapterHandle, Engine, Generation
+from workers.core.prepare import PreparedJob
+from workers.core.validation import OutputValidator
+
+log = structlog.get_logger(__name__)
+
+
+class AdapterLoader(Protocol):
+    """Loads a batch's adapters into the engine before `generate` (`workers.adapters.cache`)."""
+
+    def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    results: list[tuple[PreparedJob, Result]]
+    retries: list[PreparedJob]  # back to the batcher with a larger token budget
+    output_tokens: int
+
+
+class BatchProcessor:
+    def __init__(
+        self, engine: Engine, cache: AdapterLoader, pipelines: dict[str, PipelineConfig]
+    ) -> None:
+        self._engine = engine
+        self._cache = cache
+        self._validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
+
+    def run(self, batch: list[PreparedJob]) -> BatchOutcome:
+        self._cache.ensure_loaded(job.adapter for job in batch)
+        handed_at = time.monotonic()
+        generations = self._engine.generate([job.request for job in batch])
+        generate_ms = (time.monotonic() - handed_at) * 1000
+        output_tokens = sum(g.completion_tokens for g in generations)
+        adapters = len({job.adapter_key for job in batch})
+        metrics.GENERATE_SECONDS.observe(generate_ms / 1000)
+        metrics.BATCH_JOBS.observe(len(batch))
+        metrics.BATCH_ADAPTERS.observe(adapters)
+        log.info(
+            "batch_done",
+            jobs=len(batch),
+            adapters=adapters,
+            generate_ms=round(generate_ms, 1),
+            output_tokens=output_tokens,
+        )
+        results: list[tuple[PreparedJob, Result]] = []
+        retries: list[PreparedJob] = []
+        for job, generation in zip(batch, generations, strict=True):
+            result = self._build_result(job, generation, handed_at, generate_ms)
+            retry = self._retry_of(job, result)
+            if retry is not None:
+                retries.append(retry)
+                continue
+            if job.pipeline.output_schema is not None:
+                metrics.SCHEMA_COMPLIANCE.labels(
+                    job.pipeline.task,
+                    adapter_label(
+                        job.adapter and job.adapter.name, job.adapter and job.adapter.version
+                    ),
+                    str(result.status is ResultStatus.OK).lower(),
+                ).inc()
+            results.append((job, result))
+        return BatchOutcome(results, retries, output_tokens)
+
+    def _retry_of(self, job: PreparedJob, result: Result) -> PreparedJob | None:
+        pipeline = job.pipeline
+        if result.status is not ResultStatus.INVALID_OUTPUT:
+            return None
+        if job.attempt >= pipeline.invalid_output_retries:
+            return None
+        room = self._engine.max_model_len - len(job.request.prompt_token_ids)
+        budget = min(room, int(job.request.max_tokens * pipeline.retry_token_factor))
+        if budget <= job.request.max_tokens:
+            return None  # no larger budget fits the context; the invalid result stands
+        log.info(
+            "invalid_output_retry",
+            job_id=job.job.job_id,
+            code=result.error.code if result.error else None,
+            max_tokens=budget,
+        )
+        request = dataclasses.replace(job.request, max_tokens=budget)
+        return dataclasses.replace(job, request=request, attempt=job.attempt + 1)
+
+    def _build_result(
+        self, job: PreparedJob, generation: Generation, handed_at: float, generate_ms: float
+    ) -> Result:
+        checked = self._validators[job.pipeline.task].check(
+            generation.text, generation.finish_reason
+        )
+        adapter = job.adapter
+        return Result(
+            job_id=job.job.job_id,
+            task=job.pipeline.task,
+            status=checked.status,
+            output=checked.output,
+            raw_output=generation.text,
+            adapter=None
+            if adapter is None
+            else AdapterRef(name=adapter.name, version=adapter.version),
+            usage=Usage(
+                prompt_tokens=len(job.request.prompt_token_ids),
+                completion_tokens=generation.completion_tokens,
+            ),
+            error=checked.error,
+            metadata=job.job.metadata,
+            timings=Timings(
+                enqueued_at_ms=job.source.timestamp_ms,
+                received_at_ms=job.received_at_ms,
+                completed_at_ms=int(time.time() * 1000),
+                queue_ms=round((handed_at - job.arrived_at) * 1000, 3),
+                generate_ms=round(generate_ms, 3),
+            ),
+        )

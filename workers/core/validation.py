@@ -1,0 +1,54 @@
+"""Check a generated text against the task's output schema (JSON Schema 2020-12, formats on)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from workers.core.contracts import ErrorInfo, ResultStatus
+from workers.core.errors import OutputError
+
+
+@dataclass(frozen=True)
+class CheckedOutput:
+    status: ResultStatus
+    output: Any
+    error: ErrorInfo | None = None
+
+
+class OutputValidator:
+    """Parses and validates outputs for one task; a task without a schema returns the text."""
+
+    def __init__(self, schema: dict[str, Any] | None) -> None:
+        if schema is not None:
+            Draft202012Validator.check_schema(schema)
+            self._validator: Draft202012Validator | None = Draft202012Validator(
+                schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+            )
+        else:
+            self._validator = None
+
+    def check(self, text: str, finish_reason: str | None) -> CheckedOutput:
+        if self._validator is None:
+            return CheckedOutput(ResultStatus.OK, text)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # A JSON answer cut off by max_tokens is the common case; say so, it is actionable.
+            code = OutputError.TRUNCATED if finish_reason == "length" else OutputError.INVALID_JSON
+            return CheckedOutput(
+                ResultStatus.INVALID_OUTPUT, text, ErrorInfo(code=code, message=f"not JSON: {exc}")
+            )
+        error = best_match(self._validator.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            return CheckedOutput(
+                ResultStatus.INVALID_OUTPUT,
+                value,
+                ErrorInfo(code=OutputError.SCHEMA_VIOLATION, message=f"{where}: {error.message}"),
+            )
+        return CheckedOutput(ResultStatus.OK, value)

