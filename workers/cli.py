@@ -1,4 +1,4 @@
-"""Command line: `lora-workers run | publish | topics create | results | schemas export`.
+"""lora-workers: Kafka-driven workers serving many LoRA adapters on one vLLM base model.
 
 Every failure the user can fix (a bad flag, a missing file, no broker address) ends with one
 readable line on stderr and a non-zero exit code.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,83 +28,148 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="lora-workers", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--bootstrap-servers", help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS)"
-    )
-    parser.add_argument("--pipelines", type=Path, help="directory of pipeline YAML files")
-    parser.add_argument("--log-level", default="INFO")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Appends an argument's default to its help, unless the help already says it."""
 
-    run = commands.add_parser("run", help="consume jobs and write results")
-    run.add_argument("--group-id", help="consumer group (default: lora-workers)")
-    run.add_argument("--catalog", type=Path, help="adapter catalog YAML")
-    run.add_argument("--max-jobs", type=_positive_int, help="exit after N finished messages")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and "default" not in help_text and action.option_strings:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    def command_parser(
+        parent: argparse._SubParsersAction, name: str, help_text: str
+    ) -> argparse.ArgumentParser:
+        return parent.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults
+        )
+
+    parser = _OneLineParser(
+        prog="lora-workers",
+        description=__doc__.splitlines()[0],
+        formatter_class=_HelpWithDefaults,
+    )
+    parser.add_argument(
+        "--bootstrap-servers",
+        help="Kafka brokers, host:port[,...] (default: $KAFKA_BOOTSTRAP_SERVERS)",
+    )
+    parser.add_argument(
+        "--pipelines",
+        type=Path,
+        help="directory of pipeline YAML files (default: the repository's pipelines/)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="structured log level on stderr",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
+    )
+
+    run = command_parser(commands, "run", "consume jobs and write results")
+    run.add_argument("--group-id", help="Kafka consumer group (default: lora-workers)")
+    run.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
+    run.add_argument(
+        "--max-jobs", type=_positive_int, help="exit after N finished messages (default: never)"
+    )
     run.add_argument(
         "--idle-exit",
         type=_positive_float,
         metavar="SECONDS",
-        help="exit after this long with no work",
+        help="exit after this long with no work (default: never)",
     )
-    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    run.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve Prometheus metrics on this port (default: no metrics server)",
+    )
 
-    bulk = commands.add_parser(
-        "bulk", help="run a file of jobs through one pipeline into a Parquet dataset, no Kafka"
+    bulk = command_parser(
+        commands, "bulk", "run a file of jobs into a Parquet dataset, without Kafka"
     )
     bulk.add_argument(
         "--pipeline", help="serve every row with this task's pipeline (default: each row's task)"
     )
     bulk.add_argument("--input", required=True, type=Path, help="jobs as .jsonl or .parquet")
     bulk.add_argument("--output", required=True, type=Path, help="the Parquet dataset directory")
-    bulk.add_argument("--rows-per-file", type=_positive_int, default=10_000)
-    bulk.add_argument("--row-group-size", type=_positive_int, default=10_000)
-    bulk.add_argument("--catalog", type=Path, help="adapter catalog YAML")
+    bulk.add_argument(
+        "--rows-per-file", type=_positive_int, default=10_000, help="rows per Parquet file"
+    )
+    bulk.add_argument(
+        "--row-group-size", type=_positive_int, default=10_000, help="rows per Parquet row group"
+    )
+    bulk.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
 
-    publish = commands.add_parser("publish", help="publish jobs from a file to a topic")
-    publish.add_argument("--topic", required=True)
+    publish = command_parser(commands, "publish", "publish jobs from a file to a topic")
+    publish.add_argument("--topic", required=True, help="the input topic, e.g. jobs.classify")
     publish.add_argument("file", help="a .jsonl or .parquet file of jobs; - for JSONL on stdin")
 
-    topics = commands.add_parser("topics", help="manage the pipelines' topics")
+    topics = command_parser(commands, "topics", "manage the pipelines' topics")
     topic_commands = topics.add_subparsers(
-        dest="topics_command", required=True, parser_class=_OneLineParser
+        dest="topics_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
     )
-    create = topic_commands.add_parser("create", help="create input, result and DLQ topics")
-    create.add_argument("--partitions", type=_positive_int, default=3)
-    create.add_argument("--replication-factor", type=_positive_int, default=1)
+    create = command_parser(
+        topic_commands, "create", "create input, result, dead-letter and adapter topics"
+    )
+    create.add_argument(
+        "--partitions", type=_positive_int, default=3, help="partitions per job/result topic"
+    )
+    create.add_argument(
+        "--replication-factor", type=_positive_int, default=1, help="replicas per partition"
+    )
 
-    commands.add_parser("results", help="print result counts by task, adapter and status")
+    command_parser(commands, "results", "print result counts by task, adapter and status")
 
-    adapters = commands.add_parser("adapters", help="announce and list adapter versions")
+    adapters = command_parser(commands, "adapters", "announce and list adapter versions")
     adapter_commands = adapters.add_subparsers(
-        dest="adapters_command", required=True, parser_class=_OneLineParser
+        dest="adapters_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
     )
-    announce = adapter_commands.add_parser("publish", help="announce a new adapter version")
-    announce.add_argument("name")
-    announce.add_argument("--version", required=True)
+    announce = command_parser(adapter_commands, "publish", "announce a new adapter version")
+    announce.add_argument("name", help="the adapter's name, as jobs and pipelines route to it")
+    announce.add_argument("--version", required=True, help="a new version label, e.g. v2")
     announce.add_argument("--path", required=True, type=Path, help="the adapter directory")
     announce.add_argument("--base-model", help="default: the catalog's base model")
     announce.add_argument(
-        "--weight", type=_weight, default=1.0, help="share of traffic for this version (0-1]"
+        "--weight", type=_weight, default=1.0, help="share of traffic for this version, in (0, 1]"
     )
-    announce.add_argument("--tenants", type=_tenants, help="comma-separated allow list")
-    announce.add_argument("--hot", action="store_true", help="pin in the engine's slots")
-    announce.add_argument("--catalog", type=Path, help="adapter catalog YAML")
-    adapter_commands.add_parser("list", help="what the adapter-update topic holds")
+    announce.add_argument(
+        "--tenants", type=_tenants, help="comma-separated allow list (default: all tenants)"
+    )
+    announce.add_argument("--hot", action="store_true", help="pin in the engine's adapter slots")
+    announce.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
+    command_parser(adapter_commands, "list", "what the adapter-update topic holds, with status")
 
-    schemas = commands.add_parser("schemas", help="contract schema files")
+    schemas = command_parser(commands, "schemas", "contract schema files")
     schema_commands = schemas.add_subparsers(
-        dest="schemas_command", required=True, parser_class=_OneLineParser
+        dest="schemas_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
     )
-    export = schema_commands.add_parser("export", help="write schemas/*.schema.json from models")
-    export.add_argument("--out", type=Path, default=Path("schemas"))
+    export = command_parser(
+        schema_commands, "export", "write schemas/*.schema.json from the contract models"
+    )
+    export.add_argument("--out", type=Path, default=Path("schemas"), help="output directory")
     return parser
+
+
+_CATALOG_HELP = "adapter catalog YAML (default: the repository's models/catalog.yaml)"
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
     return value
 
 
@@ -279,20 +344,15 @@ def _print_adapters(listings: list) -> None:
     Console().print(table)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "run":
-        return _cmd_run(args)
-    if args.command == "publish":
-        return _cmd_publish(args)
-    if args.command == "bulk":
-        return _cmd_bulk(args)
-    if args.command == "topics":
-        return _cmd_topics_create(args)
-    if args.command == "results":
-        return _cmd_results(args)
-    if args.command == "adapters":
-        return _cmd_adapters(args)
-    return _cmd_schemas_export(args)
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "publish": _cmd_publish,
+    "bulk": _cmd_bulk,
+    "topics": _cmd_topics_create,
+    "results": _cmd_results,
+    "adapters": _cmd_adapters,
+    "schemas": _cmd_schemas_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -301,11 +361,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
     try:
         configure_logging(args.log_level)
-        code = _dispatch(args)
+        code = _COMMANDS[args.command](args)
     except (ConfigError, ValidationError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"lora-workers: error: {message}", file=sys.stderr)
         code = EXIT_USAGE
+    except OSError as exc:  # a port in use, an unwritable output path, a missing file
+        print(f"lora-workers: error: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
     except KafkaException as exc:
         print(f"lora-workers: kafka error: {exc.args[0]}", file=sys.stderr)
         code = EXIT_FAILURE

@@ -25,22 +25,18 @@ from types import FrameType
 import structlog
 
 from workers import metrics
-from workers.adapters.cache import AdapterCache
 from workers.adapters.feed import AdapterUpdateFeed
-from workers.adapters.registry import AdapterRegistry
-from workers.core.batching import AdapterBatcher
 from workers.core.config import PipelineConfig, Settings
 from workers.core.contracts import Result, adapter_label
-from workers.core.engine_api import Engine
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage
 from workers.core.offsets import OffsetTracker, TopicPartitionKey
-from workers.core.prepare import JobPreparer, PreparedJob
-from workers.core.processing import BatchOutcome, BatchProcessor
-from workers.engine.crashes import Guarded, run_isolating_crashes
+from workers.core.prepare import PreparedJob
+from workers.core.processing import ServedBatch
 from workers.kafka.sinks import ResultSink, dead_letter_record, result_record
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
 from workers.parquet.kafka_results import ParquetResults
+from workers.serving import Serving
 from workers.threads import on_daemon_thread
 
 log = structlog.get_logger(__name__)
@@ -78,7 +74,7 @@ class _InFlight:
     dropped when it returns: the partition's next owner serves those jobs from the last commit."""
 
     batch: list[PreparedJob]
-    future: Future[Guarded[PreparedJob, BatchOutcome]]
+    future: Future[ServedBatch]
     revoked: set[TopicPartitionKey] = field(default_factory=set)
 
     def still_ours(self, job: PreparedJob) -> bool:
@@ -94,26 +90,16 @@ class Worker:
         self,
         settings: Settings,
         pipelines: dict[str, PipelineConfig],
-        engine: Engine,
-        preparer: JobPreparer,
-        registry: AdapterRegistry,
+        serving: Serving,
         updates: AdapterUpdateFeed,
-        cache: AdapterCache,
-        batcher: AdapterBatcher[PreparedJob],
         source_factory: Callable[[RebalanceHandlers], KafkaJobSource],
         sink: ResultSink,
-        restart_engine: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.pipelines = pipelines
-        self.engine = engine
-        self.preparer = preparer
-        self.registry = registry
+        self.serving = serving
+        self.batcher = serving.batcher
         self.updates = updates
-        self.cache = cache
-        self.batcher = batcher
-        self._restart_engine = restart_engine  # with the same adapters; the cache re-read
-        self.processor = BatchProcessor(engine, cache, pipelines)
         self.parquet = ParquetResults(pipelines)
         self._awaiting: dict[tuple[str, int, int], _Awaiting] = {}
         self.sink = sink
@@ -203,7 +189,7 @@ class Worker:
                 not_started=len(self.batcher),
                 abandoned=len(self._inflight.batch) if self._inflight else 0,
                 engine_restarts=self.summary.engine_restarts,
-                adapter_cache=vars(self.cache.stats),
+                adapter_cache=vars(self.serving.cache.stats),
             )
 
     def _await_batch(self, deadline_s: float) -> None:
@@ -215,12 +201,12 @@ class Worker:
             log.warning("batch_abandoned", jobs=len(self._inflight.batch), deadline_s=deadline_s)
 
     def _follow_adapter_updates(self) -> None:
-        self.updates.follow(self.registry.apply_record)
+        self.updates.follow(self.serving.registry.apply_record)
         # Versions replaced by an update leave the engine once no waiting job was routed to them.
         waiting = {key for key in self.batcher.pending_keys() if isinstance(key, int)}
-        released = self.registry.release_unused(waiting)
+        released = self.serving.registry.release_unused(waiting)
         if released:
-            self.cache.refresh(unregistered=released)
+            self.serving.cache.refresh(unregistered=released)
 
     # --- consume and prepare -----------------------------------------------------------------
 
@@ -245,7 +231,7 @@ class Worker:
     def _accept(self, message: SourceMessage) -> None:
         self.offsets.track(message.topic, message.partition, message.offset)
         try:
-            prepared = self.preparer.prepare(message)
+            prepared = self.serving.preparer.prepare(message)
         except JobRejected as rejection:
             self._dead_letter(message, rejection)
             return
@@ -258,14 +244,8 @@ class Worker:
             if rejection.code is JobError.UNKNOWN_TASK
             else pipeline.dlq_topic
         )
-        log.warning(
-            "dead_letter",
-            code=rejection.code,
-            reason=rejection.message,
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-        )
+        source = f"{message.topic}[{message.partition}]@{message.offset}"
+        log.warning("dead_letter", code=rejection.code, reason=rejection.message, source=source)
 
         def done() -> None:
             self._finish(message)
@@ -281,12 +261,7 @@ class Worker:
         log.info("batch_started", jobs=len(batch), adapters=len({j.adapter_key for j in batch}))
         # A daemon thread: a shutdown past its deadline must not wait for generate() to return.
         # Errors reach the worker thread through the future, which re-raises them.
-        future = on_daemon_thread(
-            lambda: run_isolating_crashes(
-                batch, self.processor.run, self._restart_engine, self.settings.engine.crash_attempts
-            ),
-            name="engine",
-        )
+        future = on_daemon_thread(lambda: self.serving.processor.serve(batch), name="engine")
         self._inflight = _InFlight(batch, future)
 
     def _collect_batch(self) -> None:
@@ -294,22 +269,17 @@ class Worker:
         if inflight is None or not inflight.future.done():
             return
         self._inflight = None
-        guarded = inflight.future.result()  # an engine that cannot restart ends the worker
-        self.summary.engine_restarts += guarded.restarts
-        for outcome in guarded.outcomes:
-            for job, result in outcome.results:
-                if inflight.still_ours(job):
-                    self._write_result(job, result)
-            for retry in outcome.retries:
-                if inflight.still_ours(retry):
-                    self.batcher.add(retry)
-        for job in guarded.crashed:
+        served = inflight.future.result()  # an engine that cannot restart ends the worker
+        self.summary.engine_restarts += served.engine_restarts
+        for job, result in served.results:
             if inflight.still_ours(job):
-                reason = (
-                    f"the engine died {self.settings.engine.crash_attempts} times running this "
-                    "job alone"
-                )
-                self._dead_letter(job.source, JobRejected(JobError.ENGINE_CRASH, reason))
+                self._write_result(job, result)
+        for retry in served.retries:
+            if inflight.still_ours(retry):
+                self.batcher.add(retry)
+        for job in served.crashed:
+            if inflight.still_ours(job):
+                self._dead_letter(job.source, served.crash_rejection)
 
     def _write_result(self, job: PreparedJob, result: Result) -> None:
         source = job.source

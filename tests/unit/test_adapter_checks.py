@@ -3,22 +3,31 @@ from pathlib import Path
 import pytest
 
 from tests.unit.adapter_fixtures import copy_adapter
-from workers.adapters.checks import adapter_digest, inspect_adapter
+from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.core.config import LLAMA_LORA_MODULES
 from workers.core.errors import AdapterRejected
 
 
-def check(path: Path | str, root: Path, **overrides):
-    arguments = {
-        "expected_sha256": None,
-        "served_base_model": "/opt/models/tiny-llama",
-        "claimed_base_model": "tiny-llama",
+def check(
+    path: Path | str,
+    root: Path,
+    expected_sha256: str | None = None,
+    claimed_base_model: str = "tiny-llama",
+    **requirements,
+):
+    served = {
+        "base_model": "/opt/models/tiny-llama",
         "max_rank": 8,
         "supported_modules": LLAMA_LORA_MODULES,
-        "allowed_roots": [root],
-        **overrides,
+        "allowed_roots": (root,),
+        **requirements,
     }
-    return inspect_adapter(str(path), **arguments)
+    return inspect_adapter(
+        str(path),
+        AdapterRequirements(**served),
+        expected_sha256=expected_sha256,
+        claimed_base_model=claimed_base_model,
+    )
 
 
 def rejection_code(path: Path | str, root: Path, **overrides) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.unit.adapter_fixtures import copy_adapter
-from workers.adapters.checks import adapter_digest
+from workers.adapters.checks import AdapterRequirements, adapter_digest
 from workers.adapters.registry import AdapterRegistry
 from workers.adapters.updates import decode_update
-from workers.core.config import AdapterSettings
+from workers.core.config import LLAMA_LORA_MODULES
 from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
 from workers.core.engine_api import AdapterHandle, AdapterLoadError
 from workers.core.errors import JobRejected
@@ -56,9 +56,7 @@ def statuses() -> list[AdapterStatus]:
 def registry(root: Path, engine: RecordingEngine, statuses: list) -> AdapterRegistry:
     return AdapterRegistry(
         engine,
-        AdapterSettings(allowed_roots=[root]),
-        base_model="tiny-llama",
-        max_lora_rank=8,
+        AdapterRequirements("tiny-llama", 8, LLAMA_LORA_MODULES, (root,)),
         worker_id="w1",
         on_status=statuses.append,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from workers.adapters.checks import adapter_digest, inspect_adapter
+from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.adapters.registry import update_from_catalog
 from workers.adapters.updates import decode_update
 from workers.core.config import Settings, load_catalog
@@ -73,15 +73,8 @@ def publish_version(
 ) -> AdapterUpdate:
     """Check the adapter locally (the same checks a worker runs before loading), then write the
     adapter's new state to the updates topic. Raises `AdapterRejected` for a bad adapter."""
-    inspect_adapter(
-        str(path),
-        expected_sha256=None,
-        served_base_model=base_model,
-        claimed_base_model=base_model,
-        max_rank=max_lora_rank,
-        supported_modules=settings.adapters.supported_target_modules,
-        allowed_roots=settings.adapters.allowed_roots,
-    )
+    requirements = AdapterRequirements.of(settings.adapters, base_model, max_lora_rank)
+    inspect_adapter(str(path), requirements, expected_sha256=None, claimed_base_model=base_model)
     spec = AdapterVersionSpec(
         version=version, path=str(path.resolve()), sha256=adapter_digest(path), weight=weight
     )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from workers.core.config import AdapterSettings
 from workers.core.errors import AdapterError, AdapterRejected
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -36,7 +38,7 @@ def adapter_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_inside_roots(raw_path: str, allowed_roots: list[Path]) -> Path:
+def resolve_inside_roots(raw_path: str, allowed_roots: Sequence[Path]) -> Path:
     if ".." in PurePath(raw_path).parts:
         raise AdapterRejected(AdapterError.PATH_OUTSIDE_ROOTS, f"{raw_path} contains '..'")
     # resolve() follows symlinks, so a link inside a root that points outside is caught here.
@@ -56,18 +58,35 @@ def same_base_model(claimed: str, served: str) -> bool:
     return PurePath(claimed.rstrip("/")).name == PurePath(served.rstrip("/")).name
 
 
+@dataclass(frozen=True)
+class AdapterRequirements:
+    """What this deployment can serve: adapters for its base model, within its engine's rank
+    limit and LoRA modules, from directories under its allowed roots."""
+
+    base_model: str
+    max_rank: int
+    supported_modules: frozenset[str]
+    allowed_roots: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, settings: AdapterSettings, base_model: str, max_rank: int) -> AdapterRequirements:
+        return cls(
+            base_model, max_rank, settings.supported_target_modules, tuple(settings.allowed_roots)
+        )
+
+
 def inspect_adapter(
     raw_path: str,
+    requirements: AdapterRequirements,
     *,
     expected_sha256: str | None,
-    served_base_model: str,
     claimed_base_model: str,
-    max_rank: int,
-    supported_modules: frozenset[str],
-    allowed_roots: list[Path],
 ) -> AdapterFacts:
     """Raise `AdapterRejected` unless the adapter at `raw_path` is safe to hand to the engine."""
-    path = resolve_inside_roots(raw_path, allowed_roots)
+    served_base_model = requirements.base_model
+    max_rank = requirements.max_rank
+    supported_modules = requirements.supported_modules
+    path = resolve_inside_roots(raw_path, requirements.allowed_roots)
     if not path.is_dir():
         raise AdapterRejected(AdapterError.PATH_MISSING, f"{raw_path} is not a directory")
     present = {p.name for p in path.iterdir()}

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import structlog
 
 from workers import metrics
-from workers.adapters.checks import adapter_digest, inspect_adapter
+from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.adapters.updates import UpdateRecord
-from workers.core.config import AdapterCatalog, AdapterEntry, AdapterSettings
+from workers.core.config import AdapterCatalog, AdapterEntry
 from workers.core.contracts import (
     AdapterState,
     AdapterStatus,
@@ -90,17 +90,13 @@ class AdapterRegistry:
     def __init__(
         self,
         engine: Engine,
-        settings: AdapterSettings,
+        requirements: AdapterRequirements,
         *,
-        base_model: str,
-        max_lora_rank: int,
         worker_id: str,
         on_status: StatusCallback,
     ) -> None:
         self._engine = engine
-        self._settings = settings
-        self._base_model = base_model
-        self._max_lora_rank = max_lora_rank
+        self._requirements = requirements
         self._worker_id = worker_id
         self._on_status = on_status
         self._served: dict[str, ServedAdapter] = {}
@@ -208,12 +204,9 @@ class AdapterRegistry:
             return handle
         facts = inspect_adapter(
             spec.path,
+            self._requirements,
             expected_sha256=spec.sha256,
-            served_base_model=self._base_model,
             claimed_base_model=update.base_model,
-            max_rank=self._max_lora_rank,
-            supported_modules=self._settings.supported_target_modules,
-            allowed_roots=self._settings.allowed_roots,
         )
         handle = AdapterHandle(update.name, spec.version, str(facts.path), next(self._lora_ids))
         started = time.monotonic()

@@ -13,7 +13,6 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from workers.bulk.jobfiles import count_rows, read_rows
-from workers.core.batching import AdapterBatcher
 from workers.core.config import PipelineConfig
 from workers.core.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage, adapter_label
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage
-from workers.core.prepare import JobPreparer, PreparedJob, decode_job
-from workers.core.processing import BatchProcessor
-from workers.engine.crashes import run_isolating_crashes
+from workers.core.prepare import PreparedJob, decode_job
 from workers.parquet.dataset import ParquetDatasetWriter, existing_job_ids
+from workers.serving import Serving
 
 log = structlog.get_logger(__name__)
 
@@ -66,22 +63,16 @@ class BulkRunner:
     def __init__(
         self,
         pipelines: dict[str, PipelineConfig],
-        preparer: JobPreparer,
-        processor: BatchProcessor,
-        batcher: AdapterBatcher[PreparedJob],
+        serving: Serving,
         output_dir: Path,
         rows_per_file: int,
-        restart_engine: Callable[[], None],
         default_task: str | None = None,
         row_group_size: int = 10_000,
-        crash_attempts: int = 2,
     ) -> None:
         self._pipelines = pipelines
-        self._preparer = preparer
-        self._processor = processor
-        self._restart_engine = restart_engine
-        self._crash_attempts = crash_attempts
-        self._batcher = batcher
+        self._preparer = serving.preparer
+        self._processor = serving.processor
+        self._batcher = serving.batcher
         self._output_dir = output_dir
         self._writers: dict[str, ParquetDatasetWriter] = {}
         self._rows_per_file = rows_per_file
@@ -159,26 +150,18 @@ class BulkRunner:
         return task
 
     def _run_batch(self, batch: list[PreparedJob]) -> int:
-        # As in the worker: a dead engine is restarted and the batch bisected; a row that kills
-        # the engine on its own becomes an engine_crash error row.
-        guarded = run_isolating_crashes(
-            batch, self._processor.run, self._restart_engine, self._crash_attempts
-        )
-        finished = len(guarded.crashed)
-        for outcome in guarded.outcomes:
-            for retry in outcome.retries:
-                self._batcher.add(retry)
-            for job, result in outcome.results:
-                self._keep(job.source.offset, result)
-            self.summary.output_tokens += outcome.output_tokens
-            finished += len(outcome.results)
-        for job in guarded.crashed:
-            rejection = JobRejected(JobError.ENGINE_CRASH, "the engine died running this row alone")
-            self._keep(
-                job.source.offset, self._error_result(job.job.job_id, job.pipeline.task, rejection)
-            )
+        # As in the worker: a row that kills the engine on its own becomes an engine_crash row.
+        served = self._processor.serve(batch)
+        for retry in served.retries:
+            self._batcher.add(retry)
+        for job, result in served.results:
+            self._keep(job.source.offset, result)
+        for job in served.crashed:
+            error = self._error_result(job.job.job_id, job.pipeline.task, served.crash_rejection)
+            self._keep(job.source.offset, error)
+        self.summary.output_tokens += served.output_tokens
         self._write(final=False)
-        return finished
+        return len(served.results) + len(served.crashed)
 
     def _keep(self, row: int, result: Result) -> None:
         self._pending[result.task].append((row, result))

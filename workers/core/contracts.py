@@ -57,17 +57,17 @@ class Job(_Contract):
     )
 
 
-class ResultStatus(StrEnum):
-    OK = "ok"
-    INVALID_OUTPUT = "invalid_output"
-    ERROR = "error"
-
-
 class AdapterRef(_Contract):
     """The exact adapter version that produced a result."""
 
     name: str
     version: str
+
+
+class ResultStatus(StrEnum):
+    OK = "ok"
+    INVALID_OUTPUT = "invalid_output"
+    ERROR = "error"
 
 
 # What metrics, reports and summaries call the base model; adapters are labelled name@version,

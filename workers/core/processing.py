@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,9 @@ import structlog
 from workers import metrics
 from workers.core.config import PipelineConfig
 from workers.core.contracts import AdapterRef, Result, ResultStatus, Timings, Usage, adapter_label
+from workers.core.crashes import run_isolating_crashes
 from workers.core.engine_api import AdapterHandle, Engine, Generation
+from workers.core.errors import JobError, JobRejected
 from workers.core.prepare import PreparedJob
 from workers.core.validation import OutputValidator
 
@@ -43,13 +45,48 @@ class BatchOutcome:
     output_tokens: int
 
 
+@dataclass(frozen=True)
+class ServedBatch:
+    """A micro-batch after crash isolation: every job is a result, a retry or a crash."""
+
+    results: list[tuple[PreparedJob, Result]]
+    retries: list[PreparedJob]
+    crashed: list[PreparedJob]  # killed the engine alone `crash_attempts` times
+    crash_rejection: JobRejected  # how a crashed job is answered
+    output_tokens: int
+    engine_restarts: int
+
+
 class BatchProcessor:
     def __init__(
-        self, engine: Engine, cache: AdapterLoader, pipelines: dict[str, PipelineConfig]
+        self,
+        engine: Engine,
+        cache: AdapterLoader,
+        pipelines: dict[str, PipelineConfig],
+        *,
+        restart_engine: Callable[[], None],
+        crash_attempts: int,
     ) -> None:
         self._engine = engine
         self._cache = cache
         self._validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
+        self._restart_engine = restart_engine
+        self._crash_rejection = JobRejected(
+            JobError.ENGINE_CRASH, f"the engine died {crash_attempts} times running this job alone"
+        )
+        self._crash_attempts = crash_attempts
+
+    def serve(self, batch: list[PreparedJob]) -> ServedBatch:
+        """`run`, with a dead engine restarted and the batch bisected (`crashes.py`)."""
+        guarded = run_isolating_crashes(batch, self.run, self._restart_engine, self._crash_attempts)
+        return ServedBatch(
+            results=[pair for outcome in guarded.outcomes for pair in outcome.results],
+            retries=[job for outcome in guarded.outcomes for job in outcome.retries],
+            crashed=guarded.crashed,
+            crash_rejection=self._crash_rejection,
+            output_tokens=sum(outcome.output_tokens for outcome in guarded.outcomes),
+            engine_restarts=guarded.restarts,
+        )
 
     def run(self, batch: list[PreparedJob]) -> BatchOutcome:
         self._cache.ensure_loaded(job.adapter for job in batch)

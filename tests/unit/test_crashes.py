@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from workers.core.crashes import run_isolating_crashes
 from workers.core.engine_api import EngineDied
-from workers.engine.crashes import run_isolating_crashes
 
 
 class FlakyEngine:

@@ -1,0 +1,112 @@
+"""The engine and everything around it that the Kafka worker and bulk mode share: adapters
+registered from the catalog (and the update topic), routing checked, the preparer, batcher and
+processor wired to one engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from workers.adapters.cache import AdapterCache
+from workers.adapters.checks import AdapterRequirements
+from workers.adapters.feed import AdapterUpdateFeed
+from workers.adapters.registry import AdapterRegistry
+from workers.core.batching import AdapterBatcher
+from workers.core.config import AdapterCatalog, ConfigError, PipelineConfig, Settings
+from workers.core.contracts import AdapterStatus
+from workers.core.prepare import JobPreparer, PreparedJob
+from workers.core.processing import BatchProcessor
+from workers.engine.vllm_engine import VllmEngine
+
+log = structlog.get_logger(__name__)
+
+
+def check_routing(pipelines: dict[str, PipelineConfig], known_adapters: set[str]) -> None:
+    """Fail at start-up, not per job, when a pipeline routes to an adapter nobody announced."""
+    for pipeline in pipelines.values():
+        names = {pipeline.routing.adapter, *pipeline.routing.tenants.values()} - {None}
+        missing = sorted(n for n in names if n not in known_adapters)
+        if missing:
+            raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
+
+
+def prewarm(engine: VllmEngine, registry: AdapterRegistry, names: list[str]) -> None:
+    served = registry.served()
+    unknown = sorted(set(names) - set(served))
+    if unknown:
+        raise ConfigError(f"adapters.prewarm names adapters nobody serves: {unknown}")
+    handles = [route.handle for name in names for route in served[name].routes]
+    AdapterCache(engine).prewarm(handles, engine.tokenize("warm-up"))
+
+
+@dataclass(frozen=True)
+class Serving:
+    engine: VllmEngine
+    registry: AdapterRegistry
+    cache: AdapterCache
+    preparer: JobPreparer
+    batcher: AdapterBatcher[PreparedJob]
+    processor: BatchProcessor
+
+
+def start_serving(
+    settings: Settings,
+    pipelines: dict[str, PipelineConfig],
+    catalog: AdapterCatalog,
+    on_status: Callable[[AdapterStatus], None],
+    updates: AdapterUpdateFeed | None = None,
+) -> Serving:
+    """Start the engine, register the catalog (then the update topic, if any) and check that
+    every pipeline routes to an adapter that exists. The caller closes `serving.engine`."""
+    engine = VllmEngine(settings.engine)
+    try:
+        registry = AdapterRegistry(
+            engine,
+            AdapterRequirements.of(
+                settings.adapters, catalog.base_model, settings.engine.max_lora_rank
+            ),
+            worker_id=settings.worker_id,
+            on_status=on_status,
+        )
+        registry.load_catalog(catalog)
+        if updates is not None:
+            # Serve the latest announced versions from the first job on.
+            seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
+            log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
+        check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
+        prewarm(engine, registry, settings.adapters.prewarm)
+        cache = AdapterCache(engine)
+        batching = settings.batching
+        batcher: AdapterBatcher[PreparedJob] = AdapterBatcher(
+            max_batch_size=batching.max_batch_size,
+            linger_s=batching.linger_ms / 1000,
+            policy=batching.policy,
+            max_adapters=batching.max_adapters_per_batch or settings.engine.max_loras,
+            max_wait_s=batching.max_wait_ms / 1000,
+            is_resident=cache.is_resident,
+        )
+        preparer = JobPreparer(
+            pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
+            known_tasks=set(pipelines),
+            resolve_adapter=registry.resolve,
+            tokenize=engine.tokenize,
+            max_model_len=engine.max_model_len,
+        )
+
+        def restart_engine() -> None:
+            engine.restart()  # with the same adapters registered and pinned
+            cache.refresh()
+
+        processor = BatchProcessor(
+            engine,
+            cache,
+            pipelines,
+            restart_engine=restart_engine,
+            crash_attempts=settings.engine.crash_attempts,
+        )
+    except BaseException:
+        engine.close()
+        raise
+    return Serving(engine, registry, cache, preparer, batcher, processor)
