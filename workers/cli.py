@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,6 +105,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--row-group-size", type=_positive_int, default=10_000, help="rows per Parquet row group"
     )
+    bulk.add_argument(
+        "--run-id",
+        type=_run_id,
+        help="resume the run of this id: skip its job_ids already in --output "
+        "(default: the input file's sha256, so the same file resumes)",
+    )
     bulk.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
 
     publish = command_parser(commands, "publish", "publish jobs from a file to a topic")
@@ -164,6 +171,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _run_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"use 1-64 letters, digits, '_' or '.', got {text!r}")
+    return text
 
 
 def _port(text: str) -> int:
@@ -236,6 +249,7 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
         output_dir=args.output,
         rows_per_file=args.rows_per_file,
         row_group_size=args.row_group_size,
+        run_id=args.run_id,
     )
     print_summary(summary)
     return 0

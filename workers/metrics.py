@@ -66,3 +66,7 @@ TRANSACTIONS = Counter(
     "Exactly-once commits (answers plus offsets), by outcome.",
     ["outcome"],
 )
+UNDELIVERABLE = Counter(
+    "lora_workers_undeliverable_total",
+    "Answers that could not be written and were replaced by a minimal undeliverable dead letter.",
+)

@@ -8,7 +8,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from workers.adapters.feed import AdapterUpdateFeed
-from workers.bulk.runner import BulkRunner, BulkSummary
+from workers.bulk.runner import BulkRunner, BulkSummary, default_run_id
 from workers.core.config import (
     ConfigError,
     Settings,
@@ -44,10 +44,11 @@ def run_worker(
             bootstrap,
             settings.transactional_id,
             settings.delivery.transaction_timeout_ms,
+            settings.sizes,
             settings.kafka,
         )
         if settings.delivery.mode == "exactly_once"
-        else AtLeastOnceSink(bootstrap, settings.kafka)
+        else AtLeastOnceSink(bootstrap, settings.sizes, settings.kafka)
     )
     statuses = AdapterStatusWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
@@ -88,6 +89,7 @@ def run_bulk(
     output_dir: Path,
     rows_per_file: int,
     row_group_size: int = 10_000,
+    run_id: str | None = None,
 ) -> BulkSummary:
     """`task` None: every pipeline, each row served by the pipeline its `task` names."""
     pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
@@ -97,6 +99,8 @@ def run_bulk(
         pipelines = {task: pipelines[task]}
     if not input_path.is_file():
         raise ConfigError(f"input {input_path} is not a file")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output {output_dir} exists and is not a directory")
     catalog = load_catalog(settings.catalog)
 
     def log_status(status: AdapterStatus) -> None:
@@ -109,6 +113,7 @@ def run_bulk(
             serving,
             output_dir,
             rows_per_file=rows_per_file,
+            run_id=run_id or default_run_id(input_path),
             default_task=task,
             row_group_size=row_group_size,
         )

@@ -49,6 +49,7 @@ class Serving:
     preparer: JobPreparer
     batcher: AdapterBatcher[PreparedJob]
     processor: BatchProcessor
+    restart_engine: Callable[[], None]  # the same adapters registered and pinned again
 
 
 def start_serving(
@@ -93,6 +94,7 @@ def start_serving(
             resolve_adapter=registry.resolve,
             tokenize=engine.tokenize,
             max_model_len=engine.max_model_len,
+            max_job_bytes=settings.sizes.max_job_bytes,
         )
 
         def restart_engine() -> None:
@@ -109,4 +111,4 @@ def start_serving(
     except BaseException:
         engine.close()
         raise
-    return Serving(engine, registry, cache, preparer, batcher, processor)
+    return Serving(engine, registry, cache, preparer, batcher, processor, restart_engine)

@@ -23,17 +23,20 @@ from functools import partial
 from types import FrameType
 
 import structlog
+from confluent_kafka import KafkaException
 
 from workers import metrics
 from workers.adapters.feed import AdapterUpdateFeed
+from workers.adapters.updates import UpdateRecord
 from workers.core.config import PipelineConfig, Settings
 from workers.core.contracts import Result, adapter_label
+from workers.core.engine_api import EngineDied
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage
 from workers.core.offsets import OffsetTracker, TopicPartitionKey
 from workers.core.prepare import PreparedJob
 from workers.core.processing import ServedBatch
-from workers.kafka.sinks import ResultSink, dead_letter_record, result_record
+from workers.kafka.sinks import DeliveryFailed, ResultSink, dead_letter_record, result_record
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
 from workers.parquet.kafka_results import ParquetResults
 from workers.serving import Serving
@@ -201,12 +204,36 @@ class Worker:
             log.warning("batch_abandoned", jobs=len(self._inflight.batch), deadline_s=deadline_s)
 
     def _follow_adapter_updates(self) -> None:
-        self.updates.follow(self.serving.registry.apply_record)
-        # Versions replaced by an update leave the engine once no waiting job was routed to them.
-        waiting = {key for key in self.batcher.pending_keys() if isinstance(key, int)}
-        released = self.serving.registry.release_unused(waiting)
-        if released:
-            self.serving.cache.refresh(unregistered=released)
+        registry, cache = self.serving.registry, self.serving.cache
+        try:
+            self.updates.follow(self._apply_update)
+            # Versions replaced by an update leave the engine once no waiting job was routed
+            # to them.
+            waiting = {key for key in self.batcher.pending_keys() if isinstance(key, int)}
+            released = registry.release_unused(waiting)
+            if released:
+                cache.refresh(unregistered=released)
+        except EngineDied as death:  # between batches: handled as during one
+            self._restart_engine_after(death)
+
+    def _apply_update(self, record: UpdateRecord) -> None:
+        try:
+            self.serving.registry.apply_record(record)
+        except EngineDied as death:
+            # The engine died under this update (or just before it): restart and apply it once
+            # more; a second death is the update's doing, and it is refused.
+            self._restart_engine_after(death)
+            try:
+                self.serving.registry.apply_record(record)
+            except EngineDied as again:
+                self._restart_engine_after(again)
+                self.serving.registry.refuse(record, "the engine died twice applying it")
+
+    def _restart_engine_after(self, death: EngineDied) -> None:
+        log.error("engine_died_between_batches", error=str(death))
+        metrics.ENGINE_RESTARTS.inc()
+        self.serving.restart_engine()
+        self.summary.engine_restarts += 1
 
     # --- consume and prepare -----------------------------------------------------------------
 
@@ -252,7 +279,7 @@ class Worker:
             self.summary.dead_letters[(pipeline.task, rejection.code)] += 1
             metrics.DEAD_LETTERS.labels(pipeline.task, rejection.code).inc()
 
-        record = dead_letter_record(topic, message, rejection.code, rejection.message)
+        record = dead_letter_record(topic, message, rejection, self.settings.sizes)
         self.sink.write((message.topic, message.partition, message.offset), record, done)
 
     # --- generate (engine thread), validate, write ------------------------------------------
@@ -277,18 +304,30 @@ class Worker:
         for retry in served.retries:
             if inflight.still_ours(retry):
                 self.batcher.add(retry)
-        for job in served.crashed:
+        for job, rejection in served.unserved:
             if inflight.still_ours(job):
-                self._dead_letter(job.source, served.crash_rejection)
+                self._dead_letter(job.source, rejection)
 
     def _write_result(self, job: PreparedJob, result: Result) -> None:
+        try:
+            self._write_to_sinks(job, result)
+        except (DeliveryFailed, KafkaException):
+            raise  # the sink itself is broken, not this job
+        except Exception as exc:  # this job's answer alone: dead-letter it, keep serving
+            log.exception("result_write_failed", job_id=job.job.job_id)
+            self._awaiting.pop((job.source.topic, job.source.partition, job.source.offset), None)
+            self._dead_letter(job.source, JobRejected.internal(exc))
+
+    def _write_to_sinks(self, job: PreparedJob, result: Result) -> None:
         source = job.source
         position = (source.topic, source.partition, source.offset)
         sinks = job.pipeline.sinks
         # The offset is finished once every sink of the pipeline has the result.
         self._awaiting[position] = _Awaiting(job, result, len(sinks))
         if "kafka" in sinks:
-            record = result_record(job.pipeline.result_topic, result)
+            record = result_record(
+                job.pipeline.result_topic, job.pipeline.dlq_topic, result, self.settings.sizes
+            )
             self.sink.write(position, record, partial(self._sink_done, position))
         if "parquet" in sinks:
             self.parquet.add(source.topic, source.partition, source.offset, result)
@@ -315,16 +354,24 @@ class Worker:
         self, *, force: bool = False, only: set[TopicPartitionKey] | None = None
     ) -> None:
         self.parquet.flush(
-            self.offsets.first_unfinished_outside, self._parquet_written, force=force, only=only
+            self.offsets.first_unfinished_outside,
+            self._parquet_written,
+            self._commit_parquet_file,
+            force=force,
+            only=only,
         )
 
     def _parquet_written(self, key: TopicPartitionKey, offsets: list[int]) -> None:
         for offset in offsets:
             self._sink_done((*key, offset))
+
+    def _commit_parquet_file(self) -> bool:
         # Commit before the partition's next file: at most one file is ever uncommitted, and a
         # replay rewrites exactly that file under the same name.
+        if self._commit_backoff_s and not self._commit_due():
+            return False
         self.sink.flush(FLUSH_TIMEOUT_S)
-        self._commit()
+        return self._commit()
 
     # --- offsets -----------------------------------------------------------------------------
 
@@ -332,26 +379,31 @@ class Worker:
         self.offsets.finish(message.topic, message.partition, message.offset)
         self.summary.finished += 1
 
-    def _commit_if_due(self) -> None:
+    def _commit_due(self) -> bool:
         interval_s = max(self.settings.commit_interval_ms / 1000, self._commit_backoff_s)
-        if time.monotonic() - self._last_commit >= interval_s:
+        return time.monotonic() - self._last_commit >= interval_s
+
+    def _commit_if_due(self) -> None:
+        if self._commit_due():
             self._commit()
 
-    def _commit(self) -> None:
+    def _commit(self) -> bool:
+        """True when every finished position is committed."""
         self._last_commit = time.monotonic()
         positions = self.offsets.committable()
         if not positions:
-            return
+            return True
         if self.sink.commit(positions, self.source):
             self.offsets.mark_committed(positions)
             self._commit_backoff_s = 0.0
             log.debug("committed", positions={f"{t}[{p}]": o for (t, p), o in positions.items()})
-            return
+            return True
         # Broker away or a rebalance under way: try again later, backing off, never spinning.
         self._commit_backoff_s = min(
             max(2 * self._commit_backoff_s, 0.5), self.settings.delivery.retry_backoff_max_s
         )
         log.warning("commit_deferred", retry_in_s=self._commit_backoff_s)
+        return False
 
     def _on_revoked(self, partitions: list[TopicPartitionKey]) -> None:
         # Still ours for the length of this call: commit what is answered (bounded by the

@@ -67,3 +67,28 @@ def test_a_job_alone_is_tried_crash_attempts_times() -> None:
     engine = FlakyEngine(poison={0})
     guarded = run_isolating_crashes([0], engine.run, engine.restart, 3)
     assert guarded.crashed == [0] and engine.calls == [[0], [0], [0]]
+
+
+class RefusingEngine:
+    """Raises a plain error (no death) whenever a batch holds a refused job."""
+
+    def __init__(self, refused: set[int]) -> None:
+        self.refused = refused
+        self.restarts = 0
+
+    def run(self, jobs: list[int]) -> list[int]:
+        if self.refused & set(jobs):
+            raise ValueError(f"refused {sorted(self.refused & set(jobs))}")
+        return jobs
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+
+def test_a_job_that_raises_alone_fails_without_a_restart_and_the_rest_is_served() -> None:
+    engine = RefusingEngine(refused={3, 4})
+    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2)
+    assert sorted(job for job, _ in guarded.failed) == [3, 4]
+    assert all(isinstance(error, ValueError) for _, error in guarded.failed)
+    assert served(guarded.outcomes) == [0, 1, 2, 5, 6, 7]
+    assert guarded.crashed == [] and engine.restarts == 0

@@ -31,6 +31,7 @@ def preparer(max_model_len: int = 512) -> JobPreparer:
         resolve_adapter=resolve,
         tokenize=lambda text: list(text.encode()),  # one "token" per byte is enough here
         max_model_len=max_model_len,
+        max_job_bytes=4096,
     )
 
 

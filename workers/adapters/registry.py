@@ -2,7 +2,7 @@
 
 Sources: the catalog file at start-up, then the compacted `adapters.updates` topic. An update is
 the adapter's whole desired state (versions and weights). It is applied all or nothing: every
-version is checked (`adapter_checks`) and loaded into the engine (`add_lora`) before the switch,
+version is checked (`checks.py`) and loaded into the engine (`add_lora`) before the switch,
 so a bad update never serves and the previous state keeps serving.
 
 Hot reload: jobs are routed when they are prepared, so jobs already routed (waiting in the
@@ -167,6 +167,13 @@ class AdapterRegistry:
             self.retire(record.name)
         else:
             self.apply(record.update)
+
+    def refuse(self, record: UpdateRecord, reason: str) -> None:
+        """Report an update as rejected for a reason found outside the checks."""
+        version = None
+        if record.update is not None and len(record.update.versions) == 1:
+            version = record.update.versions[0].version
+        self._reject(record.name, version, AdapterRejected(AdapterError.LOAD_FAILED, reason))
 
     def retire(self, name: str) -> None:
         if self._served.pop(name, None) is not None:

@@ -2,13 +2,16 @@
 the Kafka worker, into a Parquet dataset, without Kafka. The embedded default for a nightly run
 on one machine.
 
-Resumable: job_ids already in the output dataset are skipped, and files are written atomically
-under names unique to the run, so an interrupted run started again leaves no duplicate and no gap.
+Resumable: a run has an id (`--run-id`, by default the input file's sha256); job_ids already in
+the files of the same run are skipped, and files are written atomically under names unique to
+each start, so an interrupted run started again leaves no duplicate and no gap. Another run into
+the same dataset (another night's file) skips nothing.
 Bad rows become `error` rows with their reason; only a failure of the run itself is an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -36,9 +39,23 @@ log = structlog.get_logger(__name__)
 def _field(raw: bytes, name: str) -> str | None:
     try:
         value = json.loads(raw).get(name)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) and value else None
+
+
+def _run_marker(run_id: str) -> str:
+    return f"-run-{run_id}-"
+
+
+def default_run_id(input_path: Path) -> str:
+    """The input file's sha256, shortened: starting the same file again resumes its run, and
+    another night's file is a run of its own even when its job_ids repeat."""
+    digest = hashlib.sha256()
+    with input_path.open("rb") as data:
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def job_id_of(raw: bytes, row: int) -> str:
@@ -47,6 +64,7 @@ def job_id_of(raw: bytes, row: int) -> str:
 
 @dataclass
 class BulkSummary:
+    run_id: str = ""
     rows: int = 0
     skipped: int = 0  # already in the output (resume)
     by_status: Counter[str] = field(default_factory=Counter)
@@ -66,6 +84,7 @@ class BulkRunner:
         serving: Serving,
         output_dir: Path,
         rows_per_file: int,
+        run_id: str,
         default_task: str | None = None,
         row_group_size: int = 10_000,
     ) -> None:
@@ -79,14 +98,17 @@ class BulkRunner:
         self._row_group_size = row_group_size
         # With one pipeline every row is its job; otherwise a row's `task` picks the pipeline.
         self._default_task = default_task
-        self._run_id = uuid.uuid4().hex[:8]
+        self.run_id = run_id
+        # Each start of the run writes under its own names, so a resumed run never overwrites
+        # a file an earlier start finished.
+        self._start_id = uuid.uuid4().hex[:6]
         # (input row, result) not yet on disk, per task: each task has its own output columns.
         self._pending: defaultdict[str, list[tuple[int, Result]]] = defaultdict(list)
-        self.summary = BulkSummary()
+        self.summary = BulkSummary(run_id=run_id)
 
     def run(self, input_path: Path, console: Console | None = None) -> BulkSummary:
         started = time.monotonic()
-        done = existing_job_ids(self._output_dir)
+        done = existing_job_ids(self._output_dir, stem_marker=_run_marker(self.run_id))
         total = count_rows(input_path)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -156,12 +178,12 @@ class BulkRunner:
             self._batcher.add(retry)
         for job, result in served.results:
             self._keep(job.source.offset, result)
-        for job in served.crashed:
-            error = self._error_result(job.job.job_id, job.pipeline.task, served.crash_rejection)
+        for job, rejection in served.unserved:
+            error = self._error_result(job.job.job_id, job.pipeline.task, rejection)
             self._keep(job.source.offset, error)
         self.summary.output_tokens += served.output_tokens
         self._write(final=False)
-        return len(served.results) + len(served.crashed)
+        return len(served.results) + len(served.unserved)
 
     def _keep(self, row: int, result: Result) -> None:
         self._pending[result.task].append((row, result))
@@ -184,8 +206,8 @@ class BulkRunner:
             while len(pending) >= self._rows_per_file or (final and pending):
                 chunk = sorted(pending[: self._rows_per_file], key=lambda item: item[0])
                 del pending[: self._rows_per_file]
-                # Unique per run: a resumed run never overwrites a file an earlier run finished.
-                stem = f"part-{chunk[0][0]:09d}-{chunk[-1][0]:09d}-{self._run_id}"
+                rows = f"{chunk[0][0]:09d}-{chunk[-1][0]:09d}"
+                stem = f"part-{rows}{_run_marker(self.run_id)}{self._start_id}"
                 written = self._writer_for(task).write([r for _, r in chunk], stem)
                 self.summary.files += len(written)
 
@@ -230,6 +252,7 @@ def print_summary(summary: BulkSummary, console: Console | None = None) -> None:
     table = Table(title="Bulk run")
     table.add_column("")
     table.add_column("value", justify="right")
+    table.add_row("run id", summary.run_id)
     table.add_row("input rows", f"{summary.rows:,}")
     table.add_row("skipped (already written)", f"{summary.skipped:,}")
     for status, count in sorted(summary.by_status.items()):

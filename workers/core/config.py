@@ -20,7 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.core.batching import BatchPolicy
-from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN
+from workers.core.contracts import ADAPTER_NAME_PATTERN, MAX_SEED, VERSION_PATTERN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ class _Strict(BaseModel):
 class SamplingDefaults(_Strict):
     max_tokens: int = Field(default=64, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class RoutingConfig(_Strict):
@@ -282,6 +282,33 @@ class DeliverySettings(_Strict):
     )
 
 
+class SizeSettings(_Strict):
+    max_message_bytes: int = Field(
+        default=1_000_000,
+        ge=10_000,
+        description="Largest record the workers' producers write (librdkafka message.max.bytes); "
+        "keep it at or below the broker's message.max.bytes (1,048,588 by default).",
+    )
+    max_job_bytes: int = Field(
+        default=500_000,
+        ge=1024,
+        description="A job message larger than this is dead-lettered as job_too_large.",
+    )
+    dead_letter_prefix_bytes: int = Field(
+        default=4096,
+        ge=0,
+        description="A dead letter too large to write whole keeps this much of the payload; "
+        "headers give the original size and sha256.",
+    )
+
+    @model_validator(mode="after")
+    def _jobs_fit_in_answers(self) -> SizeSettings:
+        # A dead letter carries the job back whole, and a result its metadata: both need room.
+        if self.max_job_bytes > self.max_message_bytes // 2:
+            raise ValueError("max_job_bytes must be at most half of max_message_bytes")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORA_WORKERS_",
@@ -319,6 +346,7 @@ class Settings(BaseSettings):
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    sizes: SizeSettings = Field(default_factory=SizeSettings)
 
     @property
     def transactional_id(self) -> str:

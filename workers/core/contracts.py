@@ -29,12 +29,17 @@ def _published_as(filename: str) -> ConfigDict:
     )
 
 
+# Sampling seeds the engine accepts: a signed 64-bit generator seed, kept non-negative.
+MAX_SEED = 2**63 - 1
+
+
 class JobParams(_Contract):
-    """Per-job sampling overrides; unset fields fall back to the pipeline's defaults."""
+    """Per-job sampling overrides; unset fields fall back to the pipeline's defaults. The bounds
+    are what the engine accepts, so a job that passes them never fails in the engine."""
 
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class Job(_Contract):

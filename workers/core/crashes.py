@@ -6,6 +6,10 @@ runs is done, a half that kills the engine is split again. A job that kills the 
 job of its batch is still served. A one-off death (the engine-core process killed from outside)
 costs one restart and two half-size calls.
 
+Any other exception from `run` (a request the engine refuses, a bug met by one job's data) is
+bisected the same way without a restart: the job that raises on its own is given up on, to be
+dead-lettered as `internal_error`, and the rest of its batch is served.
+
 Pure control flow: `run` and `restart` are passed in, so this is tested with plain data.
 """
 
@@ -30,6 +34,7 @@ R = TypeVar("R")
 class Guarded(Generic[J, R]):
     outcomes: list[R] = field(default_factory=list)
     crashed: list[J] = field(default_factory=list)  # jobs that killed the engine on their own
+    failed: list[tuple[J, Exception]] = field(default_factory=list)  # raised on their own
     restarts: int = 0
 
 
@@ -53,6 +58,12 @@ def run_isolating_crashes(
             metrics.ENGINE_RESTARTS.inc()
             restart()
             guarded.restarts += 1
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("job_failed", error=f"{type(exc).__name__}: {exc}")
+                guarded.failed.append((jobs[0], exc))
+                continue
+            log.warning("batch_failed", jobs=len(jobs), error=f"{type(exc).__name__}: {exc}")
         if len(jobs) > 1:
             middle = len(jobs) // 2
             pending.append((jobs[middle:], 0))

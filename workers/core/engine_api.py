@@ -17,7 +17,7 @@ class AdapterHandle:
     """One adapter version as the engine knows it.
 
     vLLM keys its LoRA caches by id and its prefix cache by name, so a new version must get a
-    fresh id and name, never reuse them (see README, "Adapters").
+    fresh id and name, never reuse them (docs/adapters.md).
     """
 
     name: str

@@ -13,9 +13,10 @@ from enum import StrEnum
 
 
 class JobError(StrEnum):
-    """Why a message got no result: the `dlq.error.code` header of its dead letter, or the
-    `error.code` of an `error` row in bulk mode."""
+    """Why a message got no normal result: the `dlq.error.code` header of its dead letter, or
+    the `error.code` of an `error` result (bulk rows, or a result too large to write)."""
 
+    JOB_TOO_LARGE = "job_too_large"  # value above max_job_bytes; the dead letter keeps a prefix
     INVALID_JSON = "invalid_json"  # no value, or not UTF-8 JSON
     INVALID_JOB = "invalid_job"  # JSON, but not a job (schema, types, bounds)
     UNKNOWN_TASK = "unknown_task"  # no pipeline serves the job's task
@@ -24,6 +25,9 @@ class JobError(StrEnum):
     ADAPTER_FORBIDDEN = "adapter_forbidden"  # the adapter's tenant list excludes the job's tenant
     CONTEXT_EXCEEDED = "context_exceeded"  # prompt plus max_tokens exceed the model's context
     ENGINE_CRASH = "engine_crash"  # the engine died `crash_attempts` times on this job alone
+    INTERNAL_ERROR = "internal_error"  # anything else this message alone raised (a bug or a limit)
+    RESULT_TOO_LARGE = "result_too_large"  # an error result in place of one too large to write
+    UNDELIVERABLE = "undeliverable"  # its answer could not be written; this minimal one was
 
 
 class OutputError(StrEnum):
@@ -50,6 +54,10 @@ class AdapterError(StrEnum):
     LOAD_FAILED = "load_failed"  # the engine refused it (add_lora)
 
 
+# A reason travels in a header or a row; it quotes input at most this far.
+MAX_REASON_CHARS = 1000
+
+
 class Rejection(Exception):
     code: StrEnum
 
@@ -64,8 +72,18 @@ class JobRejected(Rejection):
 
     code: JobError
 
-    def __init__(self, code: JobError, message: str) -> None:
+    def __init__(self, code: JobError, message: str, exception: str | None = None) -> None:
         super().__init__(JobError(code), message)
+        self.exception = exception  # the exception's type, for internal_error
+
+    @classmethod
+    def internal(cls, error: BaseException) -> JobRejected:
+        """What one message raised, as its answer; the traceback goes to the log."""
+        text = str(error)
+        if len(text) > MAX_REASON_CHARS:
+            text = text[:MAX_REASON_CHARS] + "..."
+        name = type(error).__name__
+        return cls(JobError.INTERNAL_ERROR, f"{name}: {text}", exception=name)
 
 
 class AdapterRejected(Rejection):

@@ -18,3 +18,16 @@ class SourceMessage:
     value: bytes | None
     headers: Headers
     timestamp_ms: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of key, value and headers: what the broker counts against its limits."""
+        return record_size(self.key, self.value, self.headers)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    return (
+        len(key or b"")
+        + len(value or b"")
+        + sum(len(name) + len(data or b"") for name, data in headers)
+    )

@@ -43,16 +43,16 @@ class BatchOutcome:
     results: list[tuple[PreparedJob, Result]]
     retries: list[PreparedJob]  # back to the batcher with a larger token budget
     output_tokens: int
+    failed: list[tuple[PreparedJob, Exception]]  # raised while turned into a result
 
 
 @dataclass(frozen=True)
 class ServedBatch:
-    """A micro-batch after crash isolation: every job is a result, a retry or a crash."""
+    """A micro-batch after fault isolation: every job is a result, a retry or unserved."""
 
     results: list[tuple[PreparedJob, Result]]
     retries: list[PreparedJob]
-    crashed: list[PreparedJob]  # killed the engine alone `crash_attempts` times
-    crash_rejection: JobRejected  # how a crashed job is answered
+    unserved: list[tuple[PreparedJob, JobRejected]]  # engine_crash or internal_error
     output_tokens: int
     engine_restarts: int
 
@@ -79,11 +79,12 @@ class BatchProcessor:
     def serve(self, batch: list[PreparedJob]) -> ServedBatch:
         """`run`, with a dead engine restarted and the batch bisected (`crashes.py`)."""
         guarded = run_isolating_crashes(batch, self.run, self._restart_engine, self._crash_attempts)
+        failed = guarded.failed + [f for outcome in guarded.outcomes for f in outcome.failed]
         return ServedBatch(
             results=[pair for outcome in guarded.outcomes for pair in outcome.results],
             retries=[job for outcome in guarded.outcomes for job in outcome.retries],
-            crashed=guarded.crashed,
-            crash_rejection=self._crash_rejection,
+            unserved=[(job, self._crash_rejection) for job in guarded.crashed]
+            + [(job, JobRejected.internal(error)) for job, error in failed],
             output_tokens=sum(outcome.output_tokens for outcome in guarded.outcomes),
             engine_restarts=guarded.restarts,
         )
@@ -107,8 +108,14 @@ class BatchProcessor:
         )
         results: list[tuple[PreparedJob, Result]] = []
         retries: list[PreparedJob] = []
+        failed: list[tuple[PreparedJob, Exception]] = []
         for job, generation in zip(batch, generations, strict=True):
-            result = self._build_result(job, generation, handed_at, generate_ms)
+            try:
+                result = self._build_result(job, generation, handed_at, generate_ms)
+            except Exception as exc:  # this job's answer alone is lost, as internal_error
+                log.exception("result_failed", job_id=job.job.job_id)
+                failed.append((job, exc))
+                continue
             retry = self._retry_of(job, result)
             if retry is not None:
                 retries.append(retry)
@@ -122,7 +129,7 @@ class BatchProcessor:
                     str(result.status is ResultStatus.OK).lower(),
                 ).inc()
             results.append((job, result))
-        return BatchOutcome(results, retries, output_tokens)
+        return BatchOutcome(results, retries, output_tokens, failed)
 
     def _retry_of(self, job: PreparedJob, result: Result) -> PreparedJob | None:
         pipeline = job.pipeline

@@ -37,7 +37,7 @@ class OutputValidator:
             return CheckedOutput(ResultStatus.OK, text)
         try:
             value = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a parser limit
             # A JSON answer cut off by max_tokens is the common case; say so, it is actionable.
             code = OutputError.TRUNCATED if finish_reason == "length" else OutputError.INVALID_JSON
             return CheckedOutput(

@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ from workers.core.engine_api import (
     Generation,
     GenerationRequest,
 )
+from workers.engine.reaper import watch_engine
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -91,6 +94,7 @@ class VllmEngine:
         self._pinned: set[int] = set()
         self._base_request: LoRARequest | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix="lora-workers-engine-"))
+        self._reapers: list[subprocess.Popen[bytes]] = []
         if settings.base_via_identity_adapter:
             from vllm.lora.request import LoRARequest
 
@@ -119,6 +123,10 @@ class VllmEngine:
             kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
         )
         _unblock_on_engine_death(llm)
+        self._reapers = [r for r in self._reapers if r.poll() is None]
+        reaper = watch_engine(os.getpid(), engine_core_pids())
+        if reaper is not None:
+            self._reapers.append(reaper)
         if self._base_request is not None and not llm.llm_engine.add_lora(self._base_request):
             raise AdapterLoadError("the base model's identity adapter did not load")
         return llm
@@ -159,20 +167,18 @@ class VllmEngine:
 
     def unregister_adapter(self, adapter: AdapterHandle) -> None:
         self._lora_requests.pop(adapter.lora_id, None)
-        self._llm.llm_engine.remove_lora(adapter.lora_id)
+        with _death_as_engine_died(f"unloading {adapter.engine_name}"):
+            self._llm.llm_engine.remove_lora(adapter.lora_id)
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
-        self._llm.llm_engine.pin_lora(adapter.lora_id)
+        with _death_as_engine_died(f"pinning {adapter.engine_name}"):
+            self._llm.llm_engine.pin_lora(adapter.lora_id)
         self._pinned.add(adapter.lora_id)
 
     def resident_adapters(self) -> set[int]:
         """LoRA ids in the engine's host cache (the identity adapter left out)."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        try:
+        with _death_as_engine_died("listing adapters"):
             return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
-        except EngineDeadError as exc:
-            raise EngineDied("vLLM engine died") from exc
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams
@@ -197,14 +203,10 @@ class VllmEngine:
             marker in self._tokenizer.decode(r.prompt_token_ids) for r in requests
         ):
             self._kill_engine_core()
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        try:
+        with _death_as_engine_died(f"during a batch of {len(requests)}"):
             outputs = self._llm.generate(
                 prompts, params, lora_request=lora_requests, use_tqdm=False
             )
-        except EngineDeadError as exc:
-            raise EngineDied(f"vLLM engine died during a batch of {len(requests)}") from exc
         return [
             Generation(
                 text=out.outputs[0].text,
@@ -244,6 +246,21 @@ class VllmEngine:
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
         self._shutdown_llm()
+        for reaper in self._reapers:  # each exits once its engine processes are gone
+            try:
+                reaper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+
+
+@contextmanager
+def _death_as_engine_died(doing: str) -> Iterator[None]:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except EngineDeadError as exc:
+        raise EngineDied(f"vLLM engine died {doing}") from exc
 
 
 def engine_core_pids(parent: int | None = None) -> list[int]:

@@ -9,16 +9,20 @@ Two sinks behind one interface, chosen by `delivery.mode`:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from workers.core.contracts import Result
-from workers.core.messages import SourceMessage
+from workers import metrics
+from workers.core.config import SizeSettings
+from workers.core.contracts import ErrorInfo, Result, ResultStatus
+from workers.core.errors import MAX_REASON_CHARS, JobError, JobRejected
+from workers.core.messages import SourceMessage, record_size
 from workers.core.offsets import TopicPartitionKey
 from workers.kafka.source import KafkaJobSource
 
@@ -30,11 +34,18 @@ Position = tuple[str, int, int]  # topic, partition, offset of the message being
 # Dead-letter headers added to the original ones, so a replay tool knows where a record came from.
 DLQ_ERROR_CODE = "dlq.error.code"
 DLQ_ERROR_MESSAGE = "dlq.error.message"
+DLQ_ERROR_EXCEPTION = "dlq.error.exception"  # internal_error: the exception's type
 DLQ_SOURCE_TOPIC = "dlq.source.topic"
 DLQ_SOURCE_PARTITION = "dlq.source.partition"
 DLQ_SOURCE_OFFSET = "dlq.source.offset"
+# When the payload is cut to a prefix: the original's size and sha256.
+DLQ_ORIGINAL_SIZE = "dlq.original.size"
+DLQ_ORIGINAL_SHA256 = "dlq.original.sha256"
+DLQ_ORIGINAL_TOPIC = "dlq.original.topic"  # undeliverable: where the answer was meant to go
 
 RETRY_BACKOFF_S = 1.0
+# Room for the record batch's own overhead beside key, value and headers.
+RECORD_OVERHEAD_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -43,31 +54,108 @@ class OutputRecord:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes | None]]
+    dead_letter_topic: str  # where a minimal `undeliverable` answer goes if this one cannot
+    undeliverable: bool = False  # already that minimal answer: nothing smaller is left
+
+    @property
+    def size(self) -> int:
+        return record_size(self.key, self.value, self.headers)
 
 
-def result_record(topic: str, result: Result) -> OutputRecord:
+def _header(text: str) -> bytes:
+    # Reasons may quote input; a header must still be valid UTF-8 bytes.
+    return text[:MAX_REASON_CHARS].encode("utf-8", errors="backslashreplace")
+
+
+def result_record(
+    topic: str, dead_letter_topic: str, result: Result, sizes: SizeSettings
+) -> OutputRecord:
+    """The result as JSON; one too large to write becomes an `error` result with the reason,
+    without its output and metadata."""
+    value = result.model_dump_json().encode()
+    if len(value) + RECORD_OVERHEAD_BYTES > sizes.max_message_bytes:
+        log.warning("result_too_large", job_id=result.job_id, bytes=len(value))
+        value = too_large(result, len(value), sizes.max_message_bytes).model_dump_json().encode()
     return OutputRecord(
         topic,
         key=result.job_id.encode(),
-        value=result.model_dump_json().encode(),
+        value=value,
         headers=[("content-type", b"application/json")],
+        dead_letter_topic=dead_letter_topic,
     )
 
 
-def dead_letter_record(topic: str, source: SourceMessage, code: str, message: str) -> OutputRecord:
-    headers = [
-        *source.headers,
-        (DLQ_ERROR_CODE, code.encode()),
-        (DLQ_ERROR_MESSAGE, message.encode()),
-        (DLQ_SOURCE_TOPIC, source.topic.encode()),
+def too_large(result: Result, size: int, limit: int) -> Result:
+    reason = f"the result is {size} bytes as JSON, more than max_message_bytes {limit}"
+    return result.model_copy(
+        update={
+            "status": ResultStatus.ERROR,
+            "output": None,
+            "raw_output": "",
+            "metadata": None,
+            "error": ErrorInfo(code=JobError.RESULT_TOO_LARGE, message=reason),
+        }
+    )
+
+
+def dead_letter_record(
+    topic: str, source: SourceMessage, rejection: JobRejected, sizes: SizeSettings
+) -> OutputRecord:
+    """The original message with the reason in headers. A payload too large to write back, or
+    dead-lettered for its size, is cut to a prefix, with the original's size and sha256."""
+    ours = [
+        (DLQ_ERROR_CODE, _header(rejection.code)),
+        (DLQ_ERROR_MESSAGE, _header(rejection.message)),
+        (DLQ_SOURCE_TOPIC, _header(source.topic)),
         (DLQ_SOURCE_PARTITION, str(source.partition).encode()),
         (DLQ_SOURCE_OFFSET, str(source.offset).encode()),
     ]
-    return OutputRecord(topic, key=source.key, value=source.value, headers=headers)
+    if rejection.exception is not None:
+        ours.append((DLQ_ERROR_EXCEPTION, _header(rejection.exception)))
+    key, value, headers = source.key, source.value, [*source.headers, *ours]
+    room = sizes.max_message_bytes - RECORD_OVERHEAD_BYTES
+    if (
+        rejection.code is JobError.JOB_TOO_LARGE
+        or source.size + record_size(None, None, ours) > room
+    ):
+        original = value or b""
+        prefix = sizes.dead_letter_prefix_bytes
+        value = original[:prefix]
+        ours += [
+            (DLQ_ORIGINAL_SIZE, str(source.size).encode()),
+            (DLQ_ORIGINAL_SHA256, hashlib.sha256(original).hexdigest().encode()),
+        ]
+        headers = [*source.headers, *ours]
+        if record_size(key, value, headers) > room:  # the key or headers are the bulk
+            key, headers = (key or b"")[:prefix] or None, ours
+    return OutputRecord(topic, key=key, value=value, headers=headers, dead_letter_topic=topic)
+
+
+def undeliverable_record(record: OutputRecord, position: Position, reason: str) -> OutputRecord:
+    """The smallest answer there is: no payload, the reason and where the message came from."""
+    topic, partition, offset = position
+    headers = [
+        (DLQ_ERROR_CODE, JobError.UNDELIVERABLE.value.encode()),
+        (DLQ_ERROR_MESSAGE, _header(reason)),
+        (DLQ_SOURCE_TOPIC, _header(topic)),
+        (DLQ_SOURCE_PARTITION, str(partition).encode()),
+        (DLQ_SOURCE_OFFSET, str(offset).encode()),
+        (DLQ_ORIGINAL_TOPIC, _header(record.topic)),
+    ]
+    key = (record.key or b"")[:256] or None
+    return OutputRecord(
+        record.dead_letter_topic,
+        key=key,
+        value=None,
+        headers=headers,
+        dead_letter_topic=record.dead_letter_topic,
+        undeliverable=True,
+    )
 
 
 class DeliveryFailed(Exception):
-    """The broker refused a record for good (a fatal producer error); nothing is committed."""
+    """An answer cannot be written at all (a fatal producer error, or even its minimal dead
+    letter refused); nothing more is committed and the worker stops."""
 
 
 class ResultSink(Protocol):
@@ -106,23 +194,52 @@ def produce_record(producer: Producer, record: OutputRecord, **fields: Any) -> N
     )
 
 
+# Errors that say this record can never be written (its size, its topic), as opposed to the
+# broker being away: such an answer is replaced by its minimal `undeliverable` dead letter.
+RECORD_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+
+def cannot_be_written(error: KafkaError) -> bool:
+    return error.code() in RECORD_ERRORS
+
+
+def producer_config(bootstrap_servers: str, sizes: SizeSettings) -> dict[str, Any]:
+    """What every answer-writing producer shares: the broker and the record size limit."""
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        "message.max.bytes": sizes.max_message_bytes,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+    }
+
+
 class AtLeastOnceSink:
     """Writes each answer at once; its offset is finished when the broker acknowledged it."""
 
-    def __init__(self, bootstrap_servers: str, extra_config: dict[str, str]) -> None:
+    def __init__(
+        self, bootstrap_servers: str, sizes: SizeSettings, extra_config: dict[str, str]
+    ) -> None:
         self._producer = Producer(
             {
-                "bootstrap.servers": bootstrap_servers,
+                **producer_config(bootstrap_servers, sizes),
                 # Idempotence keeps librdkafka's retries from writing a result twice.
                 "enable.idempotence": True,
                 "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "lz4",
                 **extra_config,
             },
             logger=None,
         )
-        self._fatal: KafkaError | None = None
+        self._fatal: str | None = None
         self._to_retry: list[tuple[float, Position, OutputRecord, OnDone]] = []
 
     def write(self, position: Position, record: OutputRecord, on_done: OnDone) -> None:
@@ -130,17 +247,34 @@ class AtLeastOnceSink:
             if error is None:
                 on_done()
             elif error.fatal():
-                self._fatal = error
+                self._fatal = str(error)
+            elif cannot_be_written(error):
+                self._give_up(position, record, on_done, str(error))
             else:
-                # Still not taken after librdkafka's own retries (e.g. the broker was away
-                # longer than message.timeout.ms): write it again later, never drop it.
+                # Not taken after librdkafka's own retries (e.g. the broker was away longer
+                # than message.timeout.ms): write it again later, never drop it.
                 log.warning("delivery_retry", topic=record.topic, error=str(error))
-                self._to_retry.append(
-                    (time.monotonic() + RETRY_BACKOFF_S, position, record, on_done)
-                )
+                retry_at = time.monotonic() + RETRY_BACKOFF_S
+                self._to_retry.append((retry_at, position, record, on_done))
 
-        produce_record(self._producer, record, on_delivery=delivered)
+        try:
+            produce_record(self._producer, record, on_delivery=delivered)
+        except KafkaException as exc:  # refused before sending, e.g. larger than allowed
+            self._give_up(position, record, on_done, str(exc.args[0]))
         self._producer.poll(0)
+
+    def _give_up(
+        self, position: Position, record: OutputRecord, on_done: OnDone, error: str
+    ) -> None:
+        """Answer with the minimal dead letter instead; if even that fails, stop the worker
+        (uncommitted, the message goes to another member) rather than spin."""
+        if record.undeliverable:
+            self._fatal = f"even the undeliverable dead letter for {position} failed: {error}"
+            return
+        metrics.UNDELIVERABLE.inc()
+        log.error("answer_undeliverable", topic=record.topic, source=position, error=error)
+        minimal = undeliverable_record(record, position, f"writing to {record.topic}: {error}")
+        self.write(position, minimal, on_done)
 
     def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:
         return source.commit(positions)
@@ -155,7 +289,7 @@ class AtLeastOnceSink:
         """Serve delivery reports and rewrite records whose backoff has passed."""
         self._producer.poll(0)
         if self._fatal is not None:
-            raise DeliveryFailed(str(self._fatal))
+            raise DeliveryFailed(self._fatal)
         now = time.monotonic()
         due = [r for r in self._to_retry if r[0] <= now]
         if due:
@@ -166,7 +300,7 @@ class AtLeastOnceSink:
     def flush(self, timeout_s: float) -> None:
         remaining = self._producer.flush(timeout_s)
         if self._fatal is not None:
-            raise DeliveryFailed(str(self._fatal))
+            raise DeliveryFailed(self._fatal)
         if remaining:
             log.warning("flush_incomplete", records=remaining, timeout_s=timeout_s)
 

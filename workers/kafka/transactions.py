@@ -19,11 +19,21 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from workers import metrics
+from workers.core.config import SizeSettings
 from workers.core.offsets import TopicPartitionKey
-from workers.kafka.sinks import OnDone, OutputRecord, Position, produce_record
+from workers.kafka.sinks import (
+    DeliveryFailed,
+    OnDone,
+    OutputRecord,
+    Position,
+    cannot_be_written,
+    produce_record,
+    producer_config,
+    undeliverable_record,
+)
 from workers.kafka.source import KafkaJobSource, to_topic_partitions
 from workers.threads import on_daemon_thread
 
@@ -42,18 +52,19 @@ class ExactlyOnceSink:
         bootstrap_servers: str,
         transactional_id: str,
         transaction_timeout_ms: int,
+        sizes: SizeSettings,
         extra_config: dict[str, str],
     ) -> None:
         self._config = {
-            "bootstrap.servers": bootstrap_servers,
+            **producer_config(bootstrap_servers, sizes),
             # Stable per replica (see Settings.instance_id): the next producer with this id
             # aborts whatever a killed predecessor left open.
             "transactional.id": transactional_id,
             "transaction.timeout.ms": transaction_timeout_ms,
-            "linger.ms": 5,
-            "compression.type": "lz4",
             **extra_config,
         }
+        # A commit's outcome is known by the time the broker would have aborted it anyway.
+        self._commit_deadline_s = transaction_timeout_ms / 1000 + CALL_TIMEOUT_S
         self._producer: Producer | None = None
         self._abandoned: list[Producer] = []
         self._held: dict[TopicPartitionKey, dict[int, OutputRecord]] = {}
@@ -84,17 +95,18 @@ class ExactlyOnceSink:
     def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:
         """One transaction: the held answers below `positions`, and `positions`. False when it
         did not commit; the answers stay held for the next attempt."""
-        records = [
-            record
+        answers = [
+            ((key[0], key[1], offset), record)
             for key, position in positions.items()
             for offset, record in self._held.get(key, {}).items()
             if offset < position
         ]
+        failed: list[tuple[Position, KafkaError]] = []
         try:
             producer = self._ready_producer()
             producer.begin_transaction()
-            for record in records:
-                produce_record(producer, record)
+            for at, record in answers:
+                self._produce(producer, at, record, failed)
             offsets = to_topic_partitions(positions)
             group = source.group_metadata()
             sent = on_daemon_thread(
@@ -106,17 +118,74 @@ class ExactlyOnceSink:
             except TimeoutError:
                 self._abandon_producer()
                 return False
-            self._retrying(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
+            self._commit_until_known(producer)
         except KafkaException as exc:
             self._recover(exc.args[0])
+            self._replace_undeliverable(failed)
             return False
         for key, position in positions.items():
             held = self._held.get(key, {})
             for offset in [o for o in held if o < position]:
                 del held[offset]
         metrics.TRANSACTIONS.labels("committed").inc()
-        log.info("transaction_committed", records=len(records), partitions=len(positions))
+        log.info("transaction_committed", records=len(answers), partitions=len(positions))
         return True
+
+    def _produce(
+        self,
+        producer: Producer,
+        at: Position,
+        record: OutputRecord,
+        failed: list[tuple[Position, KafkaError]],
+    ) -> None:
+        """Produce one held answer into the open transaction; a delivery error names it."""
+
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                failed.append((at, error))
+
+        try:
+            produce_record(producer, record, on_delivery=delivered)
+        except KafkaException as exc:  # refused before sending, e.g. larger than allowed
+            if record.undeliverable:
+                raise DeliveryFailed(f"even the undeliverable answer for {at} failed") from exc
+            self._replace_with_undeliverable(at, record, str(exc.args[0]))
+            produce_record(producer, self._held[(at[0], at[1])][at[2]], on_delivery=delivered)
+
+    def _replace_undeliverable(self, failed: list[tuple[Position, KafkaError]]) -> None:
+        """An answer the broker refused for good is replaced by its minimal dead letter before
+        the next attempt: one bad answer must not keep every partition's offsets from
+        committing."""
+        for at, error in failed:
+            record = self._held.get((at[0], at[1]), {}).get(at[2])
+            if record is None or not cannot_be_written(error):
+                continue
+            if record.undeliverable:
+                raise DeliveryFailed(f"even the undeliverable answer for {at} failed: {error}")
+            self._replace_with_undeliverable(at, record, str(error))
+
+    def _replace_with_undeliverable(self, at: Position, record: OutputRecord, error: str) -> None:
+        metrics.UNDELIVERABLE.inc()
+        log.error("answer_undeliverable", topic=record.topic, source=at, error=error)
+        minimal = undeliverable_record(record, at, f"writing to {record.topic}: {error}")
+        self._held[(at[0], at[1])][at[2]] = minimal
+
+    def _commit_until_known(self, producer: Producer) -> None:
+        """librdkafka: a retriable commit error leaves the outcome unknown; commit again until it
+        is known. Abortable and fatal errors raise to `_recover`."""
+        deadline = time.monotonic() + self._commit_deadline_s
+        attempt = 0
+        while True:
+            try:
+                producer.commit_transaction(CALL_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                attempt += 1
+                if not error.retriable() or time.monotonic() > deadline:
+                    raise
+                log.info("transaction_commit_retry", error=str(error), attempt=attempt)
+                time.sleep(min(0.5 * attempt, 5.0))
 
     def _recover(self, error: KafkaError) -> None:
         metrics.TRANSACTIONS.labels("failed").inc()

@@ -308,14 +308,17 @@ def _check_stem(file_stem: str) -> None:
         raise ValueError(f"invalid file_stem {file_stem!r}: empty, hidden or a path")
 
 
-def existing_job_ids(root: Path) -> set[str]:
+def existing_job_ids(root: Path, stem_marker: str | None = None) -> set[str]:
     """job_ids already in the dataset (empty set when root does not exist), for resuming a run.
-    Read only the job_id column of every *.parquet file (ignore names starting with '.' or '_')."""
+    Read only the job_id column of every *.parquet file (ignore names starting with '.' or '_'),
+    or of the files whose stem contains `stem_marker` (one run's files)."""
     root = Path(root)
     if not root.is_dir():
         return set()
     job_ids: set[str] = set()
     for path in data_files(root):
+        if stem_marker is not None and stem_marker not in path.stem:
+            continue
         column = pq.ParquetFile(path).read(columns=["job_id"]).column("job_id")
         job_ids.update(column.to_pylist())
     return job_ids

@@ -45,6 +45,9 @@ class ParquetResults:
             if p.parquet is not None
         }
         self._waiting: dict[TopicPartitionKey, dict[int, _Waiting]] = {}
+        # The last file's commit failed: no further file until a commit succeeds, else a crash
+        # would leave two uncommitted files, and the replay would cut its rows differently.
+        self._uncommitted = False
 
     def add(self, topic: str, partition: int, offset: int, result: Result) -> None:
         rows = self._waiting.setdefault((topic, partition), {})
@@ -54,13 +57,19 @@ class ParquetResults:
         self,
         first_unfinished_outside: Callable[[TopicPartitionKey, set[int]], int | None],
         on_written: Callable[[TopicPartitionKey, list[int]], None],
+        commit: Callable[[], bool],
         *,
         force: bool = False,
         only: set[TopicPartitionKey] | None = None,
     ) -> None:
         """Write every due file. A file takes waiting rows below the partition's first offset
-        that is neither waiting here nor finished, so files never skip an offset; `on_written`
-        (which must commit) runs after each durable file, before the next one."""
+        that is neither waiting here nor finished, so files never skip an offset. After each
+        durable file, `on_written` marks its rows done and `commit` commits them; no next file
+        is written until a commit has succeeded."""
+        if self._uncommitted:
+            if not commit():
+                return
+            self._uncommitted = False
         now = time.monotonic()
         for key, rows in self._waiting.items():
             if only is not None and key not in only:
@@ -83,6 +92,9 @@ class ParquetResults:
                 for offset in chunk:
                     del rows[offset]
                 on_written(key, chunk)
+                if not commit():
+                    self._uncommitted = True
+                    return
 
     def _write(
         self, key: TopicPartitionKey, pipeline: PipelineConfig, results: list[Result], first: int
