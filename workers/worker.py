@@ -298,6 +298,8 @@ class Worker:
         self._inflight = None
         served = inflight.future.result()  # an engine that cannot restart ends the worker
         self.summary.engine_restarts += served.engine_restarts
+        for handle, reason in served.unavailable:
+            self.serving.registry.mark_unavailable(handle, reason)
         for job, result in served.results:
             if inflight.still_ours(job):
                 self._write_result(job, result)

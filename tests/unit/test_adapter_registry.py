@@ -83,7 +83,9 @@ def test_new_version_takes_new_jobs_and_old_leaves_once_drained(registry, root, 
     assert registry.apply(update(spec(root, "2")))
     new = registry.resolve("tone", job())
     assert (old.version, new.version) == ("1", "2")
-    assert new.lora_id != old.lora_id and new.engine_name == "tone@2"
+    assert new.lora_id != old.lora_id
+    digest = adapter_digest(root / "tone-v2")
+    assert new.engine_name == f"tone@2#{digest[:12]}"
     registry.release_unused(in_use={old.lora_id})  # a routed job still holds v1
     assert old.lora_id in engine.registered
     registry.release_unused(in_use=set())
@@ -164,3 +166,28 @@ def test_update_key_must_match_its_name(root) -> None:
 def test_weights_must_add_up_to_one(root) -> None:
     with pytest.raises(ValueError):
         update(spec(root, "1", 0.5), spec(root, "2", 0.3))
+
+
+def test_a_version_number_keeps_its_files_after_it_is_unloaded(registry, root, statuses) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    assert registry.apply(update(spec(root, "2")))
+    registry.release_unused(in_use=set())  # v1 leaves the engine
+    other_files = spec(root, "3").model_copy(update={"version": "1"})
+    assert not registry.apply(update(other_files))
+    assert statuses[-1].code == "version_conflict"
+    assert registry.resolve("tone", job()).version == "2"
+
+
+def test_an_adapter_whose_reload_fails_is_unavailable_until_an_update_loads(
+    registry, root, engine, statuses
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    handle = registry.resolve("tone", job())
+    registry.mark_unavailable(handle, "reloading tone@1: files changed")
+    assert handle.lora_id not in engine.registered
+    assert (statuses[-1].state, statuses[-1].code) == ("rejected", "load_failed")
+    with pytest.raises(JobRejected) as refused:
+        registry.resolve("tone", job())
+    assert refused.value.code == "adapter_unavailable"
+    assert registry.apply(update(spec(root, "2")))
+    assert registry.resolve("tone", job()).version == "2"

@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from workers import metrics
-from workers.core.engine_api import AdapterHandle, Engine, GenerationRequest
+from workers.adapters.checks import adapter_digest
+from workers.core.engine_api import AdapterHandle, AdapterLoadError, Engine, GenerationRequest
+from workers.core.errors import AdapterError, AdapterRejected
 
 log = structlog.get_logger(__name__)
 
@@ -39,8 +42,11 @@ class AdapterCache:
         # The base model (key None) needs no adapter from disk.
         return lora_id is None or lora_id in self._resident
 
-    def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> None:
-        """Count a hit or a miss per distinct adapter of a batch; load the misses now."""
+    def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> dict[int, str]:
+        """Count a hit or a miss per distinct adapter of a batch; load the misses now, checking
+        their files against the checksum they were accepted with. Returns the adapters that
+        could not be loaded again (LoRA id: reason); the engine keeps serving the others."""
+        unavailable: dict[int, str] = {}
         for adapter in {a.lora_id: a for a in adapters if a is not None}.values():
             if adapter.lora_id in self._resident:
                 self.stats.hits += 1
@@ -49,13 +55,29 @@ class AdapterCache:
             self.stats.misses += 1
             metrics.ADAPTER_CACHE.labels("miss").inc()
             started = time.monotonic()
-            self._engine.register_adapter(adapter)
+            try:
+                self._reload(adapter)
+            except (AdapterRejected, AdapterLoadError, OSError) as exc:
+                log.error("adapter_reload_failed", adapter=adapter.engine_name, error=str(exc))
+                unavailable[adapter.lora_id] = f"reloading {adapter.engine_name}: {exc}"
+                continue
             elapsed = time.monotonic() - started
             self.stats.loads += 1
             self.stats.load_seconds += elapsed
             metrics.ADAPTER_LOAD_SECONDS.observe(elapsed)
             log.debug("adapter_cold_load", adapter=adapter.engine_name, load_ms=elapsed * 1000)
         self.refresh()
+        return unavailable
+
+    def _reload(self, adapter: AdapterHandle) -> None:
+        if adapter.sha256 is not None:
+            actual = adapter_digest(Path(adapter.path))
+            if actual != adapter.sha256:
+                raise AdapterRejected(
+                    AdapterError.CHECKSUM_MISMATCH,
+                    f"files changed since it was accepted: sha256 {actual}",
+                )
+        self._engine.register_adapter(adapter)
 
     def refresh(self, unregistered: Iterable[int] = ()) -> None:
         """Re-read the engine's cache; adapters that vanished without being unregistered were

@@ -100,9 +100,13 @@ class AdapterRegistry:
         self._worker_id = worker_id
         self._on_status = on_status
         self._served: dict[str, ServedAdapter] = {}
-        # Every version the engine holds, by (name, version); the checksum guards against a
-        # version republished with other files under the same engine name.
-        self._loaded: dict[tuple[str, str], tuple[str, AdapterHandle]] = {}
+        # Every version the engine holds, by (name, version).
+        self._loaded: dict[tuple[str, str], AdapterHandle] = {}
+        # The files every version was first accepted with, kept after it is unloaded: a version
+        # number stands for one set of files for the life of the worker.
+        self._digests: dict[tuple[str, str], str] = {}
+        # Adapters whose files failed a reload: jobs for them are refused with the reason.
+        self._unavailable: dict[str, str] = {}
         # LoRA ids are never reused, so no version can ever be served another's cached weights.
         self._lora_ids = itertools.count(1)
 
@@ -110,6 +114,8 @@ class AdapterRegistry:
 
     def resolve(self, name: str, job: Job) -> AdapterHandle:
         served = self._served.get(name)
+        if served is None and name in self._unavailable:
+            raise JobRejected(JobError.ADAPTER_UNAVAILABLE, self._unavailable[name])
         if served is None:
             raise JobRejected(
                 JobError.UNKNOWN_ADAPTER, f"adapter {name!r} is not served by this worker"
@@ -139,6 +145,7 @@ class AdapterRegistry:
         except AdapterRejected as rejection:
             self._reject(update.name, spec.version, rejection)
             return False
+        self._unavailable.pop(update.name, None)
         self._served[update.name] = ServedAdapter(
             name=update.name,
             routes=tuple(routes),
@@ -168,6 +175,18 @@ class AdapterRegistry:
         else:
             self.apply(record.update)
 
+    def mark_unavailable(self, handle: AdapterHandle, reason: str) -> None:
+        """A version's files failed a reload: stop routing to its adapter until an update
+        brings a version that loads, and say so on the status topic."""
+        if self._loaded.pop((handle.name, handle.version), None) is not None:
+            self._engine.unregister_adapter(handle)  # never registered again on a restart
+        served = self._served.get(handle.name)
+        if served is not None and any(r.handle.lora_id == handle.lora_id for r in served.routes):
+            del self._served[handle.name]
+            self._unavailable[handle.name] = reason
+        rejection = AdapterRejected(AdapterError.LOAD_FAILED, reason)
+        self._reject(handle.name, handle.version, rejection)
+
     def refuse(self, record: UpdateRecord, reason: str) -> None:
         """Report an update as rejected for a reason found outside the checks."""
         version = None
@@ -185,7 +204,7 @@ class AdapterRegistry:
         holding = set(in_use)
         routed = {r.handle.lora_id for s in self._served.values() for r in s.routes}
         released: list[int] = []
-        for key, (_, handle) in list(self._loaded.items()):
+        for key, handle in list(self._loaded.items()):
             if handle.lora_id in routed or handle.lora_id in holding:
                 continue
             self._engine.unregister_adapter(handle)
@@ -199,30 +218,33 @@ class AdapterRegistry:
     # --- internals -----------------------------------------------------------------------------
 
     def _load(self, update: AdapterUpdate, spec: AdapterVersionSpec) -> AdapterHandle:
+        first_digest = self._digests.get((update.name, spec.version))
+        if first_digest is not None and first_digest != spec.sha256:
+            raise AdapterRejected(
+                AdapterError.VERSION_CONFLICT,
+                f"{update.name}@{spec.version} was accepted with other files (sha256 "
+                f"{first_digest}); publish a new version instead",
+            )
         known = self._loaded.get((update.name, spec.version))
         if known is not None:
-            sha256, handle = known
-            if sha256 != spec.sha256:
-                raise AdapterRejected(
-                    AdapterError.VERSION_CONFLICT,
-                    f"{update.name}@{spec.version} is already served with other files; "
-                    "publish a new version instead",
-                )
-            return handle
+            return known
         facts = inspect_adapter(
             spec.path,
             self._requirements,
             expected_sha256=spec.sha256,
             claimed_base_model=update.base_model,
         )
-        handle = AdapterHandle(update.name, spec.version, str(facts.path), next(self._lora_ids))
+        handle = AdapterHandle(
+            update.name, spec.version, str(facts.path), next(self._lora_ids), spec.sha256
+        )
         started = time.monotonic()
         try:
             self._engine.register_adapter(handle)
         except AdapterLoadError as exc:
             raise AdapterRejected(AdapterError.LOAD_FAILED, str(exc)) from exc
         metrics.ADAPTER_LOAD_SECONDS.observe(time.monotonic() - started)
-        self._loaded[(update.name, spec.version)] = (spec.sha256, handle)
+        self._loaded[(update.name, spec.version)] = handle
+        self._digests[(update.name, spec.version)] = spec.sha256
         log.info(
             "adapter_loaded",
             adapter=update.name,

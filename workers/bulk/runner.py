@@ -89,8 +89,8 @@ class BulkRunner:
         row_group_size: int = 10_000,
     ) -> None:
         self._pipelines = pipelines
+        self._serving = serving
         self._preparer = serving.preparer
-        self._processor = serving.processor
         self._batcher = serving.batcher
         self._output_dir = output_dir
         self._writers: dict[str, ParquetDatasetWriter] = {}
@@ -173,7 +173,9 @@ class BulkRunner:
 
     def _run_batch(self, batch: list[PreparedJob]) -> int:
         # As in the worker: a row that kills the engine on its own becomes an engine_crash row.
-        served = self._processor.serve(batch)
+        served = self._serving.processor.serve(batch)
+        for handle, reason in served.unavailable:
+            self._serving.registry.mark_unavailable(handle, reason)
         for retry in served.retries:
             self._batcher.add(retry)
         for job, result in served.results:

@@ -17,17 +17,20 @@ class AdapterHandle:
     """One adapter version as the engine knows it.
 
     vLLM keys its LoRA caches by id and its prefix cache by name, so a new version must get a
-    fresh id and name, never reuse them (docs/adapters.md).
+    fresh id and name, never reuse them (docs/adapters.md). The files' sha256 is part of the
+    name: the same version number with other files is another adapter to the engine.
     """
 
     name: str
     version: str
     path: str
     lora_id: int
+    sha256: str | None = None  # checked again whenever the files are (re)loaded
 
     @property
     def engine_name(self) -> str:
-        return f"{self.name}@{self.version}"
+        suffix = f"#{self.sha256[:12]}" if self.sha256 else ""
+        return f"{self.name}@{self.version}{suffix}"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ class JobError(StrEnum):
     TASK_MISMATCH = "task_mismatch"  # a known task on another task's topic
     UNKNOWN_ADAPTER = "unknown_adapter"  # routed to an adapter this worker does not serve
     ADAPTER_FORBIDDEN = "adapter_forbidden"  # the adapter's tenant list excludes the job's tenant
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its files failed the checks on a reload
     CONTEXT_EXCEEDED = "context_exceeded"  # prompt plus max_tokens exceed the model's context
     ENGINE_CRASH = "engine_crash"  # the engine died `crash_attempts` times on this job alone
     INTERNAL_ERROR = "internal_error"  # anything else this message alone raised (a bug or a limit)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -33,9 +33,10 @@ log = structlog.get_logger(__name__)
 
 
 class AdapterLoader(Protocol):
-    """Loads a batch's adapters into the engine before `generate` (`workers.adapters.cache`)."""
+    """Loads a batch's adapters into the engine before `generate` (`workers.adapters.cache`);
+    returns those that could not be loaded (LoRA id: reason)."""
 
-    def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> None: ...
+    def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> dict[int, str]: ...
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class BatchOutcome:
     retries: list[PreparedJob]  # back to the batcher with a larger token budget
     output_tokens: int
     failed: list[tuple[PreparedJob, Exception]]  # raised while turned into a result
+    # Adapter versions whose files could not be loaded again, with the reason.
+    unavailable: list[tuple[AdapterHandle, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,14 @@ class ServedBatch:
 
     results: list[tuple[PreparedJob, Result]]
     retries: list[PreparedJob]
-    unserved: list[tuple[PreparedJob, JobRejected]]  # engine_crash or internal_error
+    unserved: list[tuple[PreparedJob, JobRejected]]  # engine_crash, internal_error...
+    unavailable: list[tuple[AdapterHandle, str]]  # for the registry to stop routing to
     output_tokens: int
     engine_restarts: int
+
+
+def _as_rejection(error: Exception) -> JobRejected:
+    return error if isinstance(error, JobRejected) else JobRejected.internal(error)
 
 
 class BatchProcessor:
@@ -84,13 +92,30 @@ class BatchProcessor:
             results=[pair for outcome in guarded.outcomes for pair in outcome.results],
             retries=[job for outcome in guarded.outcomes for job in outcome.retries],
             unserved=[(job, self._crash_rejection) for job in guarded.crashed]
-            + [(job, JobRejected.internal(error)) for job, error in failed],
+            + [(job, _as_rejection(error)) for job, error in failed],
+            unavailable=[lost for outcome in guarded.outcomes for lost in outcome.unavailable],
             output_tokens=sum(outcome.output_tokens for outcome in guarded.outcomes),
             engine_restarts=guarded.restarts,
         )
 
     def run(self, batch: list[PreparedJob]) -> BatchOutcome:
-        self._cache.ensure_loaded(job.adapter for job in batch)
+        failed: list[tuple[PreparedJob, Exception]] = []
+        unavailable = self._cache.ensure_loaded(job.adapter for job in batch)
+        lost: dict[int, AdapterHandle] = {}
+        if unavailable:
+            for job in batch:
+                if job.adapter is not None and job.adapter.lora_id in unavailable:
+                    lost[job.adapter.lora_id] = job.adapter
+                    reason = unavailable[job.adapter.lora_id]
+                    failed.append((job, JobRejected(JobError.ADAPTER_UNAVAILABLE, reason)))
+            batch = [job for job in batch if job.adapter_key not in unavailable]
+        outcome = self._generate(batch, failed) if batch else BatchOutcome([], [], 0, failed)
+        outcome.unavailable.extend((handle, unavailable[i]) for i, handle in lost.items())
+        return outcome
+
+    def _generate(
+        self, batch: list[PreparedJob], failed: list[tuple[PreparedJob, Exception]]
+    ) -> BatchOutcome:
         handed_at = time.monotonic()
         generations = self._engine.generate([job.request for job in batch])
         generate_ms = (time.monotonic() - handed_at) * 1000
@@ -108,7 +133,6 @@ class BatchProcessor:
         )
         results: list[tuple[PreparedJob, Result]] = []
         retries: list[PreparedJob] = []
-        failed: list[tuple[PreparedJob, Exception]] = []
         for job, generation in zip(batch, generations, strict=True):
             try:
                 result = self._build_result(job, generation, handed_at, generate_ms)
