@@ -1,7 +1,8 @@
 """A real Apache Kafka broker for integration tests, found in this order:
 
 1. `KAFKA_BOOTSTRAP_SERVERS`, if set (CI or a developer's own broker);
-2. an apache/kafka container through testcontainers, if a Docker engine answers;
+2. an apache/kafka container through testcontainers, if a Docker engine answers and the
+   container starts (an engine without a reachable registry cannot pull the image);
 3. `ops/kafka-local` (Apache Kafka jars from Maven Central, run with the machine's Java).
 
 Never an in-memory or mock broker.
@@ -13,7 +14,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +88,14 @@ def kafka_broker(state_dir: Path) -> Iterator[tuple[str, str]]:
     """Yields (bootstrap servers, how the broker was provided)."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"], "KAFKA_BOOTSTRAP_SERVERS"
-    elif _docker_answers():
-        with _container_broker() as bootstrap:
-            yield bootstrap, f"testcontainers {KAFKA_IMAGE}"
-    else:
-        with _local_broker(state_dir) as bootstrap:
-            yield bootstrap, "ops/kafka-local"
+        return
+    with ExitStack() as stack:
+        how = f"testcontainers {KAFKA_IMAGE}"
+        try:
+            if not _docker_answers():
+                raise RuntimeError("no Docker engine answers")
+            bootstrap = stack.enter_context(_container_broker())
+        except Exception as exc:  # no engine, no image, no registry: the local broker then
+            how = f"ops/kafka-local (container: {type(exc).__name__}: {str(exc)[:120]})"
+            bootstrap = stack.enter_context(_local_broker(state_dir))
+        yield bootstrap, how

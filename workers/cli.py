@@ -22,6 +22,7 @@ from workers.core.contracts import contract_schemas
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+MAX_ERRORS_SHOWN = 20
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -256,19 +257,25 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from workers.bulk.jobfiles import count_rows, read_rows
+    from workers.bulk.jobfiles import count_rows, numbered_lines, numbered_rows
     from workers.kafka.publish import publish_rows
 
     settings = _settings(args)
     bootstrap = settings.require_bootstrap()
     if args.file == "-":
-        lines = (line.rstrip("\n").encode() for line in sys.stdin if line.strip())
-        report = publish_rows(bootstrap, args.topic, lines)
+        # Bytes, not text: a line that is not UTF-8 is published as it is, for the worker to
+        # dead-letter with its reason, instead of ending the whole publish.
+        report = publish_rows(bootstrap, args.topic, numbered_lines(sys.stdin.buffer))
     else:
         path = Path(args.file)
         if not path.is_file():
             raise ConfigError(f"cannot read {args.file}: no such file")
-        report = publish_rows(bootstrap, args.topic, read_rows(path), count_rows(path))
+        report = publish_rows(bootstrap, args.topic, numbered_rows(path), count_rows(path))
+    for line, reason in report.errors[:MAX_ERRORS_SHOWN]:
+        where = f"line {line}" if line else "publish"
+        print(f"lora-workers: {where}: {reason}", file=sys.stderr)
+    if report.failed > MAX_ERRORS_SHOWN:
+        print(f"lora-workers: ... {report.failed - MAX_ERRORS_SHOWN} more", file=sys.stderr)
     print(
         f"published {report.written} jobs to {args.topic}"
         + (f", {report.failed} failed" if report.failed else "")

@@ -4,18 +4,19 @@ midway and run again: one row per input job, no duplicate, no gap; read back wit
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from tests.integration.harness import expected_adapter, load_zoo_generators
+from tests.integration.processes import kill_9_leaving_no_orphans
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,7 @@ def bulk(input_path: Path, output: Path, log: Path) -> subprocess.Popen:
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so kill -9 takes the engine down too
+        start_new_session=True,
     )
 
 
@@ -85,14 +86,17 @@ def test_bulk_run_survives_kill_9_without_duplicates_or_gaps(tmp_path: Path) -> 
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no files written in 10 minutes"
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
-    files_before = len(list(output.rglob("part-*.parquet")))
+    kill_9_leaving_no_orphans(first)
+    files = list(output.rglob("part-*.parquet"))
+    files_before = len(files)
+    rows_before = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
 
     second = bulk(input_path, output, tmp_path / "second.log")
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
     summary = (tmp_path / "second.log").read_text()
-    assert "skipped (already written)" in summary
+    skipped = re.search(r"skipped \(already written\)\D*([\d,]+)", summary)
+    assert skipped is not None, summary[-3000:]
+    assert int(skipped.group(1).replace(",", "")) == rows_before > 0
 
     source = (
         f"read_parquet('{output}/**/*.parquet', hive_partitioning = true, union_by_name = true)"

@@ -28,6 +28,7 @@ from tests.integration.harness import (
     produce,
     wait_for_event,
 )
+from tests.integration.processes import kill_9_leaving_no_orphans
 from workers.engine.vllm_engine import engine_core_pids
 from workers.kafka.sinks import DLQ_ERROR_CODE
 from workers.kafka.topics import read_to_end
@@ -130,8 +131,7 @@ def test_kill_9_at_several_points_in_a_batch(
         log_path = tmp_path / f"killed-{point}.log"
         worker = deployment.start_worker(log_path=log_path, **same_replica)
         wait_for_event(worker, log_path, event, count)
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=60)
+        kill_9_leaving_no_orphans(worker)
     finish(deployment, tmp_path, "last", LORA_WORKERS_INSTANCE_ID="replica-0")
     assert_exactly_once(deployment, jobs)
 

@@ -3,9 +3,7 @@ midway and restarted; the dataset ends with exactly one row per job, none missin
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import yaml
 
 from tests.datasets import read_dataset
 from tests.integration.harness import deploy, job_record, mixed_jobs, produce
+from tests.integration.processes import kill_9_leaving_no_orphans
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +51,7 @@ def test_kill_9_and_restart_leave_no_duplicate_or_missing_row(
         assert first.poll() is None, first_log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no files in 10 minutes"
         time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    kill_9_leaving_no_orphans(first)
 
     exit_code = deployment.run_worker(
         "--idle-exit", "30", log_path=tmp_path / "second.log", settings=SMALL_BATCHES

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -17,22 +18,26 @@ from workers.kafka.sinks import produce_waiting_for_room
 @dataclass
 class PublishReport:
     written: int = 0
-    failed: int = 0
     unkeyed: int = 0  # lines that are not a JSON object with a job_id (published anyway)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (line, reason), not written
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
 
 
 def job_key(value: bytes) -> bytes | None:
     """The job_id as the message key, so one job always lands in one partition."""
     try:
         document = json.loads(value)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or past a parser limit
         return None
     job_id = document.get("job_id") if isinstance(document, dict) else None
     return job_id.encode() if isinstance(job_id, str) else None
 
 
 def publish_rows(
-    bootstrap_servers: str, topic: str, rows: Iterable[bytes], total: int | None = None
+    bootstrap_servers: str, topic: str, rows: Iterable[tuple[int, bytes]], total: int | None = None
 ) -> PublishReport:
     report = PublishReport()
     producer = Producer(
@@ -47,11 +52,11 @@ def publish_rows(
         logger=None,
     )
 
-    def delivered(error: KafkaError | None, _message: Message) -> None:
+    def delivered(line: int, error: KafkaError | None, _message: Message) -> None:
         if error is None:
             report.written += 1
         else:
-            report.failed += 1
+            report.errors.append((line, str(error)))
 
     progress = Progress(
         TextColumn(f"publishing to {topic}"),
@@ -63,12 +68,20 @@ def publish_rows(
     )
     with progress:
         bar = progress.add_task("publish", total=total)
-        for value in rows:
+        for line, value in rows:
             key = job_key(value)
             report.unkeyed += key is None
-            produce_waiting_for_room(producer, topic, key=key, value=value, on_delivery=delivered)
+            # One line that cannot be written is reported with its number; the rest go on.
+            try:
+                produce_waiting_for_room(
+                    producer, topic, key=key, value=value, on_delivery=partial(delivered, line)
+                )
+            except KafkaException as exc:
+                report.errors.append((line, str(exc.args[0])))
             producer.poll(0)
             progress.advance(bar)
     remaining = producer.flush(60)
-    report.failed += remaining
+    if remaining:
+        report.errors.append((0, f"{remaining} messages not acknowledged within 60 s"))
+    report.errors.sort()
     return report
