@@ -18,7 +18,7 @@ from workers.core.config import (
 from workers.core.contracts import AdapterStatus
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
-from workers.kafka.status import AdapterStatusWriter
+from workers.kafka.status import AdapterStatusWriter, last_serving_states, read_statuses
 from workers.kafka.transactions import ExactlyOnceSink
 from workers.serving import start_serving
 from workers.worker import RunLimits, RunSummary, Worker
@@ -50,6 +50,8 @@ def run_worker(
         if settings.delivery.mode == "exactly_once"
         else AtLeastOnceSink(bootstrap, settings.sizes, settings.kafka)
     )
+    # What the fleet serves, for adapters whose good state was compacted under a rejected one.
+    last_serving = last_serving_states(read_statuses(bootstrap, settings.adapters.status_topic))
     statuses = AdapterStatusWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
     serving = start_serving(
@@ -58,6 +60,7 @@ def run_worker(
         catalog,
         on_status=statuses.write,
         updates=updates,
+        last_serving=last_serving,
     )
     try:
         worker = Worker(

@@ -15,7 +15,7 @@ from workers.adapters.feed import AdapterUpdateFeed
 from workers.adapters.registry import AdapterRegistry
 from workers.core.batching import AdapterBatcher
 from workers.core.config import AdapterCatalog, ConfigError, PipelineConfig, Settings
-from workers.core.contracts import AdapterStatus
+from workers.core.contracts import AdapterStatus, AdapterUpdate
 from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import BatchProcessor
 from workers.engine.vllm_engine import VllmEngine
@@ -58,6 +58,7 @@ def start_serving(
     catalog: AdapterCatalog,
     on_status: Callable[[AdapterStatus], None],
     updates: AdapterUpdateFeed | None = None,
+    last_serving: dict[str, AdapterUpdate] | None = None,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`."""
@@ -76,6 +77,9 @@ def start_serving(
             # Serve the latest announced versions from the first job on.
             seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
             log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
+            restored = registry.restore_last_good(last_serving or {})
+            if restored:
+                log.warning("adapters_restored_from_status", adapters=restored)
         check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
         prewarm(engine, registry, settings.adapters.prewarm)
         cache = AdapterCache(engine)

@@ -14,6 +14,7 @@ from workers.core.config import LLAMA_LORA_MODULES
 from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
 from workers.core.engine_api import AdapterHandle, AdapterLoadError
 from workers.core.errors import JobRejected
+from workers.kafka.status import last_serving_states
 
 
 class RecordingEngine:
@@ -191,3 +192,38 @@ def test_an_adapter_whose_reload_fails_is_unavailable_until_an_update_loads(
     assert refused.value.code == "adapter_unavailable"
     assert registry.apply(update(spec(root, "2")))
     assert registry.resolve("tone", job()).version == "2"
+
+
+def test_a_new_worker_restores_the_good_state_a_rejected_update_was_compacted_over(
+    registry, root, statuses
+) -> None:
+    # A worker running all along: v2 serves, then a bad update (wrong checksum) is rejected.
+    good = update(spec(root, "2"), published_at_ms=1_000)
+    bad_spec = spec(root, "3").model_copy(update={"sha256": "0" * 64})
+    bad = update(bad_spec, published_at_ms=2_000)
+    assert registry.apply(good) and not registry.apply(bad)
+    assert registry.resolve("tone", job()).version == "2"
+    fleet = last_serving_states(statuses)
+    assert fleet["tone"] == good
+
+    # A worker started after compaction sees the catalog's v1, then only the bad record.
+    late = AdapterRegistry(
+        RecordingEngine(),
+        AdapterRequirements("tiny-llama", 8, LLAMA_LORA_MODULES, (root,)),
+        worker_id="w2",
+        on_status=lambda status: None,
+    )
+    assert late.apply(update(spec(root, "1")))  # published_at_ms 0, as the catalog's
+    late.apply_record(decode_update(b"tone", bad.model_dump_json().encode()))
+    assert late.resolve("tone", job()).version == "1"  # not what the fleet serves
+    assert late.restore_last_good(fleet) == ["tone"]
+    assert late.resolve("tone", job()).version == "2"
+
+
+def test_a_state_newer_than_the_rejection_is_not_rolled_back(registry, root, statuses) -> None:
+    newer = update(spec(root, "2"), published_at_ms=5_000)
+    assert registry.apply(update(spec(root, "1"), published_at_ms=1_000))
+    bad_spec = spec(root, "3").model_copy(update={"sha256": "0" * 64})
+    assert not registry.apply(update(bad_spec, published_at_ms=2_000))
+    assert registry.restore_last_good({"tone": newer}) == []
+    assert registry.resolve("tone", job()).version == "1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from workers.adapters.registry import update_from_catalog
 from workers.adapters.updates import decode_update
 from workers.core.config import Settings, load_catalog
 from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec
+from workers.kafka.status import read_statuses
 from workers.kafka.topics import read_to_end
 
 
@@ -101,8 +101,7 @@ class AdapterListing:
 
 def list_adapters(settings: Settings) -> list[AdapterListing]:
     latest: dict[tuple[str, str | None], AdapterStatus] = {}
-    for message in read_to_end(settings.require_bootstrap(), [settings.adapters.status_topic]):
-        status = AdapterStatus.model_validate(json.loads(message.value()))
+    for status in read_statuses(settings.require_bootstrap(), settings.adapters.status_topic):
         latest[(status.name, status.version)] = status
     return [
         AdapterListing(

@@ -107,6 +107,10 @@ class AdapterRegistry:
         self._digests: dict[tuple[str, str], str] = {}
         # Adapters whose files failed a reload: jobs for them are refused with the reason.
         self._unavailable: dict[str, str] = {}
+        # When each served state was published, and adapters whose latest update was rejected
+        # (with its publication time): what `restore_last_good` needs.
+        self._served_at: dict[str, int] = {}
+        self._rejected_last: dict[str, int] = {}
         # LoRA ids are never reused, so no version can ever be served another's cached weights.
         self._lora_ids = itertools.count(1)
 
@@ -144,6 +148,7 @@ class AdapterRegistry:
                 routes.append(Route(self._load(update, spec), spec.weight))
         except AdapterRejected as rejection:
             self._reject(update.name, spec.version, rejection)
+            self._rejected_last[update.name] = update.published_at_ms
             return False
         self._unavailable.pop(update.name, None)
         self._served[update.name] = ServedAdapter(
@@ -155,8 +160,10 @@ class AdapterRegistry:
         if update.hot:
             for route in routes:
                 self._engine.pin_adapter(route.handle)
+        self._served_at[update.name] = update.published_at_ms
+        self._rejected_last.pop(update.name, None)
         for route in routes:
-            self._status(update.name, route.handle.version, AdapterState.SERVING, route.weight)
+            self._status(route.handle, AdapterState.SERVING, route.weight, update)
         log.info(
             "adapter_serving",
             adapter=update.name,
@@ -170,6 +177,7 @@ class AdapterRegistry:
             self._reject(
                 record.name, None, AdapterRejected(AdapterError.MALFORMED_UPDATE, record.error)
             )
+            self._rejected_last[record.name] = 0  # when it was published is unknown
         elif record.update is None:
             self.retire(record.name)
         else:
@@ -194,7 +202,28 @@ class AdapterRegistry:
             version = record.update.versions[0].version
         self._reject(record.name, version, AdapterRejected(AdapterError.LOAD_FAILED, reason))
 
+    def restore_last_good(self, last_serving: dict[str, AdapterUpdate]) -> list[str]:
+        """After catching up with the updates topic: an adapter whose latest record was rejected,
+        and whose good state before it is gone from the topic (compacted away), serves the last
+        state a worker reported serving, as the workers that were running all along do.
+        Returns the adapters restored."""
+        restored: list[str] = []
+        for name, rejected_at in sorted(self._rejected_last.items()):
+            candidate = last_serving.get(name)
+            if candidate is None:
+                continue
+            newer_than_rejected = rejected_at and candidate.published_at_ms > rejected_at
+            already = self._served_at.get(name, -1) >= candidate.published_at_ms
+            if newer_than_rejected or already:
+                continue
+            log.warning("adapter_state_restored", adapter=name, from_status=True)
+            if self.apply(candidate):
+                restored.append(name)
+        return restored
+
     def retire(self, name: str) -> None:
+        self._rejected_last.pop(name, None)
+        self._served_at.pop(name, None)
         if self._served.pop(name, None) is not None:
             log.info("adapter_retired", adapter=name)
 
@@ -211,7 +240,7 @@ class AdapterRegistry:
             del self._loaded[key]
             metrics.ADAPTER_UNLOADS.inc()
             log.info("adapter_unloaded", adapter=handle.name, version=handle.version)
-            self._status(handle.name, handle.version, AdapterState.RETIRED, None)
+            self._status(handle, AdapterState.RETIRED, None)
             released.append(handle.lora_id)
         return released
 
@@ -275,14 +304,22 @@ class AdapterRegistry:
         )
         self._on_status(status)
 
-    def _status(self, name: str, version: str, state: AdapterState, weight: float | None) -> None:
+    def _status(
+        self,
+        handle: AdapterHandle,
+        state: AdapterState,
+        weight: float | None,
+        update: AdapterUpdate | None = None,
+    ) -> None:
         self._on_status(
             AdapterStatus(
-                name=name,
-                version=version,
+                name=handle.name,
+                version=handle.version,
                 state=state,
                 worker=self._worker_id,
                 weight=weight,
+                sha256=handle.sha256,
+                update=update,
                 at_ms=int(time.time() * 1000),
             )
         )

@@ -173,7 +173,8 @@ class AdapterState(StrEnum):
 
 
 class AdapterStatus(_Contract):
-    """What a worker did with an update, on `adapters.status` (key: adapter name)."""
+    """What a worker did with an update, on the compacted topic `adapters.status` (key:
+    `name@version`, or the name alone when no version is known)."""
 
     name: str
     version: str | None
@@ -182,7 +183,17 @@ class AdapterStatus(_Contract):
     code: str | None = None
     message: str | None = None
     weight: float | None = None
+    sha256: str | None = Field(default=None, description="The version's files, when known.")
+    update: AdapterUpdate | None = Field(
+        default=None,
+        description="With `serving`: the whole state that serves, so a worker started after a "
+        "rejected update was compacted over it can still serve the last good state.",
+    )
     at_ms: int
+
+    @property
+    def key(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
 
 
 def contract_schemas() -> dict[str, dict[str, Any]]:

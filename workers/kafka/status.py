@@ -1,11 +1,14 @@
-"""Adapter status notices on `adapters.status`: best effort, never part of a transaction."""
+"""Adapter status notices on `adapters.status`: best effort, never part of a transaction; and
+reading them back."""
 
 from __future__ import annotations
 
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
+from pydantic import ValidationError
 
-from workers.core.contracts import AdapterStatus
+from workers.core.contracts import AdapterState, AdapterStatus, AdapterUpdate
+from workers.kafka.topics import read_to_end
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +29,7 @@ class AdapterStatusWriter:
 
         self._producer.produce(
             self._topic,
-            key=status.name.encode(),
+            key=status.key.encode(),
             value=status.model_dump_json().encode(),
             on_delivery=delivered,
         )
@@ -34,3 +37,27 @@ class AdapterStatusWriter:
 
     def close(self) -> None:
         self._producer.flush(10)
+
+
+def read_statuses(bootstrap_servers: str, topic: str) -> list[AdapterStatus]:
+    """Every status on the topic, in order; a record that is not a status is skipped."""
+    statuses: list[AdapterStatus] = []
+    for message in read_to_end(bootstrap_servers, [topic]):
+        try:
+            statuses.append(AdapterStatus.model_validate_json(message.value() or b""))
+        except ValidationError:
+            log.warning("status_unreadable", topic=topic, offset=message.offset())
+    return statuses
+
+
+def last_serving_states(statuses: list[AdapterStatus]) -> dict[str, AdapterUpdate]:
+    """Per adapter, the most recently published state some worker reported serving."""
+    states: dict[str, AdapterUpdate] = {}
+    for status in statuses:
+        update = status.update
+        if status.state is not AdapterState.SERVING or update is None:
+            continue
+        known = states.get(update.name)
+        if known is None or update.published_at_ms >= known.published_at_ms:
+            states[update.name] = update
+    return states

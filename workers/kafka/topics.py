@@ -26,12 +26,15 @@ def pipeline_topics(
     settings: Settings, pipelines: dict[str, PipelineConfig], partitions: int
 ) -> list[TopicSpec]:
     """Input, result and dead-letter topics of every pipeline, the unknown-task DLQ, and the
-    adapter topics (updates compacted: the latest state per adapter name is what matters)."""
-    names = {settings.unknown_task_dlq, settings.adapters.status_topic}
+    adapter topics, compacted: the latest state per adapter name (updates) and per version
+    (statuses) is what matters."""
+    names = {settings.unknown_task_dlq}
     for pipeline in pipelines.values():
         names |= {pipeline.input_topic, pipeline.result_topic, pipeline.dlq_topic}
     specs = [TopicSpec(name, partitions) for name in sorted(n for n in names if n)]
-    specs.append(TopicSpec(settings.adapters.updates_topic, 1, {"cleanup.policy": "compact"}))
+    compacted = {"cleanup.policy": "compact"}
+    specs.append(TopicSpec(settings.adapters.updates_topic, 1, compacted))
+    specs.append(TopicSpec(settings.adapters.status_topic, partitions, compacted))
     return specs
 
 
