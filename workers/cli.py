@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import structlog
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
@@ -376,6 +377,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = _build_parser().parse_args(argv)
     from workers.logs import configure_logging
@@ -383,16 +389,19 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         configure_logging(args.log_level)
         code = _COMMANDS[args.command](args)
-    except (ConfigError, ValidationError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"lora-workers: error: {message}", file=sys.stderr)
+    except (ConfigError, ValidationError) as exc:
+        print(f"lora-workers: error: {_first_line(exc)}", file=sys.stderr)
         code = EXIT_USAGE
-    except OSError as exc:  # a port in use, an unwritable output path, a missing file
-        print(f"lora-workers: error: {exc}", file=sys.stderr)
-        code = EXIT_FAILURE
     except KafkaException as exc:
         print(f"lora-workers: kafka error: {exc.args[0]}", file=sys.stderr)
         code = EXIT_FAILURE
+    except OSError as exc:  # a port in use, an unwritable output path, a missing file
+        print(f"lora-workers: error: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # the traceback to the log, one line to the operator
+        structlog.get_logger(__name__).exception("fatal")
+        print(f"lora-workers: fatal: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        code = EXIT_FAILURE
     sys.exit(code)
