@@ -90,7 +90,12 @@ def test_evictions_and_reloads_keep_every_result_correct(
     checked: dict[str, int] = defaultdict(int)
     for job in jobs:
         result = results[job["job_id"]]
-        assert result["adapter"] == {"name": job["adapter"], "version": "1"}
+        path = deployment.adapter_root / job["adapter"]
+        assert result["adapter"] == {
+            "name": job["adapter"],
+            "version": "1",
+            "sha256": adapter_digest(path),
+        }
         if checked[job["adapter"]] < 2:
             pipeline = deployment.pipelines[job["task"]]
             want = oracle.generate(

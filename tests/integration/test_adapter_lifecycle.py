@@ -12,7 +12,7 @@ import random
 import shutil
 import signal
 import subprocess
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from tests.integration.harness import (
     produce,
 )
 from tests.integration.oracle import PeftOracle
+from workers.adapters.checks import adapter_digest
 
 pytestmark = pytest.mark.integration
 
@@ -224,13 +225,29 @@ def test_hot_reload_mid_stream(lifecycle: Lifecycle) -> None:
     every = before + during + after
     assert [i for i in every if len(results[i]) != 1] == []  # none lost, none doubled
     assert all(results[i][0]["status"] != "error" for i in every)
+    v2_digest = adapter_digest(lifecycle.deployment.adapter_root / "customer-tone-v2")
     for job_id in after:
         if "customer-tone" in job_id:
-            assert results[job_id][0]["adapter"] == {"name": "customer-tone", "version": "2"}
-    versions = Counter(
-        served_version(results[i][0]) for i in before + during if "customer-tone" in i
-    )
-    assert set(versions) <= {"1", "2"}
+            assert results[job_id][0]["adapter"] == {
+                "name": "customer-tone",
+                "version": "2",
+                "sha256": v2_digest,
+            }
+    # Routing happens when a job is consumed: a job consumed before the switch keeps v1 even
+    # when it is generated after it; one consumed after the switch gets v2.
+    (switch,) = [
+        s["at_ms"]
+        for s in lifecycle.statuses()
+        if (s["name"], s["version"], s["state"]) == ("customer-tone", "2", "serving")
+    ]
+    tone = [results[i][0] for i in every if "customer-tone" in i]
+    routed_before = [r for r in tone if r["timings"]["received_at_ms"] < switch]
+    routed_after = [r for r in tone if r["timings"]["received_at_ms"] > switch]
+    assert routed_before and routed_after
+    assert {served_version(r) for r in routed_before} == {"1"}
+    assert {served_version(r) for r in routed_after} == {"2"}
+    generated_after_switch = [r for r in routed_before if r["timings"]["completed_at_ms"] > switch]
+    print(f"\n{len(generated_after_switch)} jobs routed before the switch finished after it on v1")
     assert assert_matches_oracle(traffic, every) >= 6 * 3
     # The old version leaves the engine once nothing routed to it is waiting.
     lifecycle.wait_for_status("customer-tone", "1", "retired")

@@ -265,6 +265,8 @@ def test_sigterm_during_a_batch_then_restart(
         stopped = [e for e in log_events(log_path.read_text()) if e["event"] == "worker_stopped"]
         outcomes.append(stopped[0]["abandoned"])
     assert outcomes[0] == 0, "the graceful stop abandoned its batch"
+    assert outcomes[1] > 0, "the stop without a deadline abandoned nothing"
+    # Every job is answered once, so the abandoned batch was served again by the next worker.
     finish(deployment, tmp_path, "last")
     assert_exactly_once(deployment, jobs)
 

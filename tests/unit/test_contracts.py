@@ -76,4 +76,4 @@ def test_result_round_trips_through_its_schema() -> None:
     document = json.loads(result.model_dump_json())
     schema = json.loads((SCHEMAS / "result.schema.json").read_text())
     assert list(Draft202012Validator(schema).iter_errors(document)) == []
-    assert document["adapter"] == {"name": "classifier", "version": "1"}
+    assert document["adapter"] == {"name": "classifier", "version": "1", "sha256": None}

@@ -39,6 +39,7 @@ FIXED_NAMES = [
     "status",
     "adapter_name",
     "adapter_version",
+    "adapter_sha256",
     "output_json",
     "raw_output",
     "prompt_tokens",
@@ -145,7 +146,13 @@ def test_arrow_schema_fixed_columns_then_output_columns() -> None:
     assert schema.field("queue_ms").type == pa.float64()
     assert schema.field("generate_ms").type == pa.float64()
     assert not schema.field("job_id").nullable
-    for name in ("adapter_name", "adapter_version", "error_code", "error_message"):
+    for name in (
+        "adapter_name",
+        "adapter_version",
+        "adapter_sha256",
+        "error_code",
+        "error_message",
+    ):
         assert schema.field(name).nullable
     assert schema.field("metadata_json").nullable
     assert schema.field("out_label").type == pa.string()
@@ -171,7 +178,7 @@ def test_round_trip_values_types_and_partitions(tmp_path: Path) -> None:
             "job-1",
             output={"label": "billing", "confidence": 1},
             raw_output='{"label": "billing", "confidence": 1}',
-            adapter=AdapterRef(name="support-clf", version="v2"),
+            adapter=AdapterRef(name="support-clf", version="v2", sha256="ab" * 32),
             metadata={"ticket": "T-1", "note": "café"},
         ),
         make_result("job-2", output={"label": "account", "confidence": 0.25}),
@@ -200,6 +207,7 @@ def test_round_trip_values_types_and_partitions(tmp_path: Path) -> None:
     first, second, invalid = rows
     assert (first["adapter_name"], first["adapter_version"]) == ("support-clf", "v2")
     assert (second["adapter_name"], second["adapter_version"]) == (None, None)
+    assert (first["adapter_sha256"], second["adapter_sha256"]) == ("ab" * 32, None)
     assert json.loads(first["output_json"]) == {"label": "billing", "confidence": 1}
     assert first["metadata_json"] == '{"ticket": "T-1", "note": "café"}'
     assert second["metadata_json"] is None

@@ -63,10 +63,11 @@ class Job(_Contract):
 
 
 class AdapterRef(_Contract):
-    """The exact adapter version that produced a result."""
+    """The exact adapter version that produced a result: its name, version and files."""
 
     name: str
     version: str
+    sha256: str | None = Field(default=None, description="The version's files (see adapters).")
 
 
 class ResultStatus(StrEnum):

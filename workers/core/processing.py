@@ -189,7 +189,7 @@ class BatchProcessor:
             raw_output=generation.text,
             adapter=None
             if adapter is None
-            else AdapterRef(name=adapter.name, version=adapter.version),
+            else AdapterRef(name=adapter.name, version=adapter.version, sha256=adapter.sha256),
             usage=Usage(
                 prompt_tokens=len(job.request.prompt_token_ids),
                 completion_tokens=generation.completion_tokens,
