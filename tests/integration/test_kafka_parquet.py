@@ -63,3 +63,9 @@ def test_kill_9_and_restart_leave_no_duplicate_or_missing_row(
     assert sorted(job_ids) == sorted(j["job_id"] for j in jobs)  # no gap, no duplicate
     assert set(pc.unique(table.column("task")).to_pylist()) == {"classify", "reply", "summarize"}
     assert pc.all(pc.equal(table.column("status"), "ok")).as_py()
+    # The poison is answered in its dead-letter topic, once, with its reason and origin.
+    (dead,) = deployment.read([deployment.pipelines["classify"].dlq_topic])
+    headers = dict(dead.headers())
+    assert (dead.key(), dead.value()) == (b"poison", b"not json")
+    assert headers["dlq.error.code"] == b"invalid_json"
+    assert headers["dlq.source.topic"] == topics["classify"].encode()
