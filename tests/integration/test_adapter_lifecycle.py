@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import subprocess
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from tests.integration.harness import (
 )
 from tests.integration.oracle import PeftOracle
 from workers.adapters.checks import adapter_digest
+from workers.kafka.topics import TopicSpec, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -330,6 +332,7 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     lifecycle: Lifecycle, tmp_path: Path
 ) -> None:
     from workers.adapters.checks import adapter_digest
+from workers.kafka.topics import TopicSpec, create_topics
 
     deployment = lifecycle.deployment
     root = deployment.adapter_root
@@ -414,6 +417,67 @@ def test_tenant_allow_list_dead_letters_forbidden_jobs(lifecycle: Lifecycle) -> 
         assert "tenant-globex" not in traffic.results()
     finally:
         dlq.close()
+
+
+def test_a_worker_started_after_compaction_serves_the_fleets_last_good_state(
+    lifecycle: Lifecycle, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The fleet serves summarizer v2; a bad update (wrong checksum) then becomes the latest
+    record for the name. Compaction keeps only that record, so a worker started afterwards
+    reads nothing good for summarizer on the updates topic: it must still serve v2."""
+    first = lifecycle.deployment
+    lifecycle.publish_version("summarizer", "2", weights_of="summarizer")
+    lifecycle.wait_for_status("summarizer", "2", "serving")
+    bad = {
+        "name": "summarizer",
+        "base_model": "tiny-llama",
+        "versions": [
+            {"version": "b9", "path": str(ZOO / "adapters" / "summarizer"), "sha256": "e" * 64}
+        ],
+        "published_at_ms": int(time.time() * 1000),
+    }
+    bad_record = (first.updates_topic, b"summarizer", json.dumps(bad).encode(), [])
+    produce(kafka_bootstrap, [bad_record])
+    lifecycle.wait_for_status("summarizer", "b9", "rejected", "checksum_mismatch")
+
+    # What compaction leaves of the updates topic for this name: the bad record alone.
+    second = deploy(kafka_bootstrap, tmp_path)
+    compacted = f"{first.updates_topic}.compacted"
+    create_topics(kafka_bootstrap, [TopicSpec(compacted, 1, {"cleanup.policy": "compact"})], 1)
+    produce(kafka_bootstrap, [(compacted, b"summarizer", bad_record[2], [])])
+    jobs = [
+        {
+            "job_id": f"late-{i}",
+            "task": "summarize",
+            "input": load_zoo_generators().make_report(random.Random(i)),
+        }
+        for i in range(6)
+    ]
+    produce(
+        kafka_bootstrap, [job_record(second.pipelines["summarize"].input_topic, j) for j in jobs]
+    )
+    log_path = tmp_path / "late.log"
+    code = second.run_worker(
+        "--idle-exit",
+        "15",
+        log_path=log_path,
+        settings={
+            "LORA_WORKERS_ADAPTERS__UPDATES_TOPIC": compacted,
+            "LORA_WORKERS_ADAPTERS__STATUS_TOPIC": first.status_topic,
+            "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps(
+                [str(ROOT / "models"), str(first.adapter_root)]
+            ),
+        },
+    )
+    log = log_path.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    assert '"event": "adapters_restored_from_status"' in log
+    results = [
+        json.loads(m.value()) for m in second.read([second.pipelines["summarize"].result_topic])
+    ]
+    assert sorted(r["job_id"] for r in results) == sorted(j["job_id"] for j in jobs)
+    v2 = adapter_digest(first.adapter_root / "summarizer-v2")
+    assert {(r["adapter"]["version"], r["adapter"]["sha256"]) for r in results} == {("2", v2)}
 
 
 def test_worker_stops_cleanly_on_sigterm(lifecycle: Lifecycle) -> None:
