@@ -331,9 +331,6 @@ class BadUpdate:
 def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     lifecycle: Lifecycle, tmp_path: Path
 ) -> None:
-    from workers.adapters.checks import adapter_digest
-from workers.kafka.topics import TopicSpec, create_topics
-
     deployment = lifecycle.deployment
     root = deployment.adapter_root
     good = ZOO / "adapters" / "summarizer"
