@@ -132,6 +132,24 @@ class Deployment:
         return Counter(json.loads(m.value())["job_id"] for m in self.read(topics))
 
 
+def assert_committed_to_the_end(deployment: Deployment) -> None:
+    """The group's committed offset is the end of every input partition."""
+    consumer = Consumer(
+        {"bootstrap.servers": deployment.bootstrap, "group.id": deployment.group_id}
+    )
+    try:
+        partitions = [
+            TopicPartition(p.input_topic, n)
+            for p in deployment.pipelines.values()
+            for n in range(3)
+        ]
+        for committed in consumer.committed(partitions, timeout=30):
+            _, high = consumer.get_watermark_offsets(committed, timeout=30)
+            assert committed.offset == high, committed
+    finally:
+        consumer.close()
+
+
 def deploy(bootstrap: str, tmp_path: Path) -> Deployment:
     """Copies of the shipped pipelines on topics suffixed for this test, topics created."""
     suffix = uuid.uuid4().hex[:8]

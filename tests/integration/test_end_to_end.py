@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from jsonschema import Draft202012Validator
 
 from tests.integration.harness import (
     ROOT,
     Deployment,
+    assert_committed_to_the_end,
     deploy,
     expected_adapter,
     job_record,
@@ -219,18 +219,4 @@ def test_each_poison_is_dead_lettered_with_its_reason(outcome: RunOutcome) -> No
 
 
 def test_offsets_committed_to_the_end(outcome: RunOutcome) -> None:
-    deployment = outcome.deployment
-    consumer = Consumer(
-        {"bootstrap.servers": deployment.bootstrap, "group.id": deployment.group_id}
-    )
-    try:
-        partitions = [
-            TopicPartition(p.input_topic, n)
-            for p in deployment.pipelines.values()
-            for n in range(3)
-        ]
-        for committed in consumer.committed(partitions, timeout=30):
-            _, high = consumer.get_watermark_offsets(committed, timeout=30)
-            assert committed.offset == high, committed
-    finally:
-        consumer.close()
+    assert_committed_to_the_end(outcome.deployment)

@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from tests.integration.harness import Deployment, deploy, job_record, mixed_jobs
+from tests.integration.harness import (
+    assert_committed_to_the_end,
+    deploy,
+    job_record,
+    mixed_jobs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -190,20 +195,3 @@ def publish_with_positions(bootstrap: str, records: list) -> dict[int, tuple[str
     assert producer.flush(60) == 0
     assert not failures, failures
     return positions
-
-
-def assert_committed_to_the_end(deployment: Deployment) -> None:
-    consumer = Consumer(
-        {"bootstrap.servers": deployment.bootstrap, "group.id": deployment.group_id}
-    )
-    try:
-        partitions = [
-            TopicPartition(p.input_topic, n)
-            for p in deployment.pipelines.values()
-            for n in range(3)
-        ]
-        for committed in consumer.committed(partitions, timeout=30):
-            _, high = consumer.get_watermark_offsets(committed, timeout=30)
-            assert committed.offset == high, committed
-    finally:
-        consumer.close()

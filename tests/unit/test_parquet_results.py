@@ -87,12 +87,14 @@ def test_force_writes_a_partial_file_and_a_replay_overwrites_it(tmp_path: Path) 
 def test_no_next_file_before_a_commit_succeeds_so_a_replay_leaves_no_duplicate(
     tmp_path: Path,
 ) -> None:
-    tracker = OffsetTracker()
-    for offset in range(10):
-        tracker.track("jobs.echo", 0, offset)
-    first = stage(tmp_path, rows_per_file=5)
-    for offset in range(10):
-        first.add("jobs.echo", 0, offset, result(f"j{offset}"))
+    def ten_rows(rows_per_file: int) -> tuple[OffsetTracker, ParquetResults]:
+        tracker, results = OffsetTracker(), stage(tmp_path, rows_per_file)
+        for offset in range(10):
+            tracker.track("jobs.echo", 0, offset)
+            results.add("jobs.echo", 0, offset, result(f"j{offset}"))
+        return tracker, results
+
+    tracker, first = ten_rows(rows_per_file=5)
     commits: list[bool] = []
 
     def failing_commit() -> bool:
@@ -108,12 +110,7 @@ def test_no_next_file_before_a_commit_succeeds_so_a_replay_leaves_no_duplicate(
     assert commits == [False, False]
     # The worker dies; the next owner replays from the last commit (offset 0) and cuts its
     # files elsewhere (other rows_per_file, other timing). The uncommitted file is rewritten.
-    replay_tracker = OffsetTracker()
-    for offset in range(10):
-        replay_tracker.track("jobs.echo", 0, offset)
-    replay = stage(tmp_path, rows_per_file=7)
-    for offset in range(10):
-        replay.add("jobs.echo", 0, offset, result(f"j{offset}"))
+    replay_tracker, replay = ten_rows(rows_per_file=7)
     replay.flush(
         replay_tracker.first_unfinished_outside, finisher(replay_tracker), committed, force=True
     )
