@@ -241,18 +241,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bulk(args: argparse.Namespace) -> int:
-    from workers.bulk.runner import print_summary
+    from workers.bulk.runner import BulkOptions, print_summary
     from workers.runtime import run_bulk
 
-    summary = run_bulk(
-        _settings(args),
-        task=args.pipeline,
-        input_path=args.input,
-        output_dir=args.output,
-        rows_per_file=args.rows_per_file,
-        row_group_size=args.row_group_size,
-        run_id=args.run_id,
+    options = BulkOptions(
+        args.input, args.output, args.pipeline, args.rows_per_file, args.row_group_size, args.run_id
     )
+    summary = run_bulk(_settings(args), options)
     print_summary(summary)
     return 0
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import structlog
 from prometheus_client import start_http_server
 
 from workers.adapters.feed import AdapterUpdateFeed
-from workers.bulk.runner import BulkRunner, BulkSummary, default_run_id
+from workers.bulk.runner import BulkOptions, BulkRunner, BulkSummary
 from workers.core.config import (
     ConfigError,
     Settings,
@@ -84,26 +82,16 @@ def run_worker(
         statuses.close()
 
 
-def run_bulk(
-    settings: Settings,
-    *,
-    task: str | None,
-    input_path: Path,
-    output_dir: Path,
-    rows_per_file: int,
-    row_group_size: int = 10_000,
-    run_id: str | None = None,
-) -> BulkSummary:
-    """`task` None: every pipeline, each row served by the pipeline its `task` names."""
+def run_bulk(settings: Settings, options: BulkOptions) -> BulkSummary:
     pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
-    if task is not None:
-        if task not in pipelines:
-            raise ConfigError(f"no pipeline {task!r}; known: {sorted(pipelines)}")
-        pipelines = {task: pipelines[task]}
-    if not input_path.is_file():
-        raise ConfigError(f"input {input_path} is not a file")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output {output_dir} exists and is not a directory")
+    if options.task is not None:
+        if options.task not in pipelines:
+            raise ConfigError(f"no pipeline {options.task!r}; known: {sorted(pipelines)}")
+        pipelines = {options.task: pipelines[options.task]}
+    if not options.input_path.is_file():
+        raise ConfigError(f"input {options.input_path} is not a file")
+    if options.output_dir.exists() and not options.output_dir.is_dir():
+        raise ConfigError(f"output {options.output_dir} exists and is not a directory")
     catalog = load_catalog(settings.catalog)
 
     def log_status(status: AdapterStatus) -> None:
@@ -111,15 +99,6 @@ def run_bulk(
 
     serving = start_serving(settings, pipelines, catalog, on_status=log_status)
     try:
-        runner = BulkRunner(
-            pipelines,
-            serving,
-            output_dir,
-            rows_per_file=rows_per_file,
-            run_id=run_id or default_run_id(input_path),
-            default_task=task,
-            row_group_size=row_group_size,
-        )
-        return runner.run(input_path)
+        return BulkRunner(pipelines, serving, options).run()
     finally:
         serving.engine.close()

@@ -62,6 +62,18 @@ def job_id_of(raw: bytes, row: int) -> str:
     return _field(raw, "job_id") or f"row-{row}"
 
 
+@dataclass(frozen=True)
+class BulkOptions:
+    """What one bulk run reads, writes and how (`lora-workers bulk` flags)."""
+
+    input_path: Path
+    output_dir: Path
+    task: str | None = None  # serve every row with this pipeline; None: each row's own task
+    rows_per_file: int = 10_000
+    row_group_size: int = 10_000
+    run_id: str | None = None  # None: the input file's sha256 (`default_run_id`)
+
+
 @dataclass
 class BulkSummary:
     run_id: str = ""
@@ -79,36 +91,28 @@ class BulkSummary:
 
 class BulkRunner:
     def __init__(
-        self,
-        pipelines: dict[str, PipelineConfig],
-        serving: Serving,
-        output_dir: Path,
-        rows_per_file: int,
-        run_id: str,
-        default_task: str | None = None,
-        row_group_size: int = 10_000,
+        self, pipelines: dict[str, PipelineConfig], serving: Serving, options: BulkOptions
     ) -> None:
         self._pipelines = pipelines
         self._serving = serving
         self._preparer = serving.preparer
         self._batcher = serving.batcher
-        self._output_dir = output_dir
+        self._options = options
         self._writers: dict[str, ParquetDatasetWriter] = {}
-        self._rows_per_file = rows_per_file
-        self._row_group_size = row_group_size
         # With one pipeline every row is its job; otherwise a row's `task` picks the pipeline.
-        self._default_task = default_task
-        self.run_id = run_id
+        self._default_task = options.task
+        self.run_id = options.run_id or default_run_id(options.input_path)
         # Each start of the run writes under its own names, so a resumed run never overwrites
         # a file an earlier start finished.
         self._start_id = uuid.uuid4().hex[:6]
         # (input row, result) not yet on disk, per task: each task has its own output columns.
         self._pending: defaultdict[str, list[tuple[int, Result]]] = defaultdict(list)
-        self.summary = BulkSummary(run_id=run_id)
+        self.summary = BulkSummary(run_id=self.run_id)
 
-    def run(self, input_path: Path, console: Console | None = None) -> BulkSummary:
+    def run(self, console: Console | None = None) -> BulkSummary:
+        input_path = self._options.input_path
         started = time.monotonic()
-        done = existing_job_ids(self._output_dir, stem_marker=_run_marker(self.run_id))
+        done = existing_job_ids(self._options.output_dir, stem_marker=_run_marker(self.run_id))
         total = count_rows(input_path)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -205,9 +209,9 @@ class BulkRunner:
 
     def _write(self, *, final: bool) -> None:
         for task, pending in self._pending.items():
-            while len(pending) >= self._rows_per_file or (final and pending):
-                chunk = sorted(pending[: self._rows_per_file], key=lambda item: item[0])
-                del pending[: self._rows_per_file]
+            while len(pending) >= self._options.rows_per_file or (final and pending):
+                chunk = sorted(pending[: self._options.rows_per_file], key=lambda item: item[0])
+                del pending[: self._options.rows_per_file]
                 rows = f"{chunk[0][0]:09d}-{chunk[-1][0]:09d}"
                 stem = f"part-{rows}{_run_marker(self.run_id)}{self._start_id}"
                 written = self._writer_for(task).write([r for _, r in chunk], stem)
@@ -218,7 +222,7 @@ class BulkRunner:
             pipeline = self._pipelines.get(task)
             schema = pipeline.output_schema if pipeline else None
             self._writers[task] = ParquetDatasetWriter(
-                self._output_dir, schema, row_group_size=self._row_group_size
+                self._options.output_dir, schema, row_group_size=self._options.row_group_size
             )
         return self._writers[task]
 

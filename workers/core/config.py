@@ -283,23 +283,16 @@ class DeliverySettings(_Strict):
 
 
 class SizeSettings(_Strict):
-    max_message_bytes: int = Field(
-        default=1_000_000,
-        ge=10_000,
-        description="Largest record the workers' producers write (librdkafka message.max.bytes); "
-        "keep it at or below the broker's message.max.bytes (1,048,588 by default).",
-    )
-    max_job_bytes: int = Field(
-        default=500_000,
-        ge=1024,
-        description="A job message larger than this is dead-lettered as job_too_large.",
-    )
-    dead_letter_prefix_bytes: int = Field(
-        default=4096,
-        ge=0,
-        description="A dead letter too large to write whole keeps this much of the payload; "
-        "headers give the original size and sha256.",
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_message_bytes: int = Field(default=1_000_000, ge=10_000)
+    """Largest record the workers' producers write (librdkafka message.max.bytes); keep it at or
+    below the broker's message.max.bytes (1,048,588 by default)."""
+    max_job_bytes: int = Field(default=500_000, ge=1024)
+    """A job message larger than this is dead-lettered as job_too_large."""
+    dead_letter_prefix_bytes: int = Field(default=4096, ge=0)
+    """A dead letter too large to write whole keeps this much of its payload; its headers give
+    the original size and sha256."""
 
     @model_validator(mode="after")
     def _jobs_fit_in_answers(self) -> SizeSettings:
