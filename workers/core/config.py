@@ -289,7 +289,7 @@ class SizeSettings(_Strict):
     """Largest record the workers' producers write (librdkafka message.max.bytes); keep it at or
     below the broker's message.max.bytes (1,048,588 by default)."""
     max_job_bytes: int = Field(default=500_000, ge=1024)
-    """A job message larger than this is dead-lettered as job_too_large."""
+    """A job whose message value is larger than this is dead-lettered as job_too_large."""
     dead_letter_prefix_bytes: int = Field(default=4096, ge=0)
     """A dead letter too large to write whole keeps this much of its payload; its headers give
     the original size and sha256."""
