@@ -1,17 +1,18 @@
 """Engine processes never outlive their worker, however it dies.
 
-vLLM runs its engine in child processes (`VLLM::EngineCore` and its workers, about 3.4 GB each
-for the zoo model) and nothing in vLLM 0.32 watches the parent: a worker killed with SIGKILL, or
-one that leaves through `os._exit`, leaves them running as orphans. So each engine start spawns
-a small reaper in a session of its own: it polls the worker, and when the worker is gone it
-kills the engine's process tree, then exits. It also exits once the engine's processes are all
-gone (an engine restart starts a new reaper for the new processes).
+vLLM runs its engine in child processes (`VLLM::EngineCore` and its workers, about 3 GB each for
+the zoo model) and nothing in vLLM 0.32 watches the parent: a worker killed with SIGKILL, or one
+that leaves through `os._exit`, leaves them running as orphans. So the engine, before it starts,
+spawns a small reaper in a session of its own. While the worker lives, the reaper notes every
+process the worker starts (engine restarts included); once the worker is gone, it kills those
+process trees and exits. The engine stops it on a normal close.
 
-Run as `python -m workers.engine.reaper WORKER_PID PID...`.
+Run as `python -m workers.engine.reaper WORKER_PID`.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -21,12 +22,10 @@ import psutil
 POLL_S = 0.5
 
 
-def watch_engine(worker_pid: int, engine_pids: list[int]) -> subprocess.Popen[bytes] | None:
-    """Start a reaper for these engine processes of `worker_pid`; None if there are none."""
-    if not engine_pids:
-        return None
+def watch_worker(worker_pid: int) -> subprocess.Popen[bytes]:
+    """Start a reaper for everything `worker_pid` starts from now on."""
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.engine.reaper", str(worker_pid), *map(str, engine_pids)],
+        [sys.executable, "-m", "workers.engine.reaper", str(worker_pid)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         # Its own session: signals aimed at the worker's process group do not reach it.
@@ -34,14 +33,12 @@ def watch_engine(worker_pid: int, engine_pids: list[int]) -> subprocess.Popen[by
     )
 
 
-def _processes(pids: list[int]) -> list[psutil.Process]:
-    found: list[psutil.Process] = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    return found
+def _alive(process: psutil.Process) -> bool:
+    # is_running() compares the start time too: a reused pid is not the process we watch.
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill_trees(roots: list[psutil.Process]) -> None:
@@ -59,30 +56,34 @@ def _kill_trees(roots: list[psutil.Process]) -> None:
     psutil.wait_procs(victims, timeout=10)
 
 
-def _alive(process: psutil.Process) -> bool:
-    # is_running() compares the start time too: a reused pid is not the process we watch.
+def reap(worker_pid: int) -> int:
     try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        worker = psutil.Process(worker_pid)
     except psutil.NoSuchProcess:
-        return False
-
-
-def reap(worker_pid: int, engine_pids: list[int]) -> int:
-    workers = _processes([worker_pid])
-    engines = _processes(engine_pids)
-    while True:
-        engines = [p for p in engines if _alive(p)]
-        if not engines:
-            return 0  # the worker closed its engine, or restarted it with a new reaper
-        if not any(_alive(w) for w in workers):
-            _kill_trees(engines)
-            print(f"reaper: worker {worker_pid} is gone; killed its engine", file=sys.stderr)
-            return 0
+        return 0
+    me = os.getpid()
+    started: dict[int, psutil.Process] = {}
+    while _alive(worker):
+        # Noted while the worker lives: once it is gone they are reparented, no longer its own.
+        try:
+            for child in worker.children(recursive=True):
+                if child.pid != me:
+                    started.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            break
+        started = {pid: p for pid, p in started.items() if _alive(p)}
         time.sleep(POLL_S)
+    orphans = [p for p in started.values() if _alive(p)]
+    if orphans:
+        _kill_trees(orphans)
+        print(
+            f"reaper: worker {worker_pid} is gone; killed {len(orphans)} processes", file=sys.stderr
+        )
+    return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(reap(int(sys.argv[1]), [int(pid) for pid in sys.argv[2:]]))
+        sys.exit(reap(int(sys.argv[1])))
     except (IndexError, ValueError):
-        sys.exit("usage: python -m workers.engine.reaper WORKER_PID PID...")
+        sys.exit("usage: python -m workers.engine.reaper WORKER_PID")

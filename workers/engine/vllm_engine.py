@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ from workers.core.engine_api import (
     Generation,
     GenerationRequest,
 )
-from workers.engine.reaper import watch_engine
+from workers.engine.reaper import watch_worker
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -94,7 +93,9 @@ class VllmEngine:
         self._pinned: set[int] = set()
         self._base_request: LoRARequest | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix="lora-workers-engine-"))
-        self._reapers: list[subprocess.Popen[bytes]] = []
+        # Before the first engine process exists: a worker killed while the engine starts must
+        # not leave it behind either.
+        self._reaper = watch_worker(os.getpid())
         if settings.base_via_identity_adapter:
             from vllm.lora.request import LoRARequest
 
@@ -123,10 +124,6 @@ class VllmEngine:
             kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
         )
         _unblock_on_engine_death(llm)
-        self._reapers = [r for r in self._reapers if r.poll() is None]
-        reaper = watch_engine(os.getpid(), engine_core_pids())
-        if reaper is not None:
-            self._reapers.append(reaper)
         if self._base_request is not None and not llm.llm_engine.add_lora(self._base_request):
             raise AdapterLoadError("the base model's identity adapter did not load")
         return llm
@@ -246,11 +243,8 @@ class VllmEngine:
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
         self._shutdown_llm()
-        for reaper in self._reapers:  # each exits once its engine processes are gone
-            try:
-                reaper.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                reaper.kill()
+        self._reaper.kill()  # the engine is down: nothing left to watch
+        self._reaper.wait(timeout=10)
 
 
 @contextmanager
