@@ -135,6 +135,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     command_parser(commands, "results", "print result counts by task, adapter and status")
 
+    top = command_parser(commands, "top", "a live view of one worker, from its metrics endpoint")
+    top.add_argument(
+        "--url", default="http://localhost:9400/metrics", help="the worker's metrics endpoint"
+    )
+    top.add_argument(
+        "--interval", type=_positive_float, default=2.0, metavar="SECONDS", help="refresh period"
+    )
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+
     adapters = command_parser(commands, "adapters", "announce and list adapter versions")
     adapter_commands = adapters.add_subparsers(
         dest="adapters_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
@@ -305,6 +314,13 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from workers.top import run_top
+
+    run_top(args.url, args.interval, args.once)
+    return 0
+
+
 def _cmd_schemas_export(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for filename, document in contract_schemas().items():
@@ -367,6 +383,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bulk": _cmd_bulk,
     "topics": _cmd_topics_create,
     "results": _cmd_results,
+    "top": _cmd_top,
     "adapters": _cmd_adapters,
     "schemas": _cmd_schemas_export,
 }

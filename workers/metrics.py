@@ -1,24 +1,53 @@
-"""Prometheus metrics, all named in one place (`lora-workers run --metrics-port` serves them)."""
+"""Prometheus metrics, all named in one place (`lora-workers run --metrics-port` serves them,
+with `/healthz` and `/readyz`; `ops/prometheus/alerts.yml` and `ops/grafana/dashboard.json`
+use them).
+
+Per-job series are labelled by task, adapter name and version: `adapter="base", version=""`
+for the base model.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+from workers.core.contracts import BASE_MODEL_LABEL, Result
+
+JOB_LABELS = ["task", "adapter", "version"]
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60, 120, 300)
 
 MESSAGES_CONSUMED = Counter(
     "lora_workers_messages_consumed_total", "Messages read from input topics.", ["topic"]
 )
 RESULTS = Counter(
     "lora_workers_results_total",
-    "Results acknowledged by the broker.",
-    ["task", "status", "adapter"],
+    "Results written (acknowledged, or committed with their offsets), by status.",
+    [*JOB_LABELS, "status"],
 )
 DEAD_LETTERS = Counter(
     "lora_workers_dead_letters_total",
     "Messages sent to a dead-letter topic, by reason.",
     ["task", "code"],
 )
-OUTPUT_TOKENS = Counter(
-    "lora_workers_output_tokens_total", "Generated tokens.", ["task", "adapter"]
+PROMPT_TOKENS = Counter("lora_workers_prompt_tokens_total", "Prompt tokens of results.", JOB_LABELS)
+OUTPUT_TOKENS = Counter("lora_workers_output_tokens_total", "Generated tokens.", JOB_LABELS)
+JOB_LATENCY_SECONDS = Histogram(
+    "lora_workers_job_latency_seconds",
+    "From the job's Kafka timestamp to its result being written (exactly-once: held for the "
+    "transaction that commits it within commit_interval_ms).",
+    JOB_LABELS,
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_SECONDS = Histogram(
+    "lora_workers_queue_seconds",
+    "From consuming a job to handing it to the engine.",
+    JOB_LABELS,
+    buckets=LATENCY_BUCKETS,
+)
+JOB_GENERATE_SECONDS = Histogram(
+    "lora_workers_job_generate_seconds",
+    "Wall time of the engine call that generated the job.",
+    JOB_LABELS,
+    buckets=LATENCY_BUCKETS,
 )
 BATCH_JOBS = Histogram(
     "lora_workers_batch_jobs",
@@ -35,11 +64,10 @@ GENERATE_SECONDS = Histogram(
     "Wall time of one engine call.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
-
-
 ADAPTER_LOAD_SECONDS = Histogram(
     "lora_workers_adapter_load_seconds",
-    "Time to validate-load one adapter version into the engine (add_lora).",
+    "Time to load one adapter version into the engine (add_lora), by adapter name.",
+    ["adapter"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
 ADAPTER_REJECTIONS = Counter(
@@ -51,15 +79,18 @@ ADAPTER_UNLOADS = Counter(
 ADAPTER_CACHE = Counter(
     "lora_workers_adapter_cache_total",
     "Adapter cache events per batch and adapter: hit, miss (loaded before generate), eviction.",
-    ["event"],
+    ["adapter", "event"],
+)
+ADAPTERS_RESIDENT = Gauge(
+    "lora_workers_adapters_resident", "Adapter versions in the engine's host cache."
 )
 SCHEMA_COMPLIANCE = Counter(
     "lora_workers_schema_outputs_total",
     "Final outputs of tasks with an output schema, valid or not, by task and adapter.",
-    ["task", "adapter", "valid"],
+    [*JOB_LABELS, "valid"],
 )
 ENGINE_RESTARTS = Counter(
-    "lora_workers_engine_restarts_total", "Engine restarts after the engine died mid-batch."
+    "lora_workers_engine_restarts_total", "Engine restarts after the engine died."
 )
 TRANSACTIONS = Counter(
     "lora_workers_transactions_total",
@@ -70,3 +101,33 @@ UNDELIVERABLE = Counter(
     "lora_workers_undeliverable_total",
     "Answers that could not be written and were replaced by a minimal undeliverable dead letter.",
 )
+CONSUMER_LAG = Gauge(
+    "lora_workers_consumer_lag",
+    "Messages in an assigned input partition after this worker's position.",
+    ["topic", "partition"],
+)
+READY = Gauge("lora_workers_ready", "1 once the engine, the adapters and the assignment are up.")
+
+
+def job_labels(task: str, adapter_name: str | None, version: str | None) -> tuple[str, str, str]:
+    if adapter_name is None:
+        return (task, BASE_MODEL_LABEL, "")
+    return (task, adapter_name, version or "")
+
+
+def result_labels(result: Result) -> tuple[str, str, str]:
+    adapter = result.adapter
+    return job_labels(result.task, adapter and adapter.name, adapter and adapter.version)
+
+
+def record_result(result: Result, finished_at_ms: int) -> None:
+    """The per-job series of one written result."""
+    labels = result_labels(result)
+    RESULTS.labels(*labels, result.status.value).inc()
+    PROMPT_TOKENS.labels(*labels).inc(result.usage.prompt_tokens)
+    OUTPUT_TOKENS.labels(*labels).inc(result.usage.completion_tokens)
+    timings = result.timings
+    QUEUE_SECONDS.labels(*labels).observe(timings.queue_ms / 1000)
+    JOB_GENERATE_SECONDS.labels(*labels).observe(timings.generate_ms / 1000)
+    latency_ms = max(0, finished_at_ms - timings.enqueued_at_ms)
+    JOB_LATENCY_SECONDS.labels(*labels).observe(latency_ms / 1000)

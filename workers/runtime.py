@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import structlog
-from prometheus_client import start_http_server
 
 from workers.adapters.feed import AdapterUpdateFeed
 from workers.bulk.runner import BulkOptions, BulkRunner, BulkSummary
@@ -14,6 +13,7 @@ from workers.core.config import (
     load_pipelines,
 )
 from workers.core.contracts import AdapterStatus
+from workers.health import Readiness, serve
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
 from workers.kafka.status import AdapterStatusWriter, last_serving_states, read_statuses
@@ -34,8 +34,8 @@ def run_worker(
     bootstrap = settings.require_bootstrap()
     pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
     catalog = load_catalog(settings.catalog)
-    if metrics_port is not None:
-        start_http_server(metrics_port)
+    readiness = Readiness()
+    server = None if metrics_port is None else serve(metrics_port, readiness)
 
     sink: ResultSink = (
         ExactlyOnceSink(
@@ -60,6 +60,7 @@ def run_worker(
         updates=updates,
         last_serving=last_serving,
     )
+    readiness.update(engine=True)
     try:
         worker = Worker(
             settings,
@@ -75,9 +76,12 @@ def run_worker(
                 instance_id=settings.instance_id,
             ),
             sink=sink,
+            readiness=readiness,
         )
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:
+        if server is not None:
+            server.shutdown()
         serving.engine.close()
         statuses.close()
 

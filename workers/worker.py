@@ -13,6 +13,7 @@ answers below a commit and the commit are one transaction (`transactions.py`).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections import Counter
@@ -32,10 +33,11 @@ from workers.core.config import PipelineConfig, Settings
 from workers.core.contracts import Result, adapter_label
 from workers.core.engine_api import EngineDied
 from workers.core.errors import JobError, JobRejected
-from workers.core.messages import SourceMessage
+from workers.core.messages import SourceMessage, traced
 from workers.core.offsets import OffsetTracker, TopicPartitionKey
 from workers.core.prepare import PreparedJob
 from workers.core.processing import ServedBatch
+from workers.health import Readiness
 from workers.kafka.sinks import DeliveryFailed, ResultSink, dead_letter_record, result_record
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
 from workers.parquet.kafka_results import ParquetResults
@@ -45,6 +47,7 @@ from workers.threads import on_daemon_thread
 log = structlog.get_logger(__name__)
 
 POLL_INTERVAL_S = 0.5
+LAG_REPORT_INTERVAL_S = 2.0
 POLL_WHILE_GENERATING_S = 0.05
 FLUSH_TIMEOUT_S = 60.0
 
@@ -97,6 +100,7 @@ class Worker:
         updates: AdapterUpdateFeed,
         source_factory: Callable[[RebalanceHandlers], KafkaJobSource],
         sink: ResultSink,
+        readiness: Readiness | None = None,
     ) -> None:
         self.settings = settings
         self.pipelines = pipelines
@@ -114,6 +118,8 @@ class Worker:
         self._inflight: _InFlight | None = None
         self._last_commit = time.monotonic()
         self._commit_backoff_s = 0.0
+        self._readiness = readiness or Readiness()
+        self._next_lag_report = 0.0
         self.source = source_factory(
             RebalanceHandlers(revoked=self._on_revoked, lost=self._on_lost)
         )
@@ -152,12 +158,23 @@ class Worker:
                 self.sink.poll()
                 self._flush_parquet()
                 self._commit_if_due()
+                self._report_progress(now)
                 if limits.idle_exit_s is not None and now - last_activity >= limits.idle_exit_s:
                     log.info("idle_exit", idle_s=limits.idle_exit_s)
                     break
         finally:
             self._shutdown()
         return self.summary
+
+    def _report_progress(self, now: float) -> None:
+        """Readiness follows the assignment; consumer lag every few seconds (cached offsets)."""
+        if now < self._next_lag_report:
+            return
+        self._next_lag_report = now + LAG_REPORT_INTERVAL_S
+        lag = self.source.lag()
+        self._readiness.update(assigned=bool(lag))
+        for (topic, partition), behind in lag.items():
+            metrics.CONSUMER_LAG.labels(topic, str(partition)).set(behind)
 
     def _busy(self) -> bool:
         return bool(
@@ -272,7 +289,13 @@ class Worker:
             else pipeline.dlq_topic
         )
         source = f"{message.topic}[{message.partition}]@{message.offset}"
-        log.warning("dead_letter", code=rejection.code, reason=rejection.message, source=source)
+        log.warning(
+            "dead_letter",
+            code=rejection.code,
+            reason=rejection.message,
+            source=source,
+            **traced(message),
+        )
 
         def done() -> None:
             self._finish(message)
@@ -316,7 +339,7 @@ class Worker:
         except (DeliveryFailed, KafkaException):
             raise  # the sink itself is broken, not this job
         except Exception as exc:  # this job's answer alone: dead-letter it, keep serving
-            log.exception("result_write_failed", job_id=job.job.job_id)
+            log.exception("result_write_failed", job_id=job.job.job_id, **traced(job.source))
             self._awaiting.pop((job.source.topic, job.source.partition, job.source.offset), None)
             self._dead_letter(job.source, JobRejected.internal(exc))
 
@@ -328,7 +351,11 @@ class Worker:
         self._awaiting[position] = _Awaiting(job, result, len(sinks))
         if "kafka" in sinks:
             record = result_record(
-                job.pipeline.result_topic, job.pipeline.dlq_topic, result, self.settings.sizes
+                job.pipeline.result_topic,
+                job.pipeline.dlq_topic,
+                result,
+                self.settings.sizes,
+                source.traceparent,
             )
             self.sink.write(position, record, partial(self._sink_done, position))
         if "parquet" in sinks:
@@ -349,8 +376,7 @@ class Worker:
         self._finish(job.source)
         self.summary.results[(result.task, result.status.value, adapter)] += 1
         self.summary.output_tokens += result.usage.completion_tokens
-        metrics.RESULTS.labels(result.task, result.status.value, adapter).inc()
-        metrics.OUTPUT_TOKENS.labels(result.task, adapter).inc(result.usage.completion_tokens)
+        metrics.record_result(result, int(time.time() * 1000))
 
     def _flush_parquet(
         self, *, force: bool = False, only: set[TopicPartitionKey] | None = None
@@ -426,6 +452,10 @@ class Worker:
         self._let_go(lost)
 
     def _let_go(self, partitions: set[TopicPartitionKey]) -> None:
+        for topic, partition in partitions:
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(topic, str(partition))
+        self._next_lag_report = 0.0  # readiness follows the new assignment at once
         self.parquet.forget(partitions)
         self.sink.discard(partitions)
         dropped = self.batcher.discard(lambda job: _partition_of(job) in partitions)

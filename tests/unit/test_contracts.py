@@ -5,7 +5,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-from workers.core.contracts import Job, Result, contract_schemas
+from tests.unit.results import make_result
+from workers.core.contracts import Job, contract_schemas
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -53,26 +54,7 @@ def test_model_and_schema_both_reject_bad_jobs(document: dict) -> None:
 
 
 def test_result_round_trips_through_its_schema() -> None:
-    result = Result.model_validate(
-        {
-            "job_id": "j-1",
-            "task": "classify",
-            "status": "ok",
-            "output": {"label": "billing"},
-            "raw_output": '{"label": "billing"}',
-            "adapter": {"name": "classifier", "version": "1"},
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-            "error": None,
-            "metadata": None,
-            "timings": {
-                "enqueued_at_ms": 1,
-                "received_at_ms": 2,
-                "completed_at_ms": 3,
-                "queue_ms": 1.5,
-                "generate_ms": 2.5,
-            },
-        }
-    )
+    result = make_result()
     document = json.loads(result.model_dump_json())
     schema = json.loads((SCHEMAS / "result.schema.json").read_text())
     assert list(Draft202012Validator(schema).iter_errors(document)) == []

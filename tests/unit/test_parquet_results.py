@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from tests.datasets import read_dataset
+from tests.unit.results import make_result
 from workers.core.config import ParquetSinkConfig, PipelineConfig
 from workers.core.contracts import Result
 from workers.core.offsets import OffsetTracker
@@ -10,24 +11,7 @@ from workers.parquet.kafka_results import ParquetResults
 
 
 def result(job_id: str) -> Result:
-    return Result.model_validate(
-        {
-            "job_id": job_id,
-            "task": "echo",
-            "status": "ok",
-            "output": "x",
-            "raw_output": "x",
-            "adapter": None,
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-            "timings": {
-                "enqueued_at_ms": 0,
-                "received_at_ms": 0,
-                "completed_at_ms": 0,
-                "queue_ms": 0,
-                "generate_ms": 0,
-            },
-        }
-    )
+    return make_result(job_id=job_id, task="echo", output="x", raw_output="x", adapter=None)
 
 
 def committed() -> bool:

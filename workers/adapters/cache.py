@@ -36,6 +36,7 @@ class AdapterCache:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._resident: set[int] = engine.resident_adapters()
+        self._names: dict[int, str] = {}  # LoRA id -> adapter name, for per-adapter metrics
         self.stats = CacheStats()
 
     def is_resident(self, lora_id: object) -> bool:
@@ -48,12 +49,13 @@ class AdapterCache:
         could not be loaded again (LoRA id: reason); the engine keeps serving the others."""
         unavailable: dict[int, str] = {}
         for adapter in {a.lora_id: a for a in adapters if a is not None}.values():
+            self._names[adapter.lora_id] = adapter.name
             if adapter.lora_id in self._resident:
                 self.stats.hits += 1
-                metrics.ADAPTER_CACHE.labels("hit").inc()
+                metrics.ADAPTER_CACHE.labels(adapter.name, "hit").inc()
                 continue
             self.stats.misses += 1
-            metrics.ADAPTER_CACHE.labels("miss").inc()
+            metrics.ADAPTER_CACHE.labels(adapter.name, "miss").inc()
             started = time.monotonic()
             try:
                 self._reload(adapter)
@@ -64,7 +66,7 @@ class AdapterCache:
             elapsed = time.monotonic() - started
             self.stats.loads += 1
             self.stats.load_seconds += elapsed
-            metrics.ADAPTER_LOAD_SECONDS.observe(elapsed)
+            metrics.ADAPTER_LOAD_SECONDS.labels(adapter.name).observe(elapsed)
             log.debug("adapter_cold_load", adapter=adapter.engine_name, load_ms=elapsed * 1000)
         self.refresh()
         return unavailable
@@ -84,10 +86,11 @@ class AdapterCache:
         evicted."""
         now = self._engine.resident_adapters()
         evicted = self._resident - now - set(unregistered)
-        if evicted:
-            self.stats.evictions += len(evicted)
-            metrics.ADAPTER_CACHE.labels("eviction").inc(len(evicted))
+        self.stats.evictions += len(evicted)
+        for lora_id in evicted:
+            metrics.ADAPTER_CACHE.labels(self._names.get(lora_id, "unknown"), "eviction").inc()
         self._resident = now
+        metrics.ADAPTERS_RESIDENT.set(len(now))
 
     def prewarm(self, adapters: list[AdapterHandle], prompt_token_ids: list[int]) -> None:
         """Load adapters and run one token through each, so first jobs find them warm."""

@@ -271,7 +271,7 @@ class AdapterRegistry:
             self._engine.register_adapter(handle)
         except AdapterLoadError as exc:
             raise AdapterRejected(AdapterError.LOAD_FAILED, str(exc)) from exc
-        metrics.ADAPTER_LOAD_SECONDS.observe(time.monotonic() - started)
+        metrics.ADAPTER_LOAD_SECONDS.labels(update.name).observe(time.monotonic() - started)
         self._loaded[(update.name, spec.version)] = handle
         self._digests[(update.name, spec.version)] = spec.sha256
         log.info(

@@ -18,7 +18,7 @@ from workers.core.config import PipelineConfig
 from workers.core.contracts import Job
 from workers.core.engine_api import AdapterHandle, GenerationRequest
 from workers.core.errors import JobError, JobRejected
-from workers.core.messages import SourceMessage
+from workers.core.messages import SourceMessage, traced
 from workers.core.routing import AdapterResolver, route
 
 log = structlog.get_logger(__name__)
@@ -119,7 +119,9 @@ class JobPreparer:
         except JobRejected:
             raise
         except Exception as exc:
-            log.exception("prepare_failed", topic=message.topic, offset=message.offset)
+            log.exception(
+                "prepare_failed", topic=message.topic, offset=message.offset, **traced(message)
+            )
             raise JobRejected.internal(exc) from exc
 
     def _prepare(self, message: SourceMessage) -> PreparedJob:

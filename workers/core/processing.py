@@ -22,10 +22,11 @@ import structlog
 
 from workers import metrics
 from workers.core.config import PipelineConfig
-from workers.core.contracts import AdapterRef, Result, ResultStatus, Timings, Usage, adapter_label
+from workers.core.contracts import AdapterRef, Result, ResultStatus, Timings, Usage
 from workers.core.crashes import run_isolating_crashes
 from workers.core.engine_api import AdapterHandle, Engine, Generation
 from workers.core.errors import JobError, JobRejected
+from workers.core.messages import traced
 from workers.core.prepare import PreparedJob
 from workers.core.validation import OutputValidator
 
@@ -137,7 +138,7 @@ class BatchProcessor:
             try:
                 result = self._build_result(job, generation, handed_at, generate_ms)
             except Exception as exc:  # this job's answer alone is lost, as internal_error
-                log.exception("result_failed", job_id=job.job.job_id)
+                log.exception("result_failed", job_id=job.job.job_id, **traced(job.source))
                 failed.append((job, exc))
                 continue
             retry = self._retry_of(job, result)
@@ -145,13 +146,9 @@ class BatchProcessor:
                 retries.append(retry)
                 continue
             if job.pipeline.output_schema is not None:
-                metrics.SCHEMA_COMPLIANCE.labels(
-                    job.pipeline.task,
-                    adapter_label(
-                        job.adapter and job.adapter.name, job.adapter and job.adapter.version
-                    ),
-                    str(result.status is ResultStatus.OK).lower(),
-                ).inc()
+                labels = metrics.result_labels(result)
+                valid = str(result.status is ResultStatus.OK).lower()
+                metrics.SCHEMA_COMPLIANCE.labels(*labels, valid).inc()
             results.append((job, result))
         return BatchOutcome(results, retries, output_tokens, failed)
 
@@ -168,6 +165,7 @@ class BatchProcessor:
         log.info(
             "invalid_output_retry",
             job_id=job.job.job_id,
+            **traced(job.source),
             code=result.error.code if result.error else None,
             max_tokens=budget,
         )

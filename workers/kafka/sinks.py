@@ -22,7 +22,13 @@ from workers import metrics
 from workers.core.config import SizeSettings
 from workers.core.contracts import ErrorInfo, Result, ResultStatus
 from workers.core.errors import MAX_REASON_CHARS, JobError, JobRejected
-from workers.core.messages import SourceMessage, record_size
+from workers.core.messages import (
+    TRACEPARENT,
+    Headers,
+    SourceMessage,
+    record_size,
+    traceparent_of,
+)
 from workers.core.offsets import TopicPartitionKey
 from workers.kafka.source import KafkaJobSource
 
@@ -53,7 +59,7 @@ class OutputRecord:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes | None]]
+    headers: Headers
     dead_letter_topic: str  # where a minimal `undeliverable` answer goes if this one cannot
     undeliverable: bool = False  # already that minimal answer: nothing smaller is left
 
@@ -68,19 +74,26 @@ def _header(text: str) -> bytes:
 
 
 def result_record(
-    topic: str, dead_letter_topic: str, result: Result, sizes: SizeSettings
+    topic: str,
+    dead_letter_topic: str,
+    result: Result,
+    sizes: SizeSettings,
+    traceparent: str | None = None,
 ) -> OutputRecord:
-    """The result as JSON; one too large to write becomes an `error` result with the reason,
-    without its output and metadata."""
+    """The result as JSON, with the job's `traceparent`; one too large to write becomes an
+    `error` result with the reason, without its output and metadata."""
     value = result.model_dump_json().encode()
     if len(value) + RECORD_OVERHEAD_BYTES > sizes.max_message_bytes:
         log.warning("result_too_large", job_id=result.job_id, bytes=len(value))
         value = too_large(result, len(value), sizes.max_message_bytes).model_dump_json().encode()
+    headers: Headers = [("content-type", b"application/json")]
+    if traceparent is not None:
+        headers.append((TRACEPARENT, traceparent.encode()))
     return OutputRecord(
         topic,
         key=result.job_id.encode(),
         value=value,
-        headers=[("content-type", b"application/json")],
+        headers=headers,
         dead_letter_topic=dead_letter_topic,
     )
 
@@ -142,6 +155,9 @@ def undeliverable_record(record: OutputRecord, position: Position, reason: str) 
         (DLQ_SOURCE_OFFSET, str(offset).encode()),
         (DLQ_ORIGINAL_TOPIC, _header(record.topic)),
     ]
+    traceparent = traceparent_of(record.headers)
+    if traceparent is not None:
+        headers.append((TRACEPARENT, traceparent.encode()))
     key = (record.key or b"")[:256] or None
     return OutputRecord(
         record.dead_letter_topic,

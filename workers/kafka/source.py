@@ -131,6 +131,22 @@ class KafkaJobSource:
             return False
         return high != OFFSET_INVALID
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition, messages after this consumer's position (cached watermarks;
+        0 until the partition's first fetch)."""
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return {}
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self._consumer.position(assignment):
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                high = OFFSET_INVALID
+            known = high != OFFSET_INVALID and tp.offset >= 0
+            lag[(tp.topic, tp.partition)] = max(0, high - tp.offset) if known else 0
+        return lag
+
     def commit(self, positions: dict[tuple[str, int], int]) -> bool:
         """Commit outside a transaction (at-least-once); False when it did not happen."""
         try:
