@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -39,9 +40,8 @@ def concrete(expr: str) -> str:
 
 
 def legend(template: str, labels: dict[str, str]) -> str:
-    for name, value in labels.items():
-        template = template.replace("{{" + name + "}}", value)
-    return template
+    # A label Prometheus dropped (an empty version) renders empty, as in Grafana.
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: labels.get(m.group(1), ""), template).strip()
 
 
 def main() -> None:
