@@ -169,6 +169,16 @@ def undeliverable_record(record: OutputRecord, position: Position, reason: str) 
     )
 
 
+def stand_in_for(record: OutputRecord, position: Position, error: str) -> OutputRecord:
+    """The minimal `undeliverable` dead letter that replaces an answer the broker refused for
+    good (counted and logged); `DeliveryFailed` if the refused record already was one."""
+    if record.undeliverable:
+        raise DeliveryFailed(f"even the undeliverable answer for {position} failed: {error}")
+    metrics.UNDELIVERABLE.inc()
+    log.error("answer_undeliverable", topic=record.topic, source=position, error=error)
+    return undeliverable_record(record, position, f"writing to {record.topic}: {error}")
+
+
 class DeliveryFailed(Exception):
     """An answer cannot be written at all (a fatal producer error, or even its minimal dead
     letter refused); nothing more is committed and the worker stops."""
@@ -284,12 +294,11 @@ class AtLeastOnceSink:
     ) -> None:
         """Answer with the minimal dead letter instead; if even that fails, stop the worker
         (uncommitted, the message goes to another member) rather than spin."""
-        if record.undeliverable:
-            self._fatal = f"even the undeliverable dead letter for {position} failed: {error}"
+        try:
+            minimal = stand_in_for(record, position, error)
+        except DeliveryFailed as failed:  # raised from poll(), not inside librdkafka's callback
+            self._fatal = str(failed)
             return
-        metrics.UNDELIVERABLE.inc()
-        log.error("answer_undeliverable", topic=record.topic, source=position, error=error)
-        minimal = undeliverable_record(record, position, f"writing to {record.topic}: {error}")
         self.write(position, minimal, on_done)
 
     def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:

@@ -25,14 +25,13 @@ from workers import metrics
 from workers.core.config import SizeSettings
 from workers.core.offsets import TopicPartitionKey
 from workers.kafka.sinks import (
-    DeliveryFailed,
     OnDone,
     OutputRecord,
     Position,
     cannot_be_written,
     produce_record,
     producer_config,
-    undeliverable_record,
+    stand_in_for,
 )
 from workers.kafka.source import KafkaJobSource, to_topic_partitions
 from workers.threads import on_daemon_thread
@@ -147,10 +146,8 @@ class ExactlyOnceSink:
         try:
             produce_record(producer, record, on_delivery=delivered)
         except KafkaException as exc:  # refused before sending, e.g. larger than allowed
-            if record.undeliverable:
-                raise DeliveryFailed(f"even the undeliverable answer for {at} failed") from exc
-            self._replace_with_undeliverable(at, record, str(exc.args[0]))
-            produce_record(producer, self._held[(at[0], at[1])][at[2]], on_delivery=delivered)
+            minimal = self._hold_stand_in(at, record, str(exc.args[0]))
+            produce_record(producer, minimal, on_delivery=delivered)
 
     def _replace_undeliverable(self, failed: list[tuple[Position, KafkaError]]) -> None:
         """An answer the broker refused for good is replaced by its minimal dead letter before
@@ -158,17 +155,13 @@ class ExactlyOnceSink:
         committing."""
         for at, error in failed:
             record = self._held.get((at[0], at[1]), {}).get(at[2])
-            if record is None or not cannot_be_written(error):
-                continue
-            if record.undeliverable:
-                raise DeliveryFailed(f"even the undeliverable answer for {at} failed: {error}")
-            self._replace_with_undeliverable(at, record, str(error))
+            if record is not None and cannot_be_written(error):
+                self._hold_stand_in(at, record, str(error))
 
-    def _replace_with_undeliverable(self, at: Position, record: OutputRecord, error: str) -> None:
-        metrics.UNDELIVERABLE.inc()
-        log.error("answer_undeliverable", topic=record.topic, source=at, error=error)
-        minimal = undeliverable_record(record, at, f"writing to {record.topic}: {error}")
+    def _hold_stand_in(self, at: Position, record: OutputRecord, error: str) -> OutputRecord:
+        minimal = stand_in_for(record, at, error)
         self._held[(at[0], at[1])][at[2]] = minimal
+        return minimal
 
     def _commit_until_known(self, producer: Producer) -> None:
         """librdkafka: a retriable commit error leaves the outcome unknown; commit again until it
