@@ -86,7 +86,7 @@ def test_bulk_run_survives_kill_9_without_duplicates_or_gaps(tmp_path: Path) -> 
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no files written in 10 minutes"
         time.sleep(0.2)
-    kill_9_leaving_no_orphans(first)
+    kill_9_leaving_no_orphans(first, tmp_path / "first.log")
     files = list(output.rglob("part-*.parquet"))
     files_before = len(files)
     rows_before = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
