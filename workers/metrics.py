@@ -45,24 +45,20 @@ QUEUE_SECONDS = Histogram(
 )
 JOB_GENERATE_SECONDS = Histogram(
     "lora_workers_job_generate_seconds",
-    "Wall time of the engine call that generated the job.",
+    "From the job entering the engine to its request finishing.",
     JOB_LABELS,
     buckets=LATENCY_BUCKETS,
 )
-BATCH_JOBS = Histogram(
-    "lora_workers_batch_jobs",
-    "Jobs per engine call.",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+ENGINE_STEP_SECONDS = Histogram(
+    "lora_workers_engine_step_seconds",
+    "Wall time of one engine step (every unfinished request advanced by one token).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
 )
-BATCH_ADAPTERS = Histogram(
-    "lora_workers_batch_adapters",
-    "Distinct adapters (base model counted as one) per engine call.",
-    buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+ENGINE_REQUESTS = Gauge(
+    "lora_workers_engine_requests", "Requests in the engine (added, not finished)."
 )
-GENERATE_SECONDS = Histogram(
-    "lora_workers_generate_seconds",
-    "Wall time of one engine call.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+ADMISSION_WAITING = Gauge(
+    "lora_workers_admission_waiting", "Jobs prepared and waiting to enter the engine."
 )
 ADAPTER_LOAD_SECONDS = Histogram(
     "lora_workers_adapter_load_seconds",

@@ -1,6 +1,6 @@
 """The engine and everything around it that the Kafka worker and bulk mode share: adapters
-registered from the catalog (and the update topic), routing checked, the preparer, batcher and
-processor wired to one engine."""
+registered from the catalog (and the update topic), routing checked, the preparer and the
+engine loop (admission, generation, output checks) wired to one engine."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from workers.adapters.cache import AdapterCache
 from workers.adapters.checks import AdapterRequirements
 from workers.adapters.feed import AdapterUpdateFeed
 from workers.adapters.registry import AdapterRegistry
-from workers.core.batching import AdapterBatcher
+from workers.core.admission import Admission
 from workers.core.config import AdapterCatalog, ConfigError, PipelineConfig, Settings
 from workers.core.contracts import AdapterStatus, AdapterUpdate
 from workers.core.prepare import JobPreparer, PreparedJob
-from workers.core.processing import BatchProcessor
+from workers.core.processing import OutputChecker
+from workers.engine.loop import EngineLoop, LoopLimits
 from workers.engine.vllm_engine import VllmEngine
 
 log = structlog.get_logger(__name__)
@@ -47,9 +48,7 @@ class Serving:
     registry: AdapterRegistry
     cache: AdapterCache
     preparer: JobPreparer
-    batcher: AdapterBatcher[PreparedJob]
-    processor: BatchProcessor
-    restart_engine: Callable[[], None]  # the same adapters registered and pinned again
+    loop: EngineLoop  # not started: the caller starts it, with its own between-steps work
 
 
 def start_serving(
@@ -83,15 +82,6 @@ def start_serving(
         check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
         prewarm(engine, registry, settings.adapters.prewarm)
         cache = AdapterCache(engine)
-        batching = settings.batching
-        batcher: AdapterBatcher[PreparedJob] = AdapterBatcher(
-            max_batch_size=batching.max_batch_size,
-            linger_s=batching.linger_ms / 1000,
-            policy=batching.policy,
-            max_adapters=batching.max_adapters_per_batch or settings.engine.max_loras,
-            max_wait_s=batching.max_wait_ms / 1000,
-            is_resident=cache.is_resident,
-        )
         preparer = JobPreparer(
             pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
             known_tasks=set(pipelines),
@@ -105,14 +95,27 @@ def start_serving(
             engine.restart()  # with the same adapters registered and pinned
             cache.refresh()
 
-        processor = BatchProcessor(
+        admission = settings.admission
+        loop = EngineLoop(
             engine,
             cache,
-            pipelines,
+            OutputChecker(pipelines, engine.max_model_len),
+            Admission[PreparedJob](
+                policy=admission.policy,
+                max_adapters=admission.max_adapters or settings.engine.max_loras,
+                max_wait_s=admission.max_wait_ms / 1000,
+                tenant_weights=admission.tenant_weights,
+                is_resident=cache.is_resident,
+            ),
+            LoopLimits(
+                engine_depth=admission.engine_depth or settings.engine.max_num_seqs,
+                crash_attempts=settings.engine.crash_attempts,
+                stall_warning_s=settings.engine.step_stall_warning_s,
+            ),
             restart_engine=restart_engine,
-            crash_attempts=settings.engine.crash_attempts,
+            on_unavailable=registry.mark_unavailable,
         )
     except BaseException:
         engine.close()
         raise
-    return Serving(engine, registry, cache, preparer, batcher, processor, restart_engine)
+    return Serving(engine, registry, cache, preparer, loop)

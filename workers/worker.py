@@ -1,10 +1,12 @@
-"""The worker loop: consume → prepare (decode, route, tokenize) → batch by adapter → generate →
-validate → write → commit. Data flows one way; each stage lives in its own module.
+"""The worker loop: consume → prepare (decode, route, tokenize) → submit to the engine loop
+(admission by adapter and tenant, generation, validation) → write → commit. Data flows one way;
+each stage lives in its own module.
 
-Generation runs on its own thread, one batch at a time, so this thread keeps polling Kafka
-(group membership, rebalances, adapter updates, fetching the next jobs) however long a batch
-takes: a slow batch never exceeds max.poll.interval.ms. While a batch runs, this thread does not
-touch the engine; adapter updates and the choice of the next batch wait for it.
+The engine loop (`workers.engine.loop`) owns the engine on its own thread and hands back each
+job as soon as its request finishes; this thread keeps polling Kafka (group membership,
+rebalances, fetching the next jobs) and writing answers however busy the engine is, so nothing
+exceeds max.poll.interval.ms. Adapter updates are applied on the engine loop's thread, between
+engine steps (`_between_steps`).
 
 A message's offset is finished once its answer (result or dead letter) is written or held by the
 sink, and commits never pass an unfinished offset (`offsets.py`). Exactly-once by default: the
@@ -15,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
@@ -36,20 +38,21 @@ from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage, traced
 from workers.core.offsets import OffsetTracker, TopicPartitionKey
 from workers.core.prepare import PreparedJob
-from workers.core.processing import ServedBatch
+from workers.core.processing import Answered, Outcome
 from workers.health import Readiness
 from workers.kafka.sinks import DeliveryFailed, ResultSink, dead_letter_record, result_record
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
 from workers.parquet.kafka_results import ParquetResults
 from workers.serving import Serving
-from workers.threads import on_daemon_thread
 
 log = structlog.get_logger(__name__)
 
 POLL_INTERVAL_S = 0.5
 LAG_REPORT_INTERVAL_S = 2.0
-POLL_WHILE_GENERATING_S = 0.05
+POLL_WHILE_GENERATING_S = 0.01  # how soon a finished job's answer is written
 FLUSH_TIMEOUT_S = 60.0
+UPDATES_INTERVAL_S = 0.1
+LOOP_JOIN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -74,21 +77,12 @@ class _Awaiting:
     sinks_left: int
 
 
-@dataclass
-class _InFlight:
-    """The batch on the engine thread. Partitions revoked meanwhile are noted, and their answers
-    dropped when it returns: the partition's next owner serves those jobs from the last commit."""
-
-    batch: list[PreparedJob]
-    future: Future[ServedBatch]
-    revoked: set[TopicPartitionKey] = field(default_factory=set)
-
-    def still_ours(self, job: PreparedJob) -> bool:
-        return _partition_of(job) not in self.revoked
-
-
 def _partition_of(job: PreparedJob) -> TopicPartitionKey:
     return (job.source.topic, job.source.partition)
+
+
+def _position_of(source: SourceMessage) -> tuple[str, int, int]:
+    return (source.topic, source.partition, source.offset)
 
 
 class Worker:
@@ -105,7 +99,7 @@ class Worker:
         self.settings = settings
         self.pipelines = pipelines
         self.serving = serving
-        self.batcher = serving.batcher
+        self.loop = serving.loop
         self.updates = updates
         self.parquet = ParquetResults(pipelines)
         self._awaiting: dict[tuple[str, int, int], _Awaiting] = {}
@@ -115,7 +109,14 @@ class Worker:
         self.summary = RunSummary()
         self._stop_requested = False
         self._paused = False
-        self._inflight: _InFlight | None = None
+        # Jobs handed to the engine loop, by position; an outcome counts only if its job is
+        # still the one here (a revoked partition's jobs are dropped, and may come back).
+        self._submitted: dict[tuple[str, int, int], PreparedJob] = {}
+        # Routing a job and submitting it happen under this lock, and so does unloading unused
+        # adapter versions: no version leaves the engine between a job's routing and its
+        # submission.
+        self._routing = threading.Lock()
+        self._next_updates = 0.0
         self._last_commit = time.monotonic()
         self._commit_backoff_s = 0.0
         self._readiness = readiness or Readiness()
@@ -139,6 +140,7 @@ class Worker:
             topics=sorted(self.pipelines_by_topic),
             delivery=self.settings.delivery.mode,
         )
+        self.loop.start(between_steps=self._between_steps)
         try:
             while not self._should_stop(limits):
                 messages = self._consume()
@@ -147,14 +149,8 @@ class Worker:
                 # still to come.
                 if messages or self._busy() or self.source.fetch_pending():
                     last_activity = now
-                for message in messages:
-                    self._accept(message)
-                self._collect_batch()
-                if self._inflight is None:
-                    self._follow_adapter_updates()
-                    batch = self.batcher.next_batch(time.monotonic())
-                    if batch:
-                        self._start_batch(batch)
+                self._accept(messages)
+                self._collect()
                 self.sink.poll()
                 self._flush_parquet()
                 self._commit_if_due()
@@ -177,12 +173,7 @@ class Worker:
             metrics.CONSUMER_LAG.labels(topic, str(partition)).set(behind)
 
     def _busy(self) -> bool:
-        return bool(
-            self._inflight
-            or len(self.batcher)
-            or self.offsets.unfinished_count()
-            or self.sink.held()
-        )
+        return bool(self._submitted or self.offsets.unfinished_count() or self.sink.held())
 
     def _should_stop(self, limits: RunLimits) -> bool:
         if self._stop_requested:
@@ -190,48 +181,59 @@ class Worker:
         return limits.max_jobs is not None and self.summary.finished >= limits.max_jobs
 
     def _shutdown(self) -> None:
-        # Stop fetching, give the running batch until the deadline, commit what is answered.
-        # Jobs not answered by then are not committed, so the group serves them again.
+        # Stop fetching, give the engine until the deadline, commit what is answered. Jobs not
+        # answered by then are aborted and not committed, so the group serves them again.
+        abandoned = 0
         try:
             self.source.pause_all()
-            self._await_batch(self.settings.delivery.shutdown_deadline_s)
+            self._await_engine(self.settings.delivery.shutdown_deadline_s)
+            abandoned = self.loop.stop(LOOP_JOIN_TIMEOUT_S)
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
         finally:
+            self.loop.stop(LOOP_JOIN_TIMEOUT_S)  # also when the above failed
             self.source.close()  # leaves the group; partitions move at once
             self.sink.close()
             self.updates.close()
+            self.summary.engine_restarts = self.loop.stats.engine_restarts
             log.info(
                 "worker_stopped",
                 finished=self.summary.finished,
                 output_tokens=self.summary.output_tokens,
-                not_started=len(self.batcher),
-                abandoned=len(self._inflight.batch) if self._inflight else 0,
+                abandoned=abandoned,
                 engine_restarts=self.summary.engine_restarts,
                 adapter_cache=vars(self.serving.cache.stats),
             )
 
-    def _await_batch(self, deadline_s: float) -> None:
+    def _await_engine(self, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
-        while self._inflight is not None and time.monotonic() < deadline:
+        while self._submitted and time.monotonic() < deadline:
             self.source.consume(1, POLL_WHILE_GENERATING_S)  # paused: serves callbacks only
-            self._collect_batch()
-        if self._inflight is not None:
-            log.warning("batch_abandoned", jobs=len(self._inflight.batch), deadline_s=deadline_s)
+            self._collect()
+            self.sink.poll()
+        if self._submitted:
+            log.warning("jobs_abandoned", jobs=len(self._submitted), deadline_s=deadline_s)
 
-    def _follow_adapter_updates(self) -> None:
+    # --- on the engine loop's thread, between engine steps ------------------------------------
+
+    def _between_steps(self) -> None:
+        now = time.monotonic()
+        if now < self._next_updates:
+            return
+        self._next_updates = now + UPDATES_INTERVAL_S
         registry, cache = self.serving.registry, self.serving.cache
         try:
             self.updates.follow(self._apply_update)
-            # Versions replaced by an update leave the engine once no waiting job was routed
-            # to them.
-            waiting = {key for key in self.batcher.pending_keys() if isinstance(key, int)}
-            released = registry.release_unused(waiting)
+            # Versions replaced by an update leave the engine once no job holds them.
+            with self._routing:
+                released = registry.release_unused(
+                    key for key in self.loop.holding() if isinstance(key, int)
+                )
             if released:
                 cache.refresh(unregistered=released)
-        except EngineDied as death:  # between batches: handled as during one
-            self._restart_engine_after(death)
+        except EngineDied as death:
+            self.loop.recover(death)
 
     def _apply_update(self, record: UpdateRecord) -> None:
         try:
@@ -239,18 +241,12 @@ class Worker:
         except EngineDied as death:
             # The engine died under this update (or just before it): restart and apply it once
             # more; a second death is the update's doing, and it is refused.
-            self._restart_engine_after(death)
+            self.loop.recover(death)
             try:
                 self.serving.registry.apply_record(record)
             except EngineDied as again:
-                self._restart_engine_after(again)
+                self.loop.recover(again)
                 self.serving.registry.refuse(record, "the engine died twice applying it")
-
-    def _restart_engine_after(self, death: EngineDied) -> None:
-        log.error("engine_died_between_batches", error=str(death))
-        metrics.ENGINE_RESTARTS.inc()
-        self.serving.restart_engine()
-        self.summary.engine_restarts += 1
 
     # --- consume and prepare -----------------------------------------------------------------
 
@@ -258,28 +254,29 @@ class Worker:
         # Backpressure: stop fetching while too much work is unanswered or uncommitted, but keep
         # polling so the consumer stays in its group.
         in_flight = self.offsets.unfinished_count() + self.sink.held()
-        overloaded = in_flight >= self.settings.batching.max_in_flight
+        overloaded = in_flight >= self.settings.admission.max_in_flight
         if overloaded != self._paused:
             (self.source.pause_all if overloaded else self.source.resume_all)()
             self._paused = overloaded
-        if self._inflight is not None:
-            timeout = POLL_WHILE_GENERATING_S
-        else:
-            due_in = self.batcher.seconds_until_due(time.monotonic())
-            timeout = POLL_INTERVAL_S if due_in is None else min(POLL_INTERVAL_S, due_in)
-        messages = self.source.consume(self.settings.batching.consume_batch, timeout)
+        timeout = POLL_WHILE_GENERATING_S if self._busy() else POLL_INTERVAL_S
+        messages = self.source.consume(self.settings.admission.consume_batch, timeout)
         for message in messages:
             metrics.MESSAGES_CONSUMED.labels(message.topic).inc()
         return messages
 
-    def _accept(self, message: SourceMessage) -> None:
-        self.offsets.track(message.topic, message.partition, message.offset)
-        try:
-            prepared = self.serving.preparer.prepare(message)
-        except JobRejected as rejection:
-            self._dead_letter(message, rejection)
-            return
-        self.batcher.add(prepared)
+    def _accept(self, messages: list[SourceMessage]) -> None:
+        prepared: list[PreparedJob] = []
+        with self._routing:
+            for message in messages:
+                self.offsets.track(message.topic, message.partition, message.offset)
+                try:
+                    job = self.serving.preparer.prepare(message)
+                except JobRejected as rejection:
+                    self._dead_letter(message, rejection)
+                    continue
+                self._submitted[_position_of(message)] = job
+                prepared.append(job)
+            self.loop.submit(prepared)
 
     def _dead_letter(self, message: SourceMessage, rejection: JobRejected) -> None:
         pipeline = self.pipelines_by_topic[message.topic]
@@ -305,33 +302,23 @@ class Worker:
         record = dead_letter_record(topic, message, rejection, self.settings.sizes)
         self.sink.write((message.topic, message.partition, message.offset), record, done)
 
-    # --- generate (engine thread), validate, write ------------------------------------------
+    # --- answers from the engine loop: write ----------------------------------------------------
 
-    def _start_batch(self, batch: list[PreparedJob]) -> None:
-        log.info("batch_started", jobs=len(batch), adapters=len({j.adapter_key for j in batch}))
-        # A daemon thread: a shutdown past its deadline must not wait for generate() to return.
-        # Errors reach the worker thread through the future, which re-raises them.
-        future = on_daemon_thread(lambda: self.serving.processor.serve(batch), name="engine")
-        self._inflight = _InFlight(batch, future)
+    def _collect(self) -> None:
+        for outcome in self.loop.outcomes():  # an engine that cannot restart ends the worker
+            self._answer(outcome)
 
-    def _collect_batch(self) -> None:
-        inflight = self._inflight
-        if inflight is None or not inflight.future.done():
-            return
-        self._inflight = None
-        served = inflight.future.result()  # an engine that cannot restart ends the worker
-        self.summary.engine_restarts += served.engine_restarts
-        for handle, reason in served.unavailable:
-            self.serving.registry.mark_unavailable(handle, reason)
-        for job, result in served.results:
-            if inflight.still_ours(job):
-                self._write_result(job, result)
-        for retry in served.retries:
-            if inflight.still_ours(retry):
-                self.batcher.add(retry)
-        for job, rejection in served.unserved:
-            if inflight.still_ours(job):
-                self._dead_letter(job.source, rejection)
+    def _answer(self, outcome: Outcome) -> None:
+        source = outcome.job.source
+        position = _position_of(source)
+        submitted = self._submitted.get(position)
+        if submitted is None or submitted.source is not source:
+            return  # its partition was revoked meanwhile; the next owner serves it
+        del self._submitted[position]
+        if isinstance(outcome, Answered):
+            self._write_result(outcome.job, outcome.result)
+        else:
+            self._dead_letter(source, outcome.rejection)
 
     def _write_result(self, job: PreparedJob, result: Result) -> None:
         try:
@@ -340,12 +327,12 @@ class Worker:
             raise  # the sink itself is broken, not this job
         except Exception as exc:  # this job's answer alone: dead-letter it, keep serving
             log.exception("result_write_failed", job_id=job.job.job_id, **traced(job.source))
-            self._awaiting.pop((job.source.topic, job.source.partition, job.source.offset), None)
+            self._awaiting.pop(_position_of(job.source), None)
             self._dead_letter(job.source, JobRejected.internal(exc))
 
     def _write_to_sinks(self, job: PreparedJob, result: Result) -> None:
         source = job.source
-        position = (source.topic, source.partition, source.offset)
+        position = _position_of(source)
         sinks = job.pipeline.sinks
         # The offset is finished once every sink of the pipeline has the result.
         self._awaiting[position] = _Awaiting(job, result, len(sinks))
@@ -437,8 +424,6 @@ class Worker:
         # Still ours for the length of this call: commit what is answered (bounded by the
         # sink's call timeouts), then let go; the next owner starts from that commit.
         revoked = set(partitions)
-        if self._inflight is not None:
-            self._inflight.revoked |= revoked
         self.sink.flush(FLUSH_TIMEOUT_S)
         self._flush_parquet(force=True, only=revoked)
         self._commit()
@@ -446,10 +431,7 @@ class Worker:
 
     def _on_lost(self, partitions: list[TopicPartitionKey]) -> None:
         # Already someone else's (our session expired): commit nothing, drop everything.
-        lost = set(partitions)
-        if self._inflight is not None:
-            self._inflight.revoked |= lost
-        self._let_go(lost)
+        self._let_go(set(partitions))
 
     def _let_go(self, partitions: set[TopicPartitionKey]) -> None:
         for topic, partition in partitions:
@@ -458,7 +440,11 @@ class Worker:
         self._next_lag_report = 0.0  # readiness follows the new assignment at once
         self.parquet.forget(partitions)
         self.sink.discard(partitions)
-        dropped = self.batcher.discard(lambda job: _partition_of(job) in partitions)
+        # Their jobs are aborted in the engine rather than computed and dropped.
+        self.loop.abort(lambda job: _partition_of(job) in partitions)
+        dropped = [p for p in self._submitted if (p[0], p[1]) in partitions]
+        for position in dropped:
+            del self._submitted[position]
         for position in [p for p in self._awaiting if (p[0], p[1]) in partitions]:
             del self._awaiting[position]
         self.offsets.forget(list(partitions))

@@ -5,19 +5,25 @@ the adapter's whole desired state (versions and weights). It is applied all or n
 version is checked (`checks.py`) and loaded into the engine (`add_lora`) before the switch,
 so a bad update never serves and the previous state keeps serving.
 
-Hot reload: jobs are routed when they are prepared, so jobs already routed (waiting in the
-batcher or inside `generate`) finish on the version they were routed to; jobs routed after the
-switch get the new one. A version no route uses any more leaves the engine once no waiting job
-holds it (`release_unused`).
+Hot reload: jobs are routed when they are prepared, so jobs already routed (waiting to enter
+the engine or running in it) finish on the version they were routed to; jobs routed after the
+switch get the new one. A version no route uses any more leaves the engine once no job holds it
+(`release_unused`, with the engine loop's reference counts).
+
+Thread-safe: jobs are routed on the worker's thread while updates are applied on the engine
+loop's thread (it owns the engine), so every public method holds one lock.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
@@ -38,6 +44,18 @@ from workers.core.errors import AdapterError, AdapterRejected, JobError, JobReje
 log = structlog.get_logger(__name__)
 
 StatusCallback = Callable[[AdapterStatus], None]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        registry: Any = args[0]
+        with registry._lock:
+            return method(*args, **kwargs)
+
+    return call
 
 
 def traffic_point(adapter: str, job_id: str) -> float:
@@ -113,9 +131,11 @@ class AdapterRegistry:
         self._rejected_last: dict[str, int] = {}
         # LoRA ids are never reused, so no version can ever be served another's cached weights.
         self._lora_ids = itertools.count(1)
+        self._lock = threading.RLock()
 
     # --- routing -------------------------------------------------------------------------------
 
+    @_locked
     def resolve(self, name: str, job: Job) -> AdapterHandle:
         served = self._served.get(name)
         if served is None and name in self._unavailable:
@@ -130,15 +150,18 @@ class AdapterRegistry:
             )
         return served.pick(job.job_id)
 
+    @_locked
     def served(self) -> dict[str, ServedAdapter]:
         return dict(self._served)
 
     # --- updates -------------------------------------------------------------------------------
 
+    @_locked
     def load_catalog(self, catalog: AdapterCatalog) -> None:
         for entry in catalog.adapters:
             self.apply(update_from_catalog(catalog, entry))
 
+    @_locked
     def apply(self, update: AdapterUpdate) -> bool:
         """Switch `update.name` to the update's versions; False (and old state kept) if any
         version is rejected."""
@@ -171,6 +194,7 @@ class AdapterRegistry:
         )
         return True
 
+    @_locked
     def apply_record(self, record: UpdateRecord) -> None:
         """One record of the updates topic: an update, a retirement or a malformed message."""
         if record.error is not None:
@@ -183,6 +207,7 @@ class AdapterRegistry:
         else:
             self.apply(record.update)
 
+    @_locked
     def mark_unavailable(self, handle: AdapterHandle, reason: str) -> None:
         """A version's files failed a reload: stop routing to its adapter until an update
         brings a version that loads, and say so on the status topic."""
@@ -195,6 +220,7 @@ class AdapterRegistry:
         rejection = AdapterRejected(AdapterError.LOAD_FAILED, reason)
         self._reject(handle.name, handle.version, rejection)
 
+    @_locked
     def refuse(self, record: UpdateRecord, reason: str) -> None:
         """Report an update as rejected for a reason found outside the checks."""
         version = None
@@ -202,6 +228,7 @@ class AdapterRegistry:
             version = record.update.versions[0].version
         self._reject(record.name, version, AdapterRejected(AdapterError.LOAD_FAILED, reason))
 
+    @_locked
     def restore_last_good(self, last_serving: dict[str, AdapterUpdate]) -> list[str]:
         """After catching up with the updates topic: an adapter whose latest record was rejected,
         and whose good state before it is gone from the topic (compacted away), serves the last
@@ -221,12 +248,14 @@ class AdapterRegistry:
                 restored.append(name)
         return restored
 
+    @_locked
     def retire(self, name: str) -> None:
         self._rejected_last.pop(name, None)
         self._served_at.pop(name, None)
         if self._served.pop(name, None) is not None:
             log.info("adapter_retired", adapter=name)
 
+    @_locked
     def release_unused(self, in_use: Iterable[int]) -> list[int]:
         """Remove versions no route serves and no waiting job holds from the engine; returns
         their LoRA ids."""

@@ -1,6 +1,7 @@
-"""Bulk mode: a whole file of jobs through the same routing, batching, engine and validation as
-the Kafka worker, into a Parquet dataset, without Kafka. The embedded default for a nightly run
-on one machine.
+"""Bulk mode: a whole file of jobs through the same routing, engine loop (admission by adapter,
+continuous generation) and validation as the Kafka worker, into a Parquet dataset, without
+Kafka. The embedded default for a nightly run on one machine. Rows are read ahead while the
+engine runs, and written as they finish.
 
 Resumable: a run has an id (`--run-id`, by default the input file's sha256); job_ids already in
 the files of the same run are skipped, and files are written atomically under names unique to
@@ -29,11 +30,14 @@ from workers.core.config import PipelineConfig
 from workers.core.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage, adapter_label
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage
-from workers.core.prepare import PreparedJob, decode_job
+from workers.core.prepare import decode_job
+from workers.core.processing import Answered
 from workers.parquet.dataset import ParquetDatasetWriter, existing_job_ids
 from workers.serving import Serving
 
 log = structlog.get_logger(__name__)
+
+COLLECT_WAIT_S = 0.005
 
 
 def _field(raw: bytes, name: str) -> str | None:
@@ -72,6 +76,7 @@ class BulkOptions:
     rows_per_file: int = 10_000
     row_group_size: int = 10_000
     run_id: str | None = None  # None: the input file's sha256 (`default_run_id`)
+    read_ahead: int = 4096  # jobs read and not yet finished, at most
 
 
 @dataclass
@@ -96,7 +101,7 @@ class BulkRunner:
         self._pipelines = pipelines
         self._serving = serving
         self._preparer = serving.preparer
-        self._batcher = serving.batcher
+        self._loop = serving.loop
         self._options = options
         self._writers: dict[str, ParquetDatasetWriter] = {}
         # With one pipeline every row is its job; otherwise a row's `task` picks the pipeline.
@@ -122,28 +127,34 @@ class BulkRunner:
             TimeElapsedColumn(),
             console=console,
         )
-        with progress:
-            label = self._default_task or ", ".join(sorted(self._pipelines))
-            bar = progress.add_task(label, total=total, rate="")
-            for row, raw in enumerate(read_rows(input_path)):
-                self.summary.rows += 1
-                if done and job_id_of(raw, row) in done:  # parse only when resuming
-                    self.summary.skipped += 1
-                    progress.advance(bar)
-                    continue
-                progress.advance(bar, self._accept(row, raw))
-                while batch := self._batcher.next_batch(time.monotonic()):
-                    progress.advance(bar, self._run_batch(batch))
+        self._loop.start()
+        try:
+            with progress:
+                label = self._default_task or ", ".join(sorted(self._pipelines))
+                bar = progress.add_task(label, total=total, rate="")
+                for row, raw in enumerate(read_rows(input_path)):
+                    self.summary.rows += 1
+                    if done and job_id_of(raw, row) in done:  # parse only when resuming
+                        self.summary.skipped += 1
+                        progress.advance(bar)
+                        continue
+                    progress.advance(bar, self._accept(row, raw))
+                    # Read ahead while the engine runs, within bounds.
+                    while self._loop.unfinished() >= self._options.read_ahead:
+                        progress.advance(bar, self._collect(wait=True))
+                    progress.advance(bar, self._collect(wait=False))
                     self._show_rate(progress, bar, started)
-            while batch := self._batcher.next_batch(time.monotonic(), flush=True):
-                progress.advance(bar, self._run_batch(batch))
-                self._show_rate(progress, bar, started)
-            self._write(final=True)
+                while self._loop.unfinished():
+                    progress.advance(bar, self._collect(wait=True))
+                    self._show_rate(progress, bar, started)
+                self._write(final=True)
+        finally:
+            self._loop.stop(timeout_s=30)
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
     def _accept(self, row: int, raw: bytes) -> int:
-        """Queue the row's job; returns 1 if the row is already finished (an error row)."""
+        """Submit the row's job; returns 1 if the row is already finished (an error row)."""
         try:
             task = self._task_of(raw)
         except JobRejected as rejection:
@@ -161,7 +172,7 @@ class BulkRunner:
             timestamp_ms=int(time.time() * 1000),
         )
         try:
-            self._batcher.add(self._preparer.prepare(message))
+            self._loop.submit([self._preparer.prepare(message)])
         except JobRejected as rejection:
             self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
             return 1
@@ -175,21 +186,23 @@ class BulkRunner:
             raise JobRejected(JobError.UNKNOWN_TASK, f"no pipeline serves task {task!r}")
         return task
 
-    def _run_batch(self, batch: list[PreparedJob]) -> int:
-        # As in the worker: a row that kills the engine on its own becomes an engine_crash row.
-        served = self._serving.processor.serve(batch)
-        for handle, reason in served.unavailable:
-            self._serving.registry.mark_unavailable(handle, reason)
-        for retry in served.retries:
-            self._batcher.add(retry)
-        for job, result in served.results:
-            self._keep(job.source.offset, result)
-        for job, rejection in served.unserved:
-            error = self._error_result(job.job.job_id, job.pipeline.task, rejection)
-            self._keep(job.source.offset, error)
-        self.summary.output_tokens += served.output_tokens
-        self._write(final=False)
-        return len(served.results) + len(served.unserved)
+    def _collect(self, *, wait: bool) -> int:
+        """Keep the jobs the engine finished (a row that kills the engine on its own comes out
+        as an engine_crash row) and write full files; returns how many."""
+        outcomes = self._loop.outcomes()
+        if not outcomes and wait:
+            time.sleep(COLLECT_WAIT_S)
+        for outcome in outcomes:
+            job = outcome.job
+            if isinstance(outcome, Answered):
+                self._keep(job.source.offset, outcome.result)
+                self.summary.output_tokens += outcome.result.usage.completion_tokens
+            else:
+                error = self._error_result(job.job.job_id, job.pipeline.task, outcome.rejection)
+                self._keep(job.source.offset, error)
+        if outcomes:
+            self._write(final=False)
+        return len(outcomes)
 
     def _keep(self, row: int, result: Result) -> None:
         self._pending[result.task].append((row, result))

@@ -19,7 +19,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.core.batching import BatchPolicy
+from workers.core.admission import AdmissionPolicy
 from workers.core.contracts import ADAPTER_NAME_PATTERN, MAX_SEED, VERSION_PATTERN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -214,28 +214,51 @@ class EngineSettings(_Strict):
     fault_injection_crash_marker: str | None = Field(
         default=None,
         min_length=1,
-        description="FAULT INJECTION, for tests only: a batch holding a prompt that contains "
-        "this text kills vLLM's engine-core process mid-generate, as a job that crashes the "
-        "engine would. Off (None) by default.",
+        description="FAULT INJECTION, for tests only: a request whose prompt contains this "
+        "text kills vLLM's engine-core process as it enters the engine, as a job that crashes "
+        "the engine would. Off (None) by default.",
+    )
+    step_stall_warning_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Log engine_step_stalled when one engine step takes this long.",
     )
 
 
-class BatchingSettings(_Strict):
-    # Large calls keep vLLM's scheduler full: 512 measured 0.87-0.94x of one raw generate call
-    # for the whole load (bench/pipeline.py), 128 only 0.76x.
-    max_batch_size: int = Field(default=512, ge=1, description="Jobs per engine call.")
-    linger_ms: int = Field(default=200, ge=0, description="Wait this long to fill a batch.")
+class AdmissionSettings(_Strict):
+    """How jobs enter the engine (`workers.core.admission`) and how many the worker holds."""
+
+    engine_depth: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests kept in the engine at once; default: engine.max_num_seqs.",
+    )
+    policy: AdmissionPolicy = AdmissionPolicy.SWITCH_AWARE
+    max_adapters: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters fed at once (switch-aware); default: engine.max_loras.",
+    )
+    max_wait_ms: int = Field(
+        default=10_000, ge=0, description="A job waiting this long goes first (no starvation)."
+    )
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weight per tenant (default 1): a tenant of weight 2 is "
+        "admitted twice as often as one of weight 1 when both have jobs waiting.",
+    )
     consume_batch: int = Field(default=500, ge=1, description="Messages per consume() call.")
     max_in_flight: int = Field(
         default=2000, ge=1, description="Pause fetching above this many unfinished jobs."
     )
-    policy: BatchPolicy = BatchPolicy.SWITCH_AWARE
-    max_adapters_per_batch: int | None = Field(
-        default=None, ge=1, description="Switch-aware only; default: the engine's max_loras."
-    )
-    max_wait_ms: int = Field(
-        default=30_000, ge=0, description="No job waits longer for switch-aware selection."
-    )
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _positive_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = sorted(t for t, w in weights.items() if not 0 < w < float("inf"))
+        if bad:
+            raise ValueError(f"tenant weights must be positive and finite: {bad}")
+        return weights
 
 
 # LoRA target modules vLLM can serve on Llama-family models.
@@ -334,10 +357,15 @@ class Settings(BaseSettings):
     kafka: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings for every client."
     )
-    commit_interval_ms: int = Field(default=1000, ge=0)
+    commit_interval_ms: int = Field(
+        default=100,
+        ge=0,
+        description="Commit answers at most this often: each result is visible to "
+        "read_committed consumers within about this long of its job finishing.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
-    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     sizes: SizeSettings = Field(default_factory=SizeSettings)
 

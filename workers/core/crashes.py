@@ -21,7 +21,6 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from workers import metrics
 from workers.core.engine_api import EngineDied
 
 log = structlog.get_logger(__name__)
@@ -43,10 +42,18 @@ def run_isolating_crashes(
     run: Callable[[list[J]], R],
     restart: Callable[[], None],
     crash_attempts: int,
+    *,
+    died_once: bool = False,
 ) -> Guarded[J, R]:
+    """`died_once`: `batch` already killed the engine once (and it was restarted): start from
+    its halves."""
     guarded: Guarded[J, R] = Guarded()
     # (jobs, engine deaths these exact jobs caused); a stack keeps the bisection depth-first.
-    pending: list[tuple[list[J], int]] = [(batch, 0)]
+    pending: list[tuple[list[J], int]] = []
+    if died_once:
+        _after_death(batch, 1, crash_attempts, pending, guarded)
+    else:
+        pending.append((batch, 0))
     while pending:
         jobs, deaths = pending.pop()
         try:
@@ -55,7 +62,6 @@ def run_isolating_crashes(
         except EngineDied as exc:
             deaths += 1
             log.error("engine_died", jobs=len(jobs), deaths=deaths, error=str(exc))
-            metrics.ENGINE_RESTARTS.inc()
             restart()
             guarded.restarts += 1
         except Exception as exc:
@@ -64,12 +70,23 @@ def run_isolating_crashes(
                 guarded.failed.append((jobs[0], exc))
                 continue
             log.warning("batch_failed", jobs=len(jobs), error=f"{type(exc).__name__}: {exc}")
-        if len(jobs) > 1:
-            middle = len(jobs) // 2
-            pending.append((jobs[middle:], 0))
-            pending.append((jobs[:middle], 0))
-        elif deaths < crash_attempts:
-            pending.append((jobs, deaths))
-        else:
-            guarded.crashed.append(jobs[0])
+        _after_death(jobs, deaths, crash_attempts, pending, guarded)
     return guarded
+
+
+def _after_death(
+    jobs: list[J],
+    deaths: int,
+    crash_attempts: int,
+    pending: list[tuple[list[J], int]],
+    guarded: Guarded[J, R],
+) -> None:
+    """Split what failed; a lone job runs again until it has killed the engine enough times."""
+    if len(jobs) > 1:
+        middle = len(jobs) // 2
+        pending.append((jobs[middle:], 0))
+        pending.append((jobs[:middle], 0))
+    elif deaths < crash_attempts:
+        pending.append((jobs, deaths))
+    else:
+        guarded.crashed.append(jobs[0])

@@ -1,8 +1,9 @@
 """The engine's narrow interface and the values that cross it. Pure types, no vLLM.
 
-The rest of the worker sees only `Engine`: tokenize a prompt, register an adapter, run a batch of
-`GenerationRequest`s. `workers.engine.vllm_engine.VllmEngine` implements it with one offline vLLM
-`LLM` holding many LoRA adapters on one base model.
+The rest of the worker sees only `Engine`: tokenize a prompt, register an adapter, add
+`GenerationRequest`s and step the engine until each finishes (or run a whole batch at once).
+`workers.engine.vllm_engine.VllmEngine` implements it with one offline vLLM `LLM` holding many
+LoRA adapters on one base model.
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ class Engine(Protocol):
     def resident_adapters(self) -> set[int]: ...
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    # Continuous feeding: requests enter as they are admitted and leave as each finishes.
+    # One thread owns these calls (vLLM's client is not thread-safe): `workers.engine.loop`.
+    def add_request(self, request_id: str, request: GenerationRequest) -> None: ...
+
+    def step(self) -> list[tuple[str, Generation]]:
+        """One engine step; the requests that finished in it. Call only while requests are
+        unfinished: with none, vLLM's step blocks."""
+        ...
+
+    def abort_requests(self, request_ids: Sequence[str]) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
 
     def restart(self) -> None: ...
 

@@ -30,7 +30,7 @@ class PreparedJob:
     pipeline: PipelineConfig
     source: SourceMessage
     request: GenerationRequest
-    arrived_at: float  # monotonic seconds, for linger and queue time
+    arrived_at: float  # monotonic seconds, for admission and queue time
     received_at_ms: int  # wall clock, for the result's timings
     attempt: int = 0  # retries after an invalid output
 
@@ -41,6 +41,10 @@ class PreparedJob:
     @property
     def adapter_key(self) -> Hashable:
         return None if self.adapter is None else self.adapter.lora_id
+
+    @property
+    def tenant(self) -> str | None:
+        return self.job.tenant
 
 
 # Deeper JSON is refused: nothing a job needs nests this far, and deep structures exhaust

@@ -29,7 +29,8 @@ from workers.core.engine_api import (
 from workers.engine.reaper import watch_worker
 
 if TYPE_CHECKING:
-    from vllm import LLM
+    from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
 log = structlog.get_logger(__name__)
@@ -178,40 +179,48 @@ class VllmEngine:
             return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
-
-        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
-        params = [
-            SamplingParams(
-                max_tokens=r.max_tokens,
-                temperature=r.temperature,
-                seed=r.seed,
-                structured_outputs=None
-                if r.json_schema is None
-                else StructuredOutputsParams(json=r.json_schema),
+        """One blocking `LLM.generate` call over the whole batch (benchmarks, prewarm)."""
+        self._inject_fault(requests)
+        with _death_as_engine_died(f"during a batch of {len(requests)}"):
+            outputs = self._llm.generate(
+                [_prompt(r) for r in requests],
+                [_sampling_params(r) for r in requests],
+                lora_request=[self._registered(r.adapter) for r in requests],
+                use_tqdm=False,
             )
-            for r in requests
-        ]
-        lora_requests = [self._registered(r.adapter) for r in requests]
+        return [_generation(out) for out in outputs]
+
+    def add_request(self, request_id: str, request: GenerationRequest) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        self._inject_fault([request])
+        params = _sampling_params(request)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate does: no partials
+        lora = self._registered(request.adapter)
+        with _death_as_engine_died(f"adding request {request_id}"):
+            self._llm.llm_engine.add_request(
+                request_id, _prompt(request), params, lora_request=lora
+            )
+
+    def step(self) -> list[tuple[str, Generation]]:
+        with _death_as_engine_died("during a step"):
+            outputs = self._llm.llm_engine.step()
+        return [(out.request_id, _generation(out)) for out in outputs if out.finished]
+
+    def abort_requests(self, request_ids: Sequence[str]) -> None:
+        with _death_as_engine_died(f"aborting {len(request_ids)} requests"):
+            self._llm.llm_engine.abort_request(list(request_ids))
+
+    def has_unfinished_requests(self) -> bool:
+        with _death_as_engine_died("asking for unfinished requests"):
+            return self._llm.llm_engine.has_unfinished_requests()
+
+    def _inject_fault(self, requests: Sequence[GenerationRequest]) -> None:
         marker = self.settings.fault_injection_crash_marker
         if marker is not None and any(
             marker in self._tokenizer.decode(r.prompt_token_ids) for r in requests
         ):
             self._kill_engine_core()
-        with _death_as_engine_died(f"during a batch of {len(requests)}"):
-            outputs = self._llm.generate(
-                prompts, params, lora_request=lora_requests, use_tqdm=False
-            )
-        return [
-            Generation(
-                text=out.outputs[0].text,
-                completion_tokens=len(out.outputs[0].token_ids),
-                finish_reason=out.outputs[0].finish_reason,
-            )
-            for out in outputs
-        ]
 
     def _registered(self, adapter: AdapterHandle | None) -> LoRARequest | None:
         if adapter is None:
@@ -245,6 +254,35 @@ class VllmEngine:
         self._shutdown_llm()
         self._reaper.kill()  # the engine is down: nothing left to watch
         self._reaper.wait(timeout=10)
+
+
+def _prompt(request: GenerationRequest) -> TokensPrompt:
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+
+
+def _sampling_params(request: GenerationRequest) -> SamplingParams:
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        seed=request.seed,
+        structured_outputs=None
+        if request.json_schema is None
+        else StructuredOutputsParams(json=request.json_schema),
+    )
+
+
+def _generation(output: RequestOutput) -> Generation:
+    completion = output.outputs[0]
+    return Generation(
+        text=completion.text,
+        completion_tokens=len(completion.token_ids),
+        finish_reason=completion.finish_reason,
+    )
 
 
 @contextmanager

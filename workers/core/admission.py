@@ -1,0 +1,187 @@
+"""Which waiting jobs enter the engine now. Pure logic, no I/O.
+
+The engine loop (`workers.engine.loop`) keeps about `engine_depth` requests in vLLM (its
+`max_num_seqs`): whenever requests finish, it asks `take` for that much room. Jobs wait here,
+grouped by adapter, and the policy picks:
+
+- `switch_aware` (default): jobs of at most `max_adapters` adapters (the engine's `max_loras`
+  slots) are fed at a time, so vLLM never cycles adapters through its slots; the adapters are
+  ranked overdue first (a job waited `max_wait_s`: no adapter starves), then those with requests
+  in the engine, then those in the engine's host cache, then larger groups. An adapter in the
+  engine that is not chosen gets no new jobs: its requests drain and its slot frees.
+  Among the chosen adapters' jobs, tenants take turns by weighted fair queueing, so a tenant
+  flooding a topic does not starve the others; overdue jobs go first, oldest first.
+- `arrival`: plain arrival order (the baseline the benchmarks compare against).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Generic, Protocol, TypeVar
+
+
+class Admissible(Protocol):
+    @property
+    def adapter_key(self) -> Hashable: ...
+
+    @property
+    def arrived_at(self) -> float: ...
+
+    @property
+    def tenant(self) -> str | None: ...
+
+
+T = TypeVar("T", bound=Admissible)
+
+
+class AdmissionPolicy(StrEnum):
+    SWITCH_AWARE = "switch_aware"
+    ARRIVAL = "arrival"
+
+
+def _always_resident(_key: Hashable) -> bool:
+    return True
+
+
+@dataclass
+class _Group(Generic[T]):
+    """One adapter's waiting jobs, per tenant in arrival order."""
+
+    by_tenant: dict[str | None, deque[T]] = field(default_factory=dict)
+    size: int = 0
+
+    def oldest(self) -> float:
+        return min(queue[0].arrived_at for queue in self.by_tenant.values())
+
+
+@dataclass
+class Admission(Generic[T]):
+    policy: AdmissionPolicy = AdmissionPolicy.SWITCH_AWARE
+    max_adapters: int | None = None  # adapters fed at once; None = no limit
+    max_wait_s: float = 10.0  # starvation bound
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)  # default weight 1
+    is_resident: Callable[[Hashable], bool] = _always_resident
+    _groups: dict[Hashable, _Group[T]] = field(default_factory=dict)
+    _waiting_per_tenant: dict[str | None, int] = field(default_factory=dict)
+    # Service received per tenant, in admitted jobs divided by weight (virtual time).
+    _virtual: dict[str | None, float] = field(default_factory=dict)
+    _size: int = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[T]:
+        for group in self._groups.values():
+            for queue in group.by_tenant.values():
+                yield from queue
+
+    def add(self, item: T) -> None:
+        tenant = item.tenant
+        if not self._waiting_per_tenant.get(tenant):
+            # A tenant back after idling starts level with the busiest, never ahead by credit
+            # saved while it had nothing waiting (start-time fair queueing).
+            active = [self._virtual.get(t, 0.0) for t, n in self._waiting_per_tenant.items() if n]
+            floor = min(active, default=0.0)
+            self._virtual[tenant] = max(self._virtual.get(tenant, 0.0), floor)
+        self._waiting_per_tenant[tenant] = self._waiting_per_tenant.get(tenant, 0) + 1
+        group = self._groups.setdefault(item.adapter_key, _Group())
+        group.by_tenant.setdefault(tenant, deque()).append(item)
+        group.size += 1
+        self._size += 1
+
+    def take(self, now: float, room: int, in_engine: Mapping[Hashable, int]) -> list[T]:
+        """Up to `room` jobs to add to the engine now. `in_engine` counts the engine's
+        unfinished requests per adapter key."""
+        if room <= 0 or not self._size:
+            return []
+        if self.policy is AdmissionPolicy.ARRIVAL:
+            return self._take_oldest(room, list(self._groups))
+        chosen = self._chosen_adapters(now, in_engine)
+        overdue_before = now - self.max_wait_s
+        taken = self._take_oldest(room, chosen, arrived_before=overdue_before)
+        while len(taken) < room:
+            item = self._take_fairly(chosen)
+            if item is None:
+                break
+            taken.append(item)
+        return taken
+
+    def discard(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Remove and return the waiting jobs matching `predicate` (e.g. revoked partitions)."""
+        removed = [item for item in self if predicate(item)]
+        for item in removed:
+            self._remove(item)
+        return removed
+
+    def _chosen_adapters(self, now: float, in_engine: Mapping[Hashable, int]) -> list[Hashable]:
+        def rank(key: Hashable) -> tuple[bool, bool, bool, int, float]:
+            group = self._groups[key]
+            oldest = group.oldest()
+            overdue = now - oldest >= self.max_wait_s
+            return (
+                not overdue,
+                not in_engine.get(key),
+                not self.is_resident(key),
+                0 if overdue else -group.size,
+                oldest,
+            )
+
+        ranked = sorted(self._groups, key=rank)
+        return ranked if self.max_adapters is None else ranked[: self.max_adapters]
+
+    def _take_oldest(
+        self, room: int, keys: list[Hashable], arrived_before: float | None = None
+    ) -> list[T]:
+        heads = [
+            queue
+            for key in keys
+            for queue in self._groups[key].by_tenant.values()
+            if arrived_before is None or queue[0].arrived_at < arrived_before
+        ]
+        taken: list[T] = []
+        while len(taken) < room and heads:
+            queue = min(heads, key=lambda q: q[0].arrived_at)
+            if arrived_before is not None and queue[0].arrived_at >= arrived_before:
+                break
+            item = queue[0]
+            self._remove(item)
+            taken.append(item)
+            heads = [q for q in heads if q]
+        return taken
+
+    def _take_fairly(self, keys: list[Hashable]) -> T | None:
+        """The oldest waiting job, among the chosen adapters, of the tenant served least."""
+        best: T | None = None
+        best_rank: tuple[float, float] | None = None
+        for key in keys:
+            group = self._groups.get(key)
+            if group is None:
+                continue
+            for tenant, queue in group.by_tenant.items():
+                rank = (self._virtual.get(tenant, 0.0), queue[0].arrived_at)
+                if best_rank is None or rank < best_rank:
+                    best, best_rank = queue[0], rank
+        if best is None:
+            return None
+        weight = self.tenant_weights.get(best.tenant or "", 1.0)
+        self._virtual[best.tenant] = self._virtual.get(best.tenant, 0.0) + 1.0 / weight
+        self._remove(best)
+        return best
+
+    def _remove(self, item: T) -> None:
+        group = self._groups[item.adapter_key]
+        queue = group.by_tenant[item.tenant]
+        if queue[0] is item:
+            queue.popleft()
+        else:
+            queue.remove(item)
+        if not queue:
+            del group.by_tenant[item.tenant]
+        group.size -= 1
+        if not group.size:
+            del self._groups[item.adapter_key]
+        self._waiting_per_tenant[item.tenant] -= 1
+        self._size -= 1

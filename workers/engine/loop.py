@@ -1,0 +1,371 @@
+"""The engine loop: one thread owns the engine and feeds it continuously.
+
+vLLM's `LLM.generate` is a loop of `add_request` and `step`; this is that loop, kept running:
+jobs are admitted (`workers.core.admission`) whenever requests finish and room frees, each
+finished request is checked (`workers.core.processing`) and handed out at once, so a job never
+waits for the slowest request of a batch. vLLM's client is not thread-safe: only this thread
+calls the engine, and adapter loads, unloads, updates and restarts run here too, between steps
+(`between_steps`).
+
+Other threads talk to it through `submit`, `outcomes`, `abort` and `stop`. A job submitted here
+comes out exactly once, as an `Answered` or `Unserved` outcome, unless it is aborted first.
+
+Engine deaths: every request in the engine dies together. The loop stops admitting, restarts
+the engine and runs the dead set again in halves (`workers.core.crashes`): a job that kills the
+engine on its own `crash_attempts` times comes out as `engine_crash`, every other one is served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from workers import metrics
+from workers.core.admission import Admission
+from workers.core.crashes import run_isolating_crashes
+from workers.core.engine_api import AdapterHandle, Engine, EngineDied, Generation
+from workers.core.errors import JobError, JobRejected
+from workers.core.messages import traced
+from workers.core.prepare import PreparedJob
+from workers.core.processing import AdapterLoader, Answered, Outcome, OutputChecker, Unserved
+
+log = structlog.get_logger(__name__)
+
+IDLE_WAIT_S = 0.05  # with nothing in the engine, wake at least this often for housekeeping
+
+
+class EngineLoopFailed(Exception):
+    """The loop thread stopped on an error it cannot serve past (the engine cannot restart)."""
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    engine_depth: int  # requests kept in the engine, about its max_num_seqs
+    crash_attempts: int
+    stall_warning_s: float
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    engine_restarts: int = 0
+    admitted: int = 0
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        cache: AdapterLoader,
+        checker: OutputChecker,
+        admission: Admission[PreparedJob],
+        limits: LoopLimits,
+        *,
+        restart_engine: Callable[[], None],
+        on_unavailable: Callable[[AdapterHandle, str], None],
+    ) -> None:
+        self._engine = engine
+        self._cache = cache
+        self._checker = checker
+        self._admission = admission
+        self._limits = limits
+        self._restart_engine = restart_engine
+        self._on_unavailable = on_unavailable
+        self._between_steps: Callable[[], None] | None = None
+        self._crash_rejection = JobRejected(
+            JobError.ENGINE_CRASH,
+            f"the engine died {limits.crash_attempts} times running this job alone",
+        )
+        self.stats = LoopStats()
+        # Shared with other threads, under the lock.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[PreparedJob] = []
+        self._outbox: list[Outcome] = []
+        self._aborts: list[Callable[[PreparedJob], bool]] = []
+        self._holding: Counter[Hashable] = Counter()  # adapter key -> jobs not yet out
+        self._unfinished = 0
+        self._failure: BaseException | None = None
+        self._stopping = False
+        # The loop thread's own.
+        self._running: dict[str, tuple[PreparedJob, float]] = {}
+        self._in_engine: Counter[Hashable] = Counter()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # --- any thread ----------------------------------------------------------------------------
+
+    def start(self, between_steps: Callable[[], None] | None = None) -> None:
+        """`between_steps` runs on the loop thread between engine steps (adapter updates)."""
+        self._between_steps = between_steps
+        self._thread.start()
+
+    def submit(self, jobs: Iterable[PreparedJob]) -> None:
+        jobs = list(jobs)
+        if not jobs:
+            return
+        with self._lock:
+            self._inbox.extend(jobs)
+            self._holding.update(job.adapter_key for job in jobs)
+            self._unfinished += len(jobs)
+        self._wake.set()
+
+    def outcomes(self) -> list[Outcome]:
+        """Jobs finished since the last call; raises if the loop has failed."""
+        with self._lock:
+            out, self._outbox = self._outbox, []
+            self._unfinished -= len(out)
+            failure = self._failure
+        if failure is not None and not out:
+            raise EngineLoopFailed(str(failure)) from failure
+        return out
+
+    def unfinished(self) -> int:
+        """Jobs submitted whose outcome has not been taken by `outcomes` yet (or aborted)."""
+        with self._lock:
+            return self._unfinished
+
+    def holding(self) -> set[Hashable]:
+        """Adapter keys some submitted job still needs: a version leaves the engine only when
+        none holds it."""
+        with self._lock:
+            return {key for key, count in self._holding.items() if count > 0}
+
+    def abort(self, predicate: Callable[[PreparedJob], bool]) -> None:
+        """Drop the matching jobs without an outcome: waiting ones at once, those in the engine
+        aborted there at the next step boundary. Jobs submitted later are not affected."""
+        with self._lock:
+            kept = [job for job in self._inbox if not predicate(job)]
+            self._drop([job for job in self._inbox if predicate(job)])
+            self._inbox = kept
+            self._aborts.append(predicate)
+        self._wake.set()
+
+    def stop(self, timeout_s: float) -> int:
+        """Abort what is still in the engine and end the thread; returns the jobs abandoned."""
+        with self._lock:
+            self._stopping = True
+            abandoned = self._unfinished
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        return abandoned
+
+    # --- the loop thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    self._between()
+                    self._admit()
+                    if self._running:
+                        self._step()
+                    else:
+                        self._wake.wait(IDLE_WAIT_S)
+                        self._wake.clear()
+                except EngineDied as death:
+                    if self._stopping:
+                        break  # the engine is being closed under us
+                    self.recover(death)
+            self._abort_running()
+        except BaseException as exc:  # handed to the owner through outcomes()
+            log.exception("engine_loop_failed")
+            with self._lock:
+                self._failure = exc
+
+    def _between(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, []
+        for predicate in aborts:
+            self._apply_abort(predicate)
+        with self._lock:
+            arrived, self._inbox = self._inbox, []
+        for job in arrived:
+            self._admission.add(job)
+        if self._between_steps is not None:
+            self._between_steps()
+        metrics.ADMISSION_WAITING.set(len(self._admission))
+
+    def _apply_abort(self, predicate: Callable[[PreparedJob], bool]) -> None:
+        dropped = self._admission.discard(predicate)
+        ids = [rid for rid, (job, _) in self._running.items() if predicate(job)]
+        if ids:
+            self._engine.abort_requests(ids)
+        for rid in ids:
+            job, _ = self._running.pop(rid)
+            self._in_engine[job.adapter_key] -= 1
+            dropped.append(job)
+        with self._lock:
+            self._drop(dropped)
+        if dropped:
+            log.info("jobs_aborted", waiting=len(dropped) - len(ids), in_engine=len(ids))
+
+    def _admit(self) -> None:
+        room = self._limits.engine_depth - len(self._running)
+        jobs = self._admission.take(time.monotonic(), room, self._in_engine)
+        if not jobs:
+            return
+        try:
+            unavailable = self._cache.ensure_loaded(job.adapter for job in jobs)
+        except EngineDied:
+            for job in jobs:  # not in the engine yet: they wait for the restarted one
+                self._admission.add(job)
+            raise
+        reported: set[Hashable] = set()
+        for job in jobs:
+            if job.adapter is not None and job.adapter_key in unavailable:
+                reason = unavailable[job.adapter.lora_id]
+                if job.adapter_key not in reported:
+                    reported.add(job.adapter_key)
+                    self._on_unavailable(job.adapter, reason)
+                self._emit(Unserved(job, JobRejected(JobError.ADAPTER_UNAVAILABLE, reason)))
+                continue
+            self._add(job)
+
+    def _add(self, job: PreparedJob) -> None:
+        request_id = str(next(self._ids))
+        # In the running set before the call: if the engine dies under it, it died with it.
+        self._running[request_id] = (job, time.monotonic())
+        self._in_engine[job.adapter_key] += 1
+        try:
+            self._engine.add_request(request_id, job.request)
+        except EngineDied:
+            raise
+        except Exception as exc:  # this request alone (vLLM refused it): dead-letter it
+            log.exception("request_refused", job_id=job.job.job_id, **traced(job.source))
+            self._running.pop(request_id)
+            self._in_engine[job.adapter_key] -= 1
+            self._emit(Unserved(job, JobRejected.internal(exc)))
+            return
+        self.stats.admitted += 1
+        metrics.ENGINE_REQUESTS.set(len(self._running))
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        finished = self._engine.step()
+        elapsed = time.monotonic() - started
+        self.stats.steps += 1
+        metrics.ENGINE_STEP_SECONDS.observe(elapsed)
+        if elapsed >= self._limits.stall_warning_s:
+            log.warning(
+                "engine_step_stalled", step_s=round(elapsed, 2), requests=len(self._running)
+            )
+        for request_id, generation in finished:
+            entry = self._running.pop(request_id, None)
+            if entry is None:
+                continue  # aborted meanwhile
+            job, admitted_at = entry
+            self._in_engine[job.adapter_key] -= 1
+            self._finish(job, generation, admitted_at)
+        if self._running and not finished and not self._engine.has_unfinished_requests():
+            # The engine forgot requests we think it holds: run them again rather than wait.
+            log.error("engine_lost_requests", requests=len(self._running))
+            for job, _ in self._running.values():
+                self._admission.add(job)
+            self._running.clear()
+            self._in_engine.clear()
+        metrics.ENGINE_REQUESTS.set(len(self._running))
+
+    def _finish(self, job: PreparedJob, generation: Generation, admitted_at: float) -> None:
+        try:
+            checked = self._checker.check(job, generation, admitted_at)
+        except Exception as exc:  # this job's answer alone is lost, as internal_error
+            log.exception("result_failed", job_id=job.job.job_id, **traced(job.source))
+            self._emit(Unserved(job, JobRejected.internal(exc)))
+            return
+        if isinstance(checked, PreparedJob):
+            self._admission.add(checked)  # a retry with a larger budget; still held
+        else:
+            self._emit(Answered(job, checked))
+
+    def _emit(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._outbox.append(outcome)
+            self._release([outcome.job])
+
+    def _release(self, jobs: list[PreparedJob]) -> None:
+        """Under the lock: these jobs no longer hold their adapter."""
+        for job in jobs:
+            self._holding[job.adapter_key] -= 1
+            if self._holding[job.adapter_key] <= 0:
+                del self._holding[job.adapter_key]
+
+    def _drop(self, jobs: list[PreparedJob]) -> None:
+        """Under the lock: these jobs leave without an outcome."""
+        self._release(jobs)
+        self._unfinished -= len(jobs)
+
+    def _abort_running(self) -> None:
+        if not self._running:
+            return
+        log.warning("requests_abandoned", requests=len(self._running))
+        with contextlib.suppress(EngineDied):  # a dead engine has nothing left to abort
+            self._engine.abort_requests(list(self._running))
+        self._running.clear()
+
+    # --- engine deaths (the loop thread, or `between_steps` on it) -------------------------------
+
+    def recover(self, death: EngineDied) -> None:
+        """Restart the engine after `death` and serve the requests that died with it."""
+        dead = [job for job, _ in self._running.values()]
+        self._running.clear()
+        self._in_engine.clear()
+        log.error("engine_died", requests=len(dead), error=str(death))
+        self._restart()
+        if not dead:
+            return
+        guarded = run_isolating_crashes(
+            dead,
+            self._run_alone,
+            self._restart,
+            self._limits.crash_attempts,
+            died_once=True,
+        )
+        for finished in guarded.outcomes:
+            for job, generation, admitted_at in finished:
+                self._finish(job, generation, admitted_at)
+        for job in guarded.crashed:
+            self._emit(Unserved(job, self._crash_rejection))
+        for job, error in guarded.failed:
+            rejection = error if isinstance(error, JobRejected) else JobRejected.internal(error)
+            self._emit(Unserved(job, rejection))
+
+    def _restart(self) -> None:
+        metrics.ENGINE_RESTARTS.inc()
+        self._restart_engine()
+        self.stats.engine_restarts += 1
+
+    def _run_alone(self, jobs: list[PreparedJob]) -> list[tuple[PreparedJob, Generation, float]]:
+        """Run `jobs` by themselves to the end (quarantine): nothing else is admitted meanwhile."""
+        unavailable = self._cache.ensure_loaded(job.adapter for job in jobs)
+        if any(job.adapter_key in unavailable for job in jobs):
+            lost = next(job for job in jobs if job.adapter_key in unavailable)
+            raise JobRejected(JobError.ADAPTER_UNAVAILABLE, unavailable[lost.adapter_key])
+        started = time.monotonic()
+        waiting = {f"q{next(self._ids)}": job for job in jobs}
+        try:
+            for request_id, job in waiting.items():
+                self._engine.add_request(request_id, job.request)
+        except EngineDied:
+            raise
+        except Exception:
+            self._engine.abort_requests(list(waiting))  # the halves run without them
+            raise
+        finished: list[tuple[PreparedJob, Generation, float]] = []
+        while waiting:
+            done = self._engine.step()
+            if not done and not self._engine.has_unfinished_requests():
+                raise EngineDied("the engine lost the quarantined requests")
+            for request_id, generation in done:
+                job = waiting.pop(request_id, None)
+                if job is not None:
+                    finished.append((job, generation, started))
+        return finished
