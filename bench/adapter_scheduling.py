@@ -1,13 +1,15 @@
-"""Benchmark: adapter load latency and switch-aware scheduling vs arrival order.
+"""Benchmark: adapter load latency and switch-aware admission vs arrival order.
 
     .venv/bin/python bench/adapter_scheduling.py [--adapters 16] [--jobs 1024] [--max-loras 2]
         [--model DIR] [--adapters-dir DIR]
 
-Runs the worker's own batcher, adapter cache and vLLM engine (no Kafka) on the same jobs under
-both policies, interleaved in one run because this machine is noisy, and prints a Markdown table:
-output tok/s, jobs/s and adapter loads per 1,000 jobs, for uniform and Zipf(1.1) traffic.
-`N` adapters are copies of the zoo's four under distinct names (distinct LoRA ids), so vLLM
-treats them as N adapters. bench/compare.py runs `compare_policies` for its switching section.
+Runs the worker's own engine loop (`workers.engine.loop.EngineLoop`: admission, continuous
+`add_request`/`step`, output checks), adapter cache and vLLM engine (no Kafka) on the same jobs
+under both admission policies, interleaved in one run because this machine is noisy, and prints a
+Markdown table: output tok/s, jobs/s and adapter loads per 1,000 jobs, for uniform and Zipf(1.1)
+traffic. Every job is submitted up front; a run ends when the last outcome is out. `N` adapters
+are copies of the zoo's four under distinct names (distinct LoRA ids), so vLLM treats them as N
+adapters. bench/compare.py runs `compare_policies` for its switching section.
 """
 
 from __future__ import annotations
@@ -24,21 +26,21 @@ from pathlib import Path
 from common import PROMPT, TASK_OF, ZOO, copy_adapters, zoo_inputs
 
 from workers.adapters.cache import AdapterCache
-from workers.core.batching import AdapterBatcher, BatchPolicy
-from workers.core.config import EngineSettings
+from workers.core.admission import Admission, AdmissionPolicy
+from workers.core.config import AdmissionSettings, EngineSettings, PipelineConfig
+from workers.core.contracts import Job
 from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.core.messages import SourceMessage
+from workers.core.prepare import PreparedJob
+from workers.core.processing import Answered, OutputChecker
+from workers.engine.loop import EngineLoop, LoopLimits
 from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
-
-@dataclass(frozen=True)
-class BenchJob:
-    request: GenerationRequest
-    arrived_at: float
-
-    @property
-    def adapter_key(self) -> int | None:
-        return None if self.request.adapter is None else self.request.adapter.lora_id
+ENGINE_DEPTH = 256  # the worker's default (engine.max_num_seqs)
+RUN_TIMEOUT_S = 900.0
+# A task without an output schema: the prompt is the job's input as is (already rendered).
+BENCH_PIPELINE = PipelineConfig(task="bench", prompt_template="{input}")
 
 
 @dataclass
@@ -47,7 +49,8 @@ class RunResult:
     output_tokens: int
     jobs: int
     loads: int
-    batches: int
+    unserved: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -57,19 +60,20 @@ class PolicyFigures:
     tok_s: float
     jobs_s: float
     loads_per_1000: float
-    batches: int
+    steps: int  # engine steps of the first run
+    unserved: int  # jobs not answered, over all runs (should be 0)
 
 
 def bench_engine(model: Path, max_loras: int, max_cpu_loras: int) -> VllmEngine:
     # Every job names an adapter, so no identity adapter is needed to take a slot; 256 sequences
-    # as the worker's default, so one 128-job batch never waits on the scheduler.
+    # as the worker's default, which the loop keeps filled.
     return VllmEngine(
         EngineSettings(
             model=model,
             max_loras=max_loras,
             max_cpu_loras=max_cpu_loras,
             base_via_identity_adapter=False,
-            max_num_seqs=256,
+            max_num_seqs=ENGINE_DEPTH,
         )
     )
 
@@ -82,47 +86,93 @@ def traffic(count: int, adapters: int, distribution: str, seed: int) -> list[int
     return rng.choices(range(adapters), weights=weights, k=count)
 
 
+def bench_job(order: int, text: str, request: GenerationRequest) -> PreparedJob:
+    """A job as the worker's preparer would hand it to the loop (no Kafka message behind it)."""
+    now_ms = int(time.time() * 1000)
+    return PreparedJob(
+        job=Job(job_id=f"b{order}", task=BENCH_PIPELINE.task, input=text),
+        pipeline=BENCH_PIPELINE,
+        source=SourceMessage("bench", 0, order, None, None, [], now_ms),
+        request=request,
+        arrived_at=time.monotonic(),
+        received_at_ms=now_ms,
+    )
+
+
 def run_policy(
     engine: VllmEngine,
     adapters: list[tuple[str, Path, str]],
     picks: list[int],
-    policy: BatchPolicy,
+    policy: AdmissionPolicy,
     max_loras: int,
     next_id: list[int],
     max_tokens: int,
+    max_wait_s: float = AdmissionSettings().max_wait_ms / 1000,
 ) -> RunResult:
+    """One run of a fresh `EngineLoop` on `engine`: every job submitted at once, timed until the
+    last outcome is out. The loop is stopped and the run's adapters unregistered afterwards."""
     # Fresh LoRA ids for every run: each run starts with a cold cache, like a fresh worker.
     handles = []
     for name, path, _ in adapters:
         next_id[0] += 1
         handles.append(AdapterHandle(name, str(next_id[0]), str(path), next_id[0]))
     cache = AdapterCache(engine)
-    batcher: AdapterBatcher[BenchJob] = AdapterBatcher(
-        max_batch_size=128,
-        linger_s=0.0,
-        policy=policy,
-        max_adapters=max_loras,
-        max_wait_s=60.0,
-        is_resident=cache.is_resident,
+    unavailable: list[str] = []
+
+    def restart_engine() -> None:
+        engine.restart()
+        cache.refresh()
+
+    loop = EngineLoop(
+        engine,
+        cache,
+        OutputChecker({BENCH_PIPELINE.task: BENCH_PIPELINE}, engine.max_model_len),
+        Admission[PreparedJob](
+            policy=policy,
+            max_adapters=max_loras,
+            max_wait_s=max_wait_s,
+            is_resident=cache.is_resident,
+        ),
+        LoopLimits(engine_depth=ENGINE_DEPTH, crash_attempts=2, stall_warning_s=5),
+        restart_engine=restart_engine,
+        on_unavailable=lambda handle, reason: unavailable.append(f"{handle.name}: {reason}"),
     )
-    prompts = {
-        source: engine.tokenize(PROMPT.format(task=TASK_OF[source], text=text))
+    texts = {
+        source: PROMPT.format(task=TASK_OF[source], text=text)
         for source, text in zoo_inputs(len(TASK_OF), seed=5)
     }
+    prompts = {source: engine.tokenize(text) for source, text in texts.items()}
+    jobs = []
     for order, pick in enumerate(picks):
-        handle = handles[pick]
-        request = GenerationRequest(prompts[adapters[pick][2]], handle, max_tokens, 0.0, None)
-        batcher.add(BenchJob(request, float(order)))
-    tokens = batches = 0
-    started = time.perf_counter()
-    while batch := batcher.next_batch(now=float(len(picks)), flush=True):
-        cache.ensure_loaded(job.request.adapter for job in batch)
-        tokens += sum(g.completion_tokens for g in engine.generate([j.request for j in batch]))
-        batches += 1
-    seconds = time.perf_counter() - started
-    for handle in handles:
-        engine.unregister_adapter(handle)
-    return RunResult(seconds, tokens, len(picks), cache.stats.loads, batches)
+        source = adapters[pick][2]
+        request = GenerationRequest(prompts[source], handles[pick], max_tokens, 0.0, None)
+        jobs.append(bench_job(order, texts[source], request))
+    tokens = answered = unserved = 0
+    try:
+        started = time.perf_counter()
+        loop.start()
+        loop.submit(jobs)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while answered + unserved < len(jobs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(jobs) - answered - unserved} jobs still out")
+            outcomes = loop.outcomes()
+            if not outcomes:
+                time.sleep(0.002)
+            for outcome in outcomes:
+                if isinstance(outcome, Answered):
+                    answered += 1
+                    tokens += outcome.result.usage.completion_tokens
+                else:
+                    unserved += 1
+        seconds = time.perf_counter() - started
+    finally:
+        loop.stop(timeout_s=60)
+        for handle in handles:
+            engine.unregister_adapter(handle)
+    if unavailable:
+        print(f"adapters unavailable: {unavailable[:3]}")
+    return RunResult(seconds, tokens, len(jobs), cache.stats.loads, unserved, loop.stats.steps)
 
 
 def compare_policies(
@@ -133,11 +183,11 @@ def compare_policies(
     max_tokens: int,
     repeats: int,
     next_id: list[int],
-) -> dict[BatchPolicy, PolicyFigures]:
+) -> dict[AdmissionPolicy, PolicyFigures]:
     """Both policies on the same picks, interleaved so drift hits them alike."""
-    runs: dict[BatchPolicy, list[RunResult]] = {p: [] for p in BatchPolicy}
+    runs: dict[AdmissionPolicy, list[RunResult]] = {p: [] for p in AdmissionPolicy}
     for _ in range(repeats):
-        for policy in (BatchPolicy.ARRIVAL, BatchPolicy.SWITCH_AWARE):
+        for policy in (AdmissionPolicy.ARRIVAL, AdmissionPolicy.SWITCH_AWARE):
             runs[policy].append(
                 run_policy(engine, adapters, picks, policy, max_loras, next_id, max_tokens)
             )
@@ -146,7 +196,8 @@ def compare_policies(
             tok_s=statistics.median(r.output_tokens / r.seconds for r in results),
             jobs_s=statistics.median(r.jobs / r.seconds for r in results),
             loads_per_1000=statistics.median(r.loads * 1000 / r.jobs for r in results),
-            batches=results[0].batches,
+            steps=results[0].steps,
+            unserved=sum(r.unserved for r in results),
         )
         for policy, results in runs.items()
     }
@@ -224,14 +275,14 @@ def main() -> None:
         f"max_cpu_loras={args.max_cpu_loras}, {args.jobs} jobs, {args.max_tokens} tokens each, "
         f"median of {args.repeats} interleaved runs\n"
     )
-    print("| traffic | policy | output tok/s | jobs/s | adapter loads / 1,000 jobs | batches |")
+    print("| traffic | policy | output tok/s | jobs/s | adapter loads / 1,000 jobs | steps |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for distribution, by_policy in figures.items():
         for policy, f in by_policy.items():
             cells = [distribution, policy.value, f"{f.tok_s:,.0f}", f"{f.jobs_s:,.1f}"]
-            print("| " + " | ".join([*cells, f"{f.loads_per_1000:.1f}", str(f.batches)]) + " |")
+            print("| " + " | ".join([*cells, f"{f.loads_per_1000:.1f}", str(f.steps)]) + " |")
     for distribution, by_policy in figures.items():
-        ratio = by_policy[BatchPolicy.SWITCH_AWARE].tok_s / by_policy[BatchPolicy.ARRIVAL].tok_s
+        ratio = by_policy[AdmissionPolicy.SWITCH_AWARE].tok_s / by_policy[AdmissionPolicy.ARRIVAL].tok_s
         print(f"\n{distribution}: switch-aware / arrival output tok/s = {ratio:.2f}x")
     print()
     for label, value in latencies.items():

@@ -72,7 +72,7 @@ def test_evictions_and_reloads_keep_every_result_correct(
         settings={
             "LORA_WORKERS_ENGINE__MAX_CPU_LORAS": str(MAX_CPU_LORAS),
             "LORA_WORKERS_ENGINE__MAX_LORAS": "2",
-            "LORA_WORKERS_BATCHING__MAX_BATCH_SIZE": "16",
+            "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "16",
             "LORA_WORKERS_ADAPTERS__PREWARM": '["cached-00", "cached-01"]',
         },
     )

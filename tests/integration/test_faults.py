@@ -35,11 +35,10 @@ from workers.kafka.topics import read_to_end
 
 pytestmark = pytest.mark.integration
 
-# Small batches make many batches and commits per run, so faults land between and inside them.
-# A killed worker's group session ends after 6 s instead of 45.
+# A shallow engine spreads a run over many steps and commits, so faults land between and inside
+# them. A killed worker's group session ends after 6 s instead of 45.
 FAST = {
-    "LORA_WORKERS_BATCHING__MAX_BATCH_SIZE": "16",
-    "LORA_WORKERS_BATCHING__LINGER_MS": "50",
+    "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "16",
     "LORA_WORKERS_KAFKA": json.dumps({"session.timeout.ms": "6000"}),
 }
 IDLE_EXIT_S = "20"
@@ -116,7 +115,7 @@ def finish(
     return log
 
 
-def test_kill_9_at_several_points_in_a_batch(
+def test_kill_9_at_several_points_of_a_run(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
@@ -124,9 +123,9 @@ def test_kill_9_at_several_points_in_a_batch(
     # The same instance each time, as a restarted pod: its first act fences the killed
     # predecessor's open transaction, and static membership gives its partitions straight back.
     same_replica = {**FAST, "LORA_WORKERS_INSTANCE_ID": "replica-0"}
-    # Mid-generate; generated but not committed; just after a commit.
+    # As the first requests enter the engine; just after a commit; after several commits.
     for point, (event, count) in enumerate(
-        [("batch_started", 2), ("batch_done", 3), ("transaction_committed", 2)]
+        [("engine_running", 1), ("transaction_committed", 2), ("transaction_committed", 6)]
     ):
         log_path = tmp_path / f"killed-{point}.log"
         worker = deployment.start_worker(log_path=log_path, **same_replica)
@@ -182,8 +181,8 @@ def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
     log = finish(deployment, tmp_path, "worker", idle_exit_s="5")
     assert_exactly_once(deployment, jobs)
     events = {e["event"]: datetime.fromisoformat(e["timestamp"]) for e in log_events(log)[::-1]}
-    held_back = (events["batch_started"] - events["partitions_assigned"]).total_seconds()
-    print(f"first batch {held_back:.1f} s after the assignment")
+    held_back = (events["engine_running"] - events["partitions_assigned"]).total_seconds()
+    print(f"first job in the engine {held_back:.1f} s after the assignment")
     assert held_back > 5, "the transaction did not hold the partitions; the test proves nothing"
     assert "partitions_waiting_for_offsets" in events  # the operator is told why
 
@@ -247,38 +246,39 @@ def test_broker_stops_and_restarts_under_a_running_worker(
     assert_exactly_once(deployment, jobs)
 
 
-def test_sigterm_during_a_batch_then_restart(
+def test_sigterm_while_generating_then_restart(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 360, seed=44, prefix="st")
     outcomes = []
-    # Within the deadline the batch completes and commits; with no deadline it is abandoned.
+    # Within the deadline every job taken completes and commits; with no deadline the jobs still
+    # in the engine are aborted and abandoned.
     for name, deadline in [("graceful", "30"), ("no-deadline", "0")]:
         log_path = tmp_path / f"{name}.log"
         worker = deployment.start_worker(
             log_path=log_path, **FAST, LORA_WORKERS_DELIVERY__SHUTDOWN_DEADLINE_S=deadline
         )
-        wait_for_event(worker, log_path, "batch_started", 3)
+        wait_for_event(worker, log_path, "transaction_committed", 2)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
         stopped = [e for e in log_events(log_path.read_text()) if e["event"] == "worker_stopped"]
         outcomes.append(stopped[0]["abandoned"])
-    assert outcomes[0] == 0, "the graceful stop abandoned its batch"
+    assert outcomes[0] == 0, "the graceful stop abandoned jobs"
     assert outcomes[1] > 0, "the stop without a deadline abandoned nothing"
-    # Every job is answered once, so the abandoned batch was served again by the next worker.
+    # Every job is answered once, so the abandoned jobs were served again by the next worker.
     finish(deployment, tmp_path, "last")
     assert_exactly_once(deployment, jobs)
 
 
-def test_engine_core_killed_mid_batch_is_restarted(
+def test_engine_core_killed_while_generating_is_restarted(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 240, seed=45, prefix="ec")
     log_path = tmp_path / "worker.log"
     worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **FAST)
-    wait_for_event(worker, log_path, "batch_started", 2)
+    wait_for_event(worker, log_path, "transaction_committed", 1)
     cores = engine_core_pids(worker.pid)
     assert cores, "no engine-core process under the worker"
     for pid in cores:
@@ -303,10 +303,10 @@ def test_a_job_that_kills_the_engine_is_isolated(
         deployment,
         tmp_path,
         "worker",
-        LORA_WORKERS_BATCHING__MAX_BATCH_SIZE="4",
+        LORA_WORKERS_ADMISSION__ENGINE_DEPTH="4",
         LORA_WORKERS_ENGINE__FAULT_INJECTION_CRASH_MARKER=marker,
-        # The isolation (several engine restarts) keeps one batch on the engine thread far
-        # longer than this; a worker that stopped polling meanwhile would be thrown out.
+        # The quarantine (several engine restarts) keeps the engine loop busy far longer than
+        # this; a worker that stopped polling meanwhile would be thrown out.
         LORA_WORKERS_KAFKA=json.dumps(
             {"session.timeout.ms": "6000", "max.poll.interval.ms": "15000"}
         ),
@@ -324,5 +324,6 @@ def test_a_job_that_kills_the_engine_is_isolated(
     dead = deployment.read(deployment.dlq_topics)
     assert [m.key() for m in dead] == [b"poison"]
     assert dict(dead[0].headers())[DLQ_ERROR_CODE] == b"engine_crash"
-    # Bounded: a batch of at most 4 bisects 4 → 2 → 1, and the lone job gets crash_attempts=2.
+    # Bounded: at most 4 requests die together and bisect 4 → 2 → 1, and the lone job gets
+    # crash_attempts=2.
     assert log.count('"event": "engine_restarted"') <= 4

@@ -17,8 +17,8 @@ from tests.integration.processes import kill_9_leaving_no_orphans
 
 pytestmark = pytest.mark.integration
 
-SMALL_BATCHES = {
-    "LORA_WORKERS_BATCHING__MAX_BATCH_SIZE": "16",
+SHALLOW_ENGINE = {
+    "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "16",
     # The killed worker stays a group member until its session times out; keep that short.
     "LORA_WORKERS_KAFKA": '{"session.timeout.ms": "6000"}',
 }
@@ -45,7 +45,7 @@ def test_kill_9_and_restart_leave_no_duplicate_or_missing_row(
     produce(kafka_bootstrap, records)
 
     first_log = tmp_path / "first.log"
-    first = deployment.start_worker(log_path=first_log, **SMALL_BATCHES)
+    first = deployment.start_worker(log_path=first_log, **SHALLOW_ENGINE)
     deadline = time.monotonic() + 600
     while len(list(dataset.rglob("*.parquet"))) < 4:
         assert first.poll() is None, first_log.read_text()[-3000:]
@@ -54,7 +54,7 @@ def test_kill_9_and_restart_leave_no_duplicate_or_missing_row(
     kill_9_leaving_no_orphans(first)
 
     exit_code = deployment.run_worker(
-        "--idle-exit", "30", log_path=tmp_path / "second.log", settings=SMALL_BATCHES
+        "--idle-exit", "30", log_path=tmp_path / "second.log", settings=SHALLOW_ENGINE
     )
     assert exit_code == 0, (tmp_path / "second.log").read_text()[-3000:]
 

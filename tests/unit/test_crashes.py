@@ -92,3 +92,19 @@ def test_a_job_that_raises_alone_fails_without_a_restart_and_the_rest_is_served(
     assert all(isinstance(error, ValueError) for _, error in guarded.failed)
     assert served(guarded.outcomes) == [0, 1, 2, 5, 6, 7]
     assert guarded.crashed == [] and engine.restarts == 0
+
+
+def test_a_set_that_already_died_starts_from_its_halves() -> None:
+    # The engine loop's quarantine: every request in the engine died together, once.
+    engine = FlakyEngine(poison={5})
+    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2, died_once=True)
+    assert served(guarded.outcomes) == [0, 1, 2, 3, 4, 6, 7]
+    assert guarded.crashed == [5]
+    assert engine.calls[0] == [0, 1, 2, 3]  # the whole set is never run again
+
+
+def test_a_lone_job_that_already_died_counts_that_death() -> None:
+    engine = FlakyEngine(poison={9})
+    guarded = run_isolating_crashes([9], engine.run, engine.restart, 2, died_once=True)
+    assert guarded.crashed == [9]
+    assert engine.calls == [[9]]  # one more death makes crash_attempts=2

@@ -57,6 +57,7 @@ class LoopStats:
     steps: int = 0
     engine_restarts: int = 0
     admitted: int = 0
+    finished: int = 0
 
 
 class EngineLoop:
@@ -97,6 +98,7 @@ class EngineLoop:
         # The loop thread's own.
         self._running: dict[str, tuple[PreparedJob, float]] = {}
         self._in_engine: Counter[Hashable] = Counter()
+        self._busy_since = (0.0, 0)  # (when, jobs finished before) of the current busy period
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -213,6 +215,9 @@ class EngineLoop:
         jobs = self._admission.take(time.monotonic(), room, self._in_engine)
         if not jobs:
             return
+        if not self._running:  # an event per busy period, not per step
+            log.info("engine_running", admitting=len(jobs), waiting=len(self._admission))
+            self._busy_since = (time.monotonic(), self.stats.finished)
         try:
             unavailable = self._cache.ensure_loaded(job.adapter for job in jobs)
         except EngineDied:
@@ -264,7 +269,15 @@ class EngineLoop:
                 continue  # aborted meanwhile
             job, admitted_at = entry
             self._in_engine[job.adapter_key] -= 1
+            self.stats.finished += 1
             self._finish(job, generation, admitted_at)
+        if finished and not self._running:
+            began, finished_before = self._busy_since
+            log.info(
+                "engine_idle",
+                finished=self.stats.finished - finished_before,
+                busy_s=round(time.monotonic() - began, 3),
+            )
         if self._running and not finished and not self._engine.has_unfinished_requests():
             # The engine forgot requests we think it holds: run them again rather than wait.
             log.error("engine_lost_requests", requests=len(self._running))
