@@ -282,7 +282,8 @@ def main() -> None:
             cells = [distribution, policy.value, f"{f.tok_s:,.0f}", f"{f.jobs_s:,.1f}"]
             print("| " + " | ".join([*cells, f"{f.loads_per_1000:.1f}", str(f.steps)]) + " |")
     for distribution, by_policy in figures.items():
-        ratio = by_policy[AdmissionPolicy.SWITCH_AWARE].tok_s / by_policy[AdmissionPolicy.ARRIVAL].tok_s
+        aware, arrival = by_policy[AdmissionPolicy.SWITCH_AWARE], by_policy[AdmissionPolicy.ARRIVAL]
+        ratio = aware.tok_s / arrival.tok_s
         print(f"\n{distribution}: switch-aware / arrival output tok/s = {ratio:.2f}x")
     print()
     for label, value in latencies.items():

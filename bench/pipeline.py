@@ -2,20 +2,23 @@
 
     .venv/bin/python bench/pipeline.py [--jobs 2048] [--repeats 2] [--latency-seconds 20]
 
-1. Throughput: starts a raw engine, publishes the jobs, then starts one `lora-workers run` on
-   the tests' broker and times the worker from the first job it received to the last result it
-   completed (engine start-up excluded). Right after, the very same prompts, adapters, token
-   budgets and output schemas go through the idle raw engine in one `generate` call. Repeated
-   (later loads are published to the running worker), medians and their ratio.
-2. Latency: with the same worker still running, publishes jobs at a steady rate of 50% and 90%
-   of the capacity just measured and times each job from its publish to its result reaching a
-   `read_committed` consumer of the result topics (p50/p95/p99).
+1. Throughput: starts a raw engine and one `lora-workers run` on the tests' broker, warms the
+   worker up with a few jobs (engine start-up excluded), publishes the jobs and times the worker
+   from the first job it received to the last result it completed. Right after, the very same
+   prompts, adapters, token budgets and output schemas go through the idle raw engine in one
+   `generate` call. Repeated, medians and their ratio. With a baseline worker (`baseline`, e.g.
+   the old per-batch worker of an earlier commit, compare.py --baseline-ref), it runs beside the
+   first on its own topics and group, its runs alternating with the first worker's.
+2. Latency: with the same worker(s) still running, publishes jobs at a steady rate of 50% and
+   90% of the capacity just measured and times each job from its publish to its result reaching
+   a `read_committed` consumer of the result topics (p50/p95/p99).
 bench/compare.py runs `measure_pipeline` for its pipeline and latency sections.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -25,12 +28,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import PROMPT, TASK_OF, ZOO, percentile, worker_settings, zoo_inputs, zoo_jobs
+from common import PROMPT, ROOT, TASK_OF, ZOO, percentile, worker_settings, zoo_inputs, zoo_jobs
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from tests.broker import kafka_broker
@@ -41,6 +44,29 @@ from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
 WAIT_S = 600  # for any one phase's results; the whole benchmark must fit in 20 minutes
+
+
+BASE = "base"  # a pseudo-source: a reply job with no tenant, which the base model serves
+BASE_EVERY = 5  # one job in five: four adapters + base, in equal shares
+
+
+def pipeline_pairs(count: int, seed: int) -> list[tuple[str, str]]:
+    """(source, input) pairs over the four adapters and the base model, in turn."""
+    return [
+        (BASE if i % BASE_EVERY == BASE_EVERY - 1 else source, text)
+        for i, (source, text) in enumerate(zoo_inputs(count, seed))
+    ]
+
+
+def pipeline_jobs(pairs: list[tuple[str, str]], tokens: int, prefix: str) -> list[dict]:
+    """Worker jobs for `pipeline_pairs`: the adapter named explicitly, or none (reply task, no
+    tenant: the base model)."""
+    jobs = zoo_jobs([(s if s != BASE else "customer-tone", t) for s, t in pairs], tokens, prefix)
+    for job, (source, _) in zip(jobs, pairs, strict=True):
+        if source == BASE:
+            job["task"] = "reply"
+            del job["adapter"]
+    return jobs
 
 
 @dataclass
@@ -54,6 +80,7 @@ class PipelineFigures:
     latency: dict[float, tuple[float, list[float]]] = field(default_factory=dict)
     dead_letters: int = 0
     alongside: Any = None  # what the `alongside` callable returned
+    baseline: PipelineFigures | None = None  # the baseline worker's, measured alongside
 
     def tok_s(self, runs: list[tuple[float, int]]) -> float:
         return statistics.median(tokens / seconds for seconds, tokens in runs)
@@ -149,6 +176,88 @@ def publish_steadily(
     return published
 
 
+@dataclass(frozen=True)
+class WorkerVariant:
+    """How to start one worker: extra environment and working directory (e.g. an older commit's
+    package, through PYTHONPATH and a cwd that does not hold this checkout's `workers`)."""
+
+    label: str
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+
+
+WARM_UP_JOBS = 16
+
+
+class RunningWorker:
+    """One `python -m workers run` on its own deployment (topics, group) of the broker, with a
+    collector of its result and dead-letter topics; started warm (its first jobs answered)."""
+
+    def __init__(
+        self, bootstrap: str, scratch: Path, model: Path, adapters_dir: Path, variant: WorkerVariant
+    ) -> None:
+        self.variant = variant
+        self.bootstrap = bootstrap
+        home = scratch / f"worker-{uuid.uuid4().hex[:6]}"
+        (home / "deployment").mkdir(parents=True)
+        self.deployment = deploy(bootstrap, home / "deployment")
+        env = self.deployment.env(**worker_settings(model, adapters_dir, home), **variant.env)
+        self.topic_of = {task: p.input_topic for task, p in self.deployment.pipelines.items()}
+        outputs = [p.result_topic for p in self.deployment.pipelines.values()]
+        self.collector = ResultCollector(bootstrap, outputs + self.deployment.dlq_topics)
+        self.collector.start()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workers", "run", "--idle-exit", "900"],
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
+            cwd=variant.cwd,
+        )
+
+    def publish(self, jobs: list[dict]) -> None:
+        produce(self.bootstrap, [job_record(self.topic_of[j["task"]], j) for j in jobs])
+
+    def warm_up(self, pairs: list[tuple[str, str]], tokens: int) -> None:
+        """Until the worker answered a few jobs: engine started, adapters loaded, group joined."""
+        jobs = pipeline_jobs(pairs[:WARM_UP_JOBS], tokens, f"w{uuid.uuid4().hex[:6]}-")
+        self.publish(jobs)
+        self.collector.wait_for([j["job_id"] for j in jobs], self.process)
+
+    def log_tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        try:
+            self.process.terminate()  # a graceful stop: it finishes and commits what it holds
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        finally:
+            self.collector.close()
+            self._log.close()
+
+
+BASELINE_REF = "8881d9c"  # the last commit with the old per-batch worker (AdapterBatcher)
+
+
+@contextlib.contextmanager
+def baseline_checkout(ref: str) -> Iterator[WorkerVariant]:
+    """A temporary `git worktree` of `ref`, as a worker variant that runs that commit's
+    `workers` package (PYTHONPATH, and a cwd outside this checkout so `-m` cannot pick ours);
+    the worktree is removed afterwards."""
+    tree = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(tree), ref], check=True)
+    try:
+        yield WorkerVariant(f"{ref} worker", {"PYTHONPATH": str(tree)}, cwd=tree)
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(tree.parent, ignore_errors=True)
+
+
 def measure_pipeline(
     model: Path,
     adapters_dir: Path,
@@ -158,85 +267,88 @@ def measure_pipeline(
     latency_s: float = 20.0,
     repeats: int = 2,
     alongside: Callable[[], Any] | None = None,
+    baseline: WorkerVariant | None = None,
+    worker: WorkerVariant = WorkerVariant("worker"),
 ) -> PipelineFigures:
     """`alongside` (e.g. another approach on the same jobs) runs once, between the first
-    pipeline and raw runs, so that it too is measured side by side with them."""
-    pairs = zoo_inputs(jobs_count, seed=4)
+    pipeline and raw runs, so that it too is measured side by side with them. `baseline`: a
+    second worker (e.g. an older commit) measured the same way, its runs alternating with the
+    first worker's and the raw ones; its figures are in the result's `baseline`."""
+    pairs = pipeline_pairs(jobs_count, seed=4)
     scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    # The raw engine starts first and idles while the worker runs, so every raw call comes
-    # seconds after its pipeline run: side by side even when the machine's load changes.
+    # The raw engine starts first and idles while the workers run, so every raw call comes
+    # seconds after its pipeline runs: side by side even when the machine's load changes.
     engine = VllmEngine(Settings().engine.model_copy(update={"model": model}))
+    running: list[RunningWorker] = []
     try:
         raw = _raw_requests(engine, adapters_dir, pairs, tokens)
         # The tests' broker: $KAFKA_BOOTSTRAP_SERVERS, a container, or ops/kafka-local. Topics
-        # and group are this run's own, so a long-lived broker's earlier runs do not count.
+        # and groups are this run's own, so a long-lived broker's earlier runs do not count.
         with kafka_broker(scratch / "kafka") as (bootstrap, broker):
-            (scratch / "deployment").mkdir()
-            deployment = deploy(bootstrap, scratch / "deployment")
-            env = deployment.env(**worker_settings(model, adapters_dir, scratch))
-            topic_of = {task: p.input_topic for task, p in deployment.pipelines.items()}
-
-            def records(jobs: list[dict]) -> list:
-                return [job_record(topic_of[j["task"]], j) for j in jobs]
-
-            outputs = [p.result_topic for p in deployment.pipelines.values()]
-            collector = ResultCollector(bootstrap, outputs + deployment.dlq_topics)
-            collector.start()
-            cli = [sys.executable, "-m", "workers"]
-            figures = PipelineFigures(jobs=jobs_count, broker=broker)
-            # The first load waits in Kafka before the worker starts (start-up not timed).
-            first = zoo_jobs(pairs, tokens, prefix="p0-")
-            produce(bootstrap, records(first))
-            with tempfile.TemporaryFile() as log:
-                worker = subprocess.Popen(
-                    [*cli, "run", "--idle-exit", "600"], stdout=log, stderr=log, env=env
-                )
-                try:
-                    for run in range(repeats):
-                        jobs = first if run == 0 else zoo_jobs(pairs, tokens, prefix=f"p{run}-")
-                        if run > 0:
-                            produce(bootstrap, records(jobs))
-                        figures.pipeline_runs.append(_pipeline_run(collector, worker, jobs))
-                        if run == 0 and alongside is not None:
-                            figures.alongside = alongside()
-                        figures.raw_runs.append(_raw_run(engine, raw))
+            variants = [worker] if baseline is None else [worker, baseline]
+            figures = [PipelineFigures(jobs=jobs_count, broker=broker) for _ in variants]
+            try:
+                # Both engines start (and warm up) before anything is timed; afterwards each
+                # worker idles while the other one, or the raw engine, runs.
+                for variant in variants:
+                    running.append(RunningWorker(bootstrap, scratch, model, adapters_dir, variant))
+                for one in running:
+                    one.warm_up(pairs, tokens)
+                for run in range(repeats):
+                    for n, (one, figure) in enumerate(zip(running, figures, strict=True)):
+                        jobs = pipeline_jobs(pairs, tokens, prefix=f"p{run}-{n}-")
+                        one.publish(jobs)
+                        figure.pipeline_runs.append(_pipeline_run(one.collector, one.process, jobs))
+                        if run == 0 and n == 0 and alongside is not None:
+                            figures[0].alongside = alongside()
+                    raw_run = _raw_run(engine, raw)
+                    for figure in figures:
+                        figure.raw_runs.append(raw_run)
+                for one, figure in zip(running, figures, strict=True):
                     for n, load in enumerate(loads):
-                        rate = load * figures.capacity
-                        steady = zoo_jobs(
-                            zoo_inputs(max(1, round(rate * latency_s)), seed=10 + n),
+                        rate = load * figure.capacity
+                        steady = pipeline_jobs(
+                            pipeline_pairs(max(1, round(rate * latency_s)), seed=10 + n),
                             tokens,
                             prefix=f"l{n}-",
                         )
-                        figures.latency[load] = (
+                        figure.latency[load] = (
                             rate,
-                            _latencies(bootstrap, collector, worker, steady, rate, topic_of),
+                            _latencies(
+                                bootstrap,
+                                one.collector,
+                                one.process,
+                                steady,
+                                rate,
+                                one.topic_of,
+                            ),
                         )
-                    figures.dead_letters = len(collector.dead)
-                except BaseException:
-                    log.seek(0)
-                    sys.stderr.write(log.read().decode(errors="replace")[-4000:])
-                    raise
-                finally:
-                    worker.terminate()  # a graceful stop: it finishes and commits what it holds
-                    worker.wait(timeout=120)
-                    collector.close()
+                    figure.dead_letters = len(one.collector.dead)
+            except BaseException:
+                for one in running:
+                    sys.stderr.write(f"--- {one.variant.label} log ---\n{one.log_tail()}\n")
+                raise
+            finally:
+                for one in running:
+                    one.stop()
     finally:
         engine.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    return figures
+    if baseline is not None:
+        figures[0].baseline = figures[1]
+    return figures[0]
 
 
 def _pipeline_run(
     collector: ResultCollector, worker: subprocess.Popen, jobs: list[dict]
 ) -> tuple[float, int]:
-    """The worker's span from its first received job to its last completed result."""
+    """The worker's span from the first job it received to the last result committed (read by
+    the read_committed collector, so commits count), and the output tokens."""
     collector.wait_for([j["job_id"] for j in jobs], worker)
-    done = [collector.results[j["job_id"]][1] for j in jobs if j["job_id"] in collector.results]
-    span_s = (
-        max(r["timings"]["completed_at_ms"] for r in done)
-        - min(r["timings"]["received_at_ms"] for r in done)
-    ) / 1000
-    return span_s, sum(r["usage"]["completion_tokens"] for r in done)
+    done = [collector.results[j["job_id"]] for j in jobs if j["job_id"] in collector.results]
+    first_received = min(r["timings"]["received_at_ms"] for _, r in done) / 1000
+    span_s = max(at for at, _ in done) - first_received
+    return span_s, sum(r["usage"]["completion_tokens"] for _, r in done)
 
 
 def _latencies(
@@ -267,14 +379,15 @@ def _raw_requests(
     }
     for handle in handles.values():
         engine.register_adapter(handle)
+    task_of = {**TASK_OF, BASE: "reply"}
     requests = [
         GenerationRequest(
-            engine.tokenize(PROMPT.format(task=TASK_OF[source], text=text)),
-            handles[source],
+            engine.tokenize(PROMPT.format(task=task_of[source], text=text)),
+            handles.get(source),  # None for the base model
             tokens,
             0.0,
             None,
-            json_schema=pipelines[TASK_OF[source]].output_schema,
+            json_schema=pipelines[task_of[source]].output_schema,
         )
         for source, text in pairs
     ]
@@ -288,6 +401,22 @@ def _raw_run(engine: VllmEngine, requests: list[GenerationRequest]) -> tuple[flo
     return time.perf_counter() - started, tokens
 
 
+def print_figures(f: PipelineFigures, tokens: int, label: str) -> None:
+    print(f"\n{label}: {f.jobs} jobs over 4 adapters, {tokens} max tokens ({f.broker})\n")
+    print("| path | seconds | jobs/s | output tok/s |")
+    print("| --- | ---: | ---: | ---: |")
+    for path, runs in (
+        ("Kafka → worker → result topic", f.pipeline_runs),
+        ("raw `generate`, one call", f.raw_runs),
+    ):
+        seconds = statistics.median(s for s, _ in runs)
+        print(f"| {path} | {seconds:.2f} | {f.jobs_s(runs):,.1f} | {f.tok_s(runs):,.0f} |")
+    print(f"\npipeline / raw: {f.jobs_ratio:.2f}x jobs/s, {f.tok_ratio:.2f}x output tok/s\n")
+    for load, (rate, ms) in f.latency.items():
+        cells = [f"{percentile(ms, q):.0f}" for q in (0.5, 0.95, 0.99)]
+        print(f"- {load:.0%} load ({rate:.0f} jobs/s): p50/p95/p99 {' / '.join(cells)} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2048)
@@ -296,30 +425,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", type=Path, default=ZOO / "tiny-llama")
     parser.add_argument("--adapters", type=Path, default=ZOO / "adapters")
+    parser.add_argument(
+        "--baseline-ref",
+        default="none",
+        help=f"also measure this commit's worker alongside (e.g. {BASELINE_REF}); none: skip",
+    )
     args = parser.parse_args()
     configure_logging("WARNING")
-    f = measure_pipeline(
-        args.model,
-        args.adapters,
-        args.jobs,
-        args.tokens,
-        (0.5, 0.9),
-        args.latency_seconds,
-        args.repeats,
-    )
-    print(f"\n{f.jobs} jobs over 4 adapters, {args.tokens} max tokens, same prompts ({f.broker})\n")
-    print("| path | seconds | jobs/s | output tok/s |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, runs in (
-        ("Kafka → worker → result topic", f.pipeline_runs),
-        ("raw `generate`, one call", f.raw_runs),
-    ):
-        seconds = statistics.median(s for s, _ in runs)
-        print(f"| {label} | {seconds:.2f} | {f.jobs_s(runs):,.1f} | {f.tok_s(runs):,.0f} |")
-    print(f"\npipeline / raw: {f.jobs_ratio:.2f}x jobs/s, {f.tok_ratio:.2f}x output tok/s\n")
-    for load, (rate, ms) in f.latency.items():
-        cells = [f"{percentile(ms, q):.0f}" for q in (0.5, 0.95, 0.99)]
-        print(f"- {load:.0%} load ({rate:.0f} jobs/s): p50/p95/p99 {' / '.join(cells)} ms")
+    with contextlib.ExitStack() as stack:
+        baseline = None
+        if args.baseline_ref != "none":
+            baseline = stack.enter_context(baseline_checkout(args.baseline_ref))
+        f = measure_pipeline(
+            args.model,
+            args.adapters,
+            args.jobs,
+            args.tokens,
+            (0.5, 0.9),
+            args.latency_seconds,
+            args.repeats,
+            baseline=baseline,
+        )
+    print_figures(f, args.tokens, "this checkout's worker")
+    if f.baseline is not None:
+        print_figures(f.baseline, args.tokens, f"{args.baseline_ref} worker")
+        ratio = f.capacity / f.baseline.capacity
+        print(f"\nthis worker / {args.baseline_ref} worker: {ratio:.2f}x jobs/s")
 
 
 if __name__ == "__main__":

@@ -144,17 +144,18 @@ class Worker:
         try:
             while not self._should_stop(limits):
                 messages = self._consume()
-                now = time.monotonic()
                 # Waiting for a partition's committed offset is not idleness: its jobs are
                 # still to come.
-                if messages or self._busy() or self.source.fetch_pending():
-                    last_activity = now
+                active = bool(messages) or self._busy() or self.source.fetch_pending()
                 self._accept(messages)
                 self._collect()
                 self.sink.poll()
                 self._flush_parquet()
                 self._commit_if_due()
+                now = time.monotonic()
                 self._report_progress(now)
+                if active:  # after the work: time blocked in a commit is not idle time
+                    last_activity = now
                 if limits.idle_exit_s is not None and now - last_activity >= limits.idle_exit_s:
                     log.info("idle_exit", idle_s=limits.idle_exit_s)
                     break

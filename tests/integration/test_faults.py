@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tests.integration.harness import (
     Trickle,
     deploy,
     job_records,
+    load_zoo_generators,
     mixed_jobs,
     produce,
     wait_for_event,
@@ -215,6 +217,39 @@ def test_one_worker_joins_and_another_leaves_mid_run(
     assert_exactly_once(deployment, jobs)
 
 
+def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
+) -> None:
+    deployment = make_deployment(kafka_bootstrap)
+    zoo, rng = load_zoo_generators(), random.Random(48)
+    jobs = [
+        {"job_id": f"ab-{i:04d}", "task": "summarize", "input": zoo.make_report(rng)}
+        for i in range(300)
+    ]
+    produce(kafka_bootstrap, job_records(deployment, jobs))
+    # Long answers through a shallow engine keep the first worker busy (about a minute) until
+    # the second one, started with it, has its engine up and joins.
+    shallow = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "4"}
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = deployment.start_worker(log_path=first_log, **shallow)
+    wait_for_event(first, first_log, "engine_running")
+    second = deployment.start_worker(log_path=second_log, **shallow)
+    wait_for_event(first, first_log, "jobs_aborted", timeout_s=600)
+    deadline = time.monotonic() + 600
+    while len(deployment.results()) < len(jobs) and time.monotonic() < deadline:
+        for worker, log_path in [(first, first_log), (second, second_log)]:
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(2)
+    for worker in (first, second):
+        worker.send_signal(signal.SIGTERM)
+    for worker, log_path in [(first, first_log), (second, second_log)]:
+        assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    aborted = [e for e in log_events(first_log.read_text()) if e["event"] == "jobs_aborted"]
+    print(f"\naborted on revoke: {aborted}")
+    assert any(e["in_engine"] > 0 for e in aborted), aborted
+    assert_exactly_once(deployment, jobs)
+
+
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A broker of this test's own, since the test stops it; (bootstrap, state dir)."""
@@ -271,14 +306,16 @@ def test_sigterm_while_generating_then_restart(
     assert_exactly_once(deployment, jobs)
 
 
-def test_engine_core_killed_while_generating_is_restarted(
+def test_engine_core_killed_with_many_requests_in_it_is_restarted(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 240, seed=45, prefix="ec")
     log_path = tmp_path / "worker.log"
-    worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **FAST)
-    wait_for_event(worker, log_path, "transaction_committed", 1)
+    # A deep engine: the jobs waiting when the worker starts all enter it at once.
+    deep = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "256"}
+    worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **deep)
+    wait_for_event(worker, log_path, "engine_running", 1)
     cores = engine_core_pids(worker.pid)
     assert cores, "no engine-core process under the worker"
     for pid in cores:
@@ -287,7 +324,10 @@ def test_engine_core_killed_while_generating_is_restarted(
     log = log_path.read_text()
     assert log.count('"event": "engine_restarted"') >= 1
     assert log.count('"event": "worker_started"') == 1
-    assert_exactly_once(deployment, jobs)
+    (death,) = [e for e in log_events(log) if e["event"] == "engine_died" and "requests" in e]
+    print(f"\n{death['requests']} requests died together")
+    assert death["requests"] >= 50  # many requests in the engine died together...
+    assert_exactly_once(deployment, jobs)  # ...and every one was served again
     assert deployment.read(deployment.dlq_topics) == []
 
 

@@ -154,7 +154,7 @@ class EngineLoop:
         """Abort what is still in the engine and end the thread; returns the jobs abandoned."""
         with self._lock:
             self._stopping = True
-            abandoned = self._unfinished
+            abandoned = self._unfinished - len(self._outbox)  # those out are not abandoned
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
