@@ -115,14 +115,16 @@ def measure_fairness(
         with kafka_broker(scratch / "kafka") as (bootstrap, broker):
             figures = FairnessFigures(capacity, capacity / FLOOD_FACTOR, broker)
             for n, policy in enumerate(policies):
-                # "POLICY" or "POLICY:DEPTH" (requests kept in the engine).
-                name, _, depth = policy.partition(":")
+                # "POLICY[:DEPTH[:DELIVERY]]": requests kept in the engine, delivery mode.
+                name, depth, delivery = (policy.split(":") + ["", ""])[:3]
                 settings = {
                     "LORA_WORKERS_ADMISSION__POLICY": name,
                     "LORA_WORKERS_ADMISSION__MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
                 }
                 if depth:
                     settings["LORA_WORKERS_ADMISSION__ENGINE_DEPTH"] = depth
+                if delivery:
+                    settings["LORA_WORKERS_DELIVERY__MODE"] = delivery
                 variant = WorkerVariant(policy, settings)
                 worker = RunningWorker(bootstrap, scratch, model, adapters_dir, variant)
                 try:
