@@ -9,8 +9,9 @@ exceeds max.poll.interval.ms. Adapter updates are applied on the engine loop's t
 engine steps (`_between_steps`).
 
 A message's offset is finished once its answer (result or dead letter) is written or held by the
-sink, and commits never pass an unfinished offset (`offsets.py`). Exactly-once by default: the
-answers below a commit and the commit are one transaction (`transactions.py`).
+sink. Commits never pass an unfinished offset, and carry a ledger of the offsets finished beyond
+it, skipped when the partition is read again (`offsets.py`). Exactly-once by default: the
+answers a commit covers and the commit are one transaction (`transactions.py`).
 """
 
 from __future__ import annotations
@@ -269,7 +270,26 @@ class Worker:
         prepared: list[PreparedJob] = []
         with self._routing:
             for message in messages:
+                key = (message.topic, message.partition)
+                if not self.offsets.resumed(key):
+                    ledger = self.source.committed_ledger(key)
+                    if ledger.highest >= ledger.position:
+                        log.info(
+                            "partition_resumed_with_ledger",
+                            partition=key,
+                            position=ledger.position,
+                            answered_beyond=ledger.highest
+                            - ledger.position
+                            + 1
+                            - len(ledger.unfinished),
+                        )
+                    self.offsets.resume(key, ledger)
                 self.offsets.track(message.topic, message.partition, message.offset)
+                if self.offsets.already_answered(message.topic, message.partition, message.offset):
+                    # Answered by this partition's previous owner, beyond the offset it could
+                    # commit: its answer is already on the result topic.
+                    self._finish(message)
+                    continue
                 try:
                     job = self.serving.preparer.prepare(message)
                 except JobRejected as rejection:
@@ -406,13 +426,15 @@ class Worker:
     def _commit(self) -> bool:
         """True when every finished position is committed."""
         self._last_commit = time.monotonic()
-        positions = self.offsets.committable()
-        if not positions:
+        points = self.offsets.committable()
+        if not points:
             return True
-        if self.sink.commit(positions, self.source):
-            self.offsets.mark_committed(positions)
+        if self.sink.commit(points, self.source):
+            self.offsets.mark_committed(points)
             self._commit_backoff_s = 0.0
-            log.debug("committed", positions={f"{t}[{p}]": o for (t, p), o in positions.items()})
+            log.debug(
+                "committed", positions={f"{t}[{p}]": c.position for (t, p), c in points.items()}
+            )
             return True
         # Broker away or a rebalance under way: try again later, backing off, never spinning.
         self._commit_backoff_s = min(

@@ -1,15 +1,83 @@
 """Which offsets are safe to commit when jobs finish out of order. Pure logic, no I/O.
 
-Batching by adapter reorders work, so a partition's offset may be committed only up to the
-first message that is not finished yet (answered or dead-lettered and acknowledged by the
+Admission by adapter and tenant reorders work, so a partition's offset may be committed only up
+to the first message that is not finished yet (answered or dead-lettered and acknowledged by the
 broker). Committing past it would lose that message if the worker died.
+
+Answers finished beyond that position need not wait for it: each commit also carries a
+`Ledger` of them (in the offset commit's metadata, in the same transaction as their answers),
+and whoever consumes the partition from that position skips the messages it covers, so an
+answer is committed (visible) as soon as it is finished, and still exactly once.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 TopicPartitionKey = tuple[str, int]
+
+# Kafka's offset.metadata.max.bytes is 4096 by default; a ledger is kept well below it.
+MAX_LEDGER_CHARS = 3000
+_LEDGER = re.compile(r"lw1 (\d+) ((?:\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)?)")
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Offsets finished beyond a committed position: every offset in (position, highest] that
+    is not in `unfinished`."""
+
+    position: int
+    highest: int = -1
+    unfinished: frozenset[int] = frozenset()
+
+    def covers(self, offset: int) -> bool:
+        return self.position <= offset <= self.highest and offset not in self.unfinished
+
+    def covered_count(self) -> int:
+        span = self.highest - self.position + 1
+        if span <= 0:
+            return 0
+        return span - sum(1 for o in self.unfinished if self.position <= o <= self.highest)
+
+    def encode(self) -> str:
+        """Relative to the position: `lw1 <highest> <unfinished ranges>`; "" when it covers
+        nothing."""
+        if self.covered_count() == 0:
+            return ""
+        ranges: list[str] = []
+        for start, end in _runs(sorted(o - self.position for o in self.unfinished)):
+            ranges.append(str(start) if start == end else f"{start}-{end}")
+        return f"lw1 {self.highest - self.position} {','.join(ranges)}"
+
+    @classmethod
+    def decode(cls, position: int, metadata: str | None) -> Ledger:
+        """The ledger committed with `position`; an empty one for anything else (another
+        tool's metadata, none at all)."""
+        match = _LEDGER.fullmatch(metadata or "")
+        if match is None or position < 0:
+            return cls(position)
+        unfinished: set[int] = set()
+        for part in filter(None, match.group(2).split(",")):
+            start, _, end = part.partition("-")
+            unfinished.update(range(position + int(start), position + int(end or start) + 1))
+        return cls(position, position + int(match.group(1)), frozenset(unfinished))
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and runs[-1][1] == value - 1:
+            runs[-1] = (runs[-1][0], value)
+        else:
+            runs.append((value, value))
+    return runs
+
+
+@dataclass(frozen=True)
+class CommitPoint:
+    position: int  # the next offset to read
+    ledger: Ledger  # what is finished beyond it
 
 
 @dataclass
@@ -19,6 +87,10 @@ class _PartitionProgress:
     unfinished: set[int] = field(default_factory=set)
     highest_seen: int = -1
     committed: int = -1
+    committed_ledger: str = ""
+    # What the previous owner committed as finished beyond its position, for the offsets this
+    # worker has not read yet.
+    inherited: Ledger | None = None
 
     def next_position(self) -> int:
         if self.unfinished:
@@ -54,22 +126,71 @@ class OffsetTracker:
     def unfinished_count(self) -> int:
         return sum(len(p.unfinished) for p in self._partitions.values())
 
-    def committable(self) -> dict[TopicPartitionKey, int]:
-        """Positions (next offset to read) that moved since the last `mark_committed`."""
-        positions: dict[TopicPartitionKey, int] = {}
-        for key, progress in self._partitions.items():
-            position = progress.next_position()
-            if position > progress.committed and position > 0:
-                positions[key] = position
-        return positions
+    def resume(self, key: TopicPartitionKey, ledger: Ledger) -> None:
+        """The committed ledger of a partition this worker starts reading."""
+        progress = self._partitions.setdefault(key, _PartitionProgress())
+        progress.inherited = ledger if ledger.highest >= ledger.position else None
 
-    def mark_committed(self, positions: dict[TopicPartitionKey, int]) -> None:
-        for key, position in positions.items():
+    def resumed(self, key: TopicPartitionKey) -> bool:
+        return key in self._partitions
+
+    def already_answered(self, topic: str, partition: int, offset: int) -> bool:
+        progress = self._partitions.get((topic, partition))
+        return bool(progress and progress.inherited and progress.inherited.covers(offset))
+
+    def committable(self) -> dict[TopicPartitionKey, CommitPoint]:
+        """Commit points that moved since the last `mark_committed`: a new position, or more
+        finished beyond it."""
+        points: dict[TopicPartitionKey, CommitPoint] = {}
+        for key, progress in self._partitions.items():
+            point = self._point(progress)
+            if point is None:
+                continue
+            moved = point.position > progress.committed and point.position > 0
+            if moved or point.ledger.encode() != progress.committed_ledger:
+                points[key] = point
+        return points
+
+    def _point(self, progress: _PartitionProgress) -> CommitPoint | None:
+        position = progress.next_position()
+        inherited = progress.inherited
+        if inherited is not None and position > inherited.highest:
+            progress.inherited = inherited = None
+        highest = progress.highest_seen
+        unfinished = set(progress.unfinished)
+        if inherited is not None:
+            # Offsets not read yet: finished if the previous owner said so.
+            highest = max(highest, inherited.highest)
+            unfinished |= {o for o in inherited.unfinished if o > progress.highest_seen}
+        ledger = Ledger(position, highest, frozenset(unfinished))
+        if len(ledger.encode()) > MAX_LEDGER_CHARS:
+            if inherited is not None:
+                return None  # keep the committed ledger until it can be said in full
+            ledger = _truncated(ledger)
+        return CommitPoint(position, ledger)
+
+    def mark_committed(self, points: dict[TopicPartitionKey, CommitPoint]) -> None:
+        for key, point in points.items():
             progress = self._partitions.get(key)
             if progress is not None:
-                progress.committed = max(progress.committed, position)
+                progress.committed = max(progress.committed, point.position)
+                progress.committed_ledger = point.ledger.encode()
 
     def forget(self, keys: list[TopicPartitionKey]) -> None:
         """Drop partitions this worker no longer owns (after a rebalance)."""
         for key in keys:
             self._partitions.pop(key, None)
+
+
+def _truncated(ledger: Ledger) -> Ledger:
+    """The same ledger claiming less: up to just before the first unfinished offset that no
+    longer fits (answers beyond it wait for a later commit)."""
+    unfinished = sorted(ledger.unfinished)
+    keep = len(unfinished)
+    while keep > 0:
+        highest = unfinished[keep] - 1 if keep < len(unfinished) else ledger.highest
+        candidate = Ledger(ledger.position, highest, frozenset(unfinished[:keep]))
+        if len(candidate.encode()) <= MAX_LEDGER_CHARS:
+            return candidate
+        keep = keep * 3 // 4
+    return Ledger(ledger.position)

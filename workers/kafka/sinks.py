@@ -29,7 +29,7 @@ from workers.core.messages import (
     record_size,
     traceparent_of,
 )
-from workers.core.offsets import TopicPartitionKey
+from workers.core.offsets import CommitPoint, TopicPartitionKey
 from workers.kafka.source import KafkaJobSource
 
 log = structlog.get_logger(__name__)
@@ -189,8 +189,9 @@ class ResultSink(Protocol):
         """`on_done` once the record is as good as written: acknowledged, or held for the
         transaction that commits its offset."""
 
-    def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:
-        """Commit consumed positions (and, transactionally, the answers below them)."""
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
+        """Commit consumed positions with their ledgers (and, transactionally, the answers
+        they cover)."""
 
     def discard(self, partitions: set[TopicPartitionKey]) -> None:
         """Forget answers held for partitions this worker lost."""
@@ -301,8 +302,8 @@ class AtLeastOnceSink:
             return
         self.write(position, minimal, on_done)
 
-    def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:
-        return source.commit(positions)
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
+        return source.commit(points)
 
     def discard(self, partitions: set[TopicPartitionKey]) -> None:
         self._to_retry = [r for r in self._to_retry if (r[1][0], r[1][1]) not in partitions]

@@ -15,10 +15,13 @@ import structlog
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
 
 from workers.core.messages import SourceMessage
+from workers.core.offsets import CommitPoint, Ledger
 
 log = structlog.get_logger(__name__)
 
 WAITING_WARNING_S = 10.0
+COMMITTED_ATTEMPTS = 3
+COMMITTED_TIMEOUT_S = 10.0
 
 PartitionsCallback = Callable[[list[tuple[str, int]]], None]
 
@@ -147,10 +150,26 @@ class KafkaJobSource:
             lag[(tp.topic, tp.partition)] = max(0, high - tp.offset) if known else 0
         return lag
 
-    def commit(self, positions: dict[tuple[str, int], int]) -> bool:
+    def committed_ledger(self, key: tuple[str, int]) -> Ledger:
+        """What the group committed for a partition: its position and the ledger of messages
+        finished beyond it. Asked once a partition fetches, so the committed offset is stable."""
+        last: KafkaException | None = None
+        for _ in range(COMMITTED_ATTEMPTS):
+            try:
+                (tp,) = self._consumer.committed(
+                    [TopicPartition(*key)], timeout=COMMITTED_TIMEOUT_S
+                )
+            except KafkaException as exc:
+                last = exc
+                continue
+            return Ledger.decode(tp.offset, tp.metadata)
+        # Serving without it could answer a message twice: end the worker, another serves.
+        raise KafkaException(last.args[0] if last else "committed offsets unavailable")
+
+    def commit(self, points: dict[tuple[str, int], CommitPoint]) -> bool:
         """Commit outside a transaction (at-least-once); False when it did not happen."""
         try:
-            self._consumer.commit(offsets=to_topic_partitions(positions), asynchronous=False)
+            self._consumer.commit(offsets=to_topic_partitions(points), asynchronous=False)
         except KafkaException as exc:
             error = exc.args[0]
             if error.fatal():
@@ -171,8 +190,12 @@ class KafkaJobSource:
         self._consumer.close()
 
 
-def to_topic_partitions(positions: dict[tuple[str, int], int]) -> list[TopicPartition]:
-    return [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+def to_topic_partitions(points: dict[tuple[str, int], CommitPoint]) -> list[TopicPartition]:
+    """Positions to commit, each with its ledger in the offset's metadata."""
+    return [
+        TopicPartition(t, p, point.position, metadata=point.ledger.encode() or None)
+        for (t, p), point in points.items()
+    ]
 
 
 def _detached(message: Message) -> SourceMessage:

@@ -1,10 +1,14 @@
 """Exactly-once answers: results, dead letters and consumed offsets commit in one transaction.
 
-Batching by adapter finishes jobs out of order, so an answer is held here until every message
-before it in its partition is answered too. `commit` then writes, in one transaction, exactly the
-answers below the positions it commits, and those positions (`send_offsets_to_transaction` with
-the consumer's group metadata, which fences a member the group has moved on from). A crash at
-any point leaves either the whole transaction or none of it; readers use `read_committed`.
+Admission by adapter and tenant finishes jobs out of order. An answer is held here until the
+next commit, which writes, in one transaction, the answers its commit points cover and those
+points (`send_offsets_to_transaction` with the consumer's group metadata, which fences a member
+the group has moved on from): each partition's position (the first unfinished message) and, in
+the offset's metadata, the ledger of messages finished beyond it (`workers.core.offsets`), whose
+answers are in the same transaction. Whoever reads the partition from that position skips what
+the ledger covers, so an answer need not wait for the messages before it and is still written
+exactly once. A crash at any point leaves either the whole transaction or none of it; readers
+use `read_committed`.
 
 Failures follow confluent-kafka's transactional API: a retriable error retries the same call, an
 abortable one aborts, a fatal one (e.g. fenced) gets a fresh producer. Held answers stay in
@@ -23,7 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from workers import metrics
 from workers.core.config import SizeSettings
-from workers.core.offsets import TopicPartitionKey
+from workers.core.offsets import CommitPoint, TopicPartitionKey
 from workers.kafka.sinks import (
     OnDone,
     OutputRecord,
@@ -91,14 +95,19 @@ class ExactlyOnceSink:
         for key in partitions:
             self._held.pop(key, None)
 
-    def commit(self, positions: dict[TopicPartitionKey, int], source: KafkaJobSource) -> bool:
-        """One transaction: the held answers below `positions`, and `positions`. False when it
-        did not commit; the answers stay held for the next attempt."""
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
+        """One transaction: the held answers the commit points cover, and the points. False
+        when it did not commit; the answers stay held for the next attempt."""
+
+        def covered(key: TopicPartitionKey, offset: int) -> bool:
+            point = points[key]
+            return offset < point.position or point.ledger.covers(offset)
+
         answers = [
             ((key[0], key[1], offset), record)
-            for key, position in positions.items()
+            for key in points
             for offset, record in self._held.get(key, {}).items()
-            if offset < position
+            if covered(key, offset)
         ]
         failed: list[tuple[Position, KafkaError]] = []
         try:
@@ -106,7 +115,7 @@ class ExactlyOnceSink:
             producer.begin_transaction()
             for at, record in answers:
                 self._produce(producer, at, record, failed)
-            offsets = to_topic_partitions(positions)
+            offsets = to_topic_partitions(points)
             group = source.group_metadata()
             sent = on_daemon_thread(
                 lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S),
@@ -122,12 +131,10 @@ class ExactlyOnceSink:
             self._recover(exc.args[0])
             self._replace_undeliverable(failed)
             return False
-        for key, position in positions.items():
-            held = self._held.get(key, {})
-            for offset in [o for o in held if o < position]:
-                del held[offset]
+        for (topic, partition, offset), _ in answers:
+            self._held[(topic, partition)].pop(offset, None)
         metrics.TRANSACTIONS.labels("committed").inc()
-        log.info("transaction_committed", records=len(answers), partitions=len(positions))
+        log.info("transaction_committed", records=len(answers), partitions=len(points))
         return True
 
     def _produce(
