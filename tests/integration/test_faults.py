@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from tests.integration.harness import (
     Trickle,
     deploy,
     job_records,
-    load_zoo_generators,
     mixed_jobs,
     produce,
     wait_for_event,
@@ -228,20 +226,17 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
-    zoo, rng = load_zoo_generators(), random.Random(48)
-    jobs = [
-        {"job_id": f"ab-{i:04d}", "task": "summarize", "input": zoo.make_report(rng)}
-        for i in range(300)
-    ]
-    produce(kafka_bootstrap, job_records(deployment, jobs))
-    # Long answers through a shallow engine keep the first worker busy (about a minute) until
-    # the second one, started with it, has its engine up and joins.
-    shallow = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "4"}
+    jobs = publish_jobs(deployment, 60, seed=48, prefix="ab")
+    settings = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "8"}
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = deployment.start_worker(log_path=first_log, **shallow)
+    first = deployment.start_worker(log_path=first_log, **settings)
     wait_for_event(first, first_log, "engine_running")
-    second = deployment.start_worker(log_path=second_log, **shallow)
-    wait_for_event(first, first_log, "jobs_aborted", timeout_s=600)
+    second = deployment.start_worker(log_path=second_log, **settings)
+    # The second worker joins the group a moment after it has read the adapter updates: a
+    # backlog published now is what the first worker's engine holds when partitions move.
+    wait_for_event(second, second_log, "adapter_updates_caught_up")
+    jobs += publish_jobs(deployment, 600, seed=49, prefix="ab-late")
+    wait_for_event(first, first_log, "jobs_aborted", timeout_s=300)
     deadline = time.monotonic() + 600
     while len(deployment.results()) < len(jobs) and time.monotonic() < deadline:
         for worker, log_path in [(first, first_log), (second, second_log)]:
