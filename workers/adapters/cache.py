@@ -48,6 +48,7 @@ class AdapterCache:
         their files against the checksum they were accepted with. Returns the adapters that
         could not be loaded again (LoRA id: reason); the engine keeps serving the others."""
         unavailable: dict[int, str] = {}
+        loaded = False
         for adapter in {a.lora_id: a for a in adapters if a is not None}.values():
             self._names[adapter.lora_id] = adapter.name
             if adapter.lora_id in self._resident:
@@ -64,11 +65,15 @@ class AdapterCache:
                 unavailable[adapter.lora_id] = f"reloading {adapter.engine_name}: {exc}"
                 continue
             elapsed = time.monotonic() - started
+            loaded = True
             self.stats.loads += 1
             self.stats.load_seconds += elapsed
             metrics.ADAPTER_LOAD_SECONDS.labels(adapter.name).observe(elapsed)
             log.debug("adapter_cold_load", adapter=adapter.engine_name, load_ms=elapsed * 1000)
-        self.refresh()
+        if loaded or unavailable:
+            # Only a load evicts (we load every adapter before its jobs enter the engine), and
+            # asking the engine costs a round trip to its process, which waits for its step.
+            self.refresh()
         return unavailable
 
     def _reload(self, adapter: AdapterHandle) -> None:
