@@ -183,13 +183,16 @@ class Worker:
         return limits.max_jobs is not None and self.summary.finished >= limits.max_jobs
 
     def _shutdown(self) -> None:
-        # Stop fetching, give the engine until the deadline, commit what is answered. Jobs not
-        # answered by then are aborted and not committed, so the group serves them again.
+        # Stop fetching and give the jobs not yet in the engine back to the group; give those in
+        # it until the deadline, then abort them; commit what is answered. What is not answered
+        # stays uncommitted, so the group serves it again.
         abandoned = 0
         try:
             self.source.pause_all()
+            self.loop.abort(lambda _job: True, waiting_only=True)
             self._await_engine(self.settings.delivery.shutdown_deadline_s)
-            abandoned = self.loop.stop(LOOP_JOIN_TIMEOUT_S)
+            abandoned = self.loop.in_engine()
+            self.loop.stop(LOOP_JOIN_TIMEOUT_S)
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
@@ -204,18 +207,20 @@ class Worker:
                 finished=self.summary.finished,
                 output_tokens=self.summary.output_tokens,
                 abandoned=abandoned,
+                not_started=len(self._submitted) - abandoned,
                 engine_restarts=self.summary.engine_restarts,
                 adapter_cache=vars(self.serving.cache.stats),
             )
 
     def _await_engine(self, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
-        while self._submitted and time.monotonic() < deadline:
+        while self.loop.in_engine() and time.monotonic() < deadline:
             self.source.consume(1, POLL_WHILE_GENERATING_S)  # paused: serves callbacks only
             self._collect()
             self.sink.poll()
-        if self._submitted:
-            log.warning("jobs_abandoned", jobs=len(self._submitted), deadline_s=deadline_s)
+        self._collect()
+        if self.loop.in_engine():
+            log.warning("jobs_abandoned", jobs=self.loop.in_engine(), deadline_s=deadline_s)
 
     # --- on the engine loop's thread, between engine steps ------------------------------------
 

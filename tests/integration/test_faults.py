@@ -289,8 +289,8 @@ def test_sigterm_while_generating_then_restart(
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 360, seed=44, prefix="st")
     outcomes = []
-    # Within the deadline every job taken completes and commits; with no deadline the jobs still
-    # in the engine are aborted and abandoned.
+    # Jobs not yet in the engine go back to the group at once. Within the deadline the requests
+    # in the engine complete and commit; with no deadline they are aborted and abandoned.
     for name, deadline in [("graceful", "30"), ("no-deadline", "0")]:
         log_path = tmp_path / f"{name}.log"
         worker = deployment.start_worker(
@@ -301,7 +301,7 @@ def test_sigterm_while_generating_then_restart(
         assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
         stopped = [e for e in log_events(log_path.read_text()) if e["event"] == "worker_stopped"]
         outcomes.append(stopped[0]["abandoned"])
-    assert outcomes[0] == 0, "the graceful stop abandoned jobs"
+    assert outcomes[0] == 0, "the graceful stop abandoned requests in the engine"
     assert outcomes[1] > 0, "the stop without a deadline abandoned nothing"
     # Every job is answered once, so the abandoned jobs were served again by the next worker.
     finish(deployment, tmp_path, "last")

@@ -90,7 +90,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._inbox: list[PreparedJob] = []
         self._outbox: list[Outcome] = []
-        self._aborts: list[Callable[[PreparedJob], bool]] = []
+        self._aborts: list[tuple[Callable[[PreparedJob], bool], bool]] = []
         self._holding: Counter[Hashable] = Counter()  # adapter key -> jobs not yet out
         self._unfinished = 0
         self._failure: BaseException | None = None
@@ -140,15 +140,24 @@ class EngineLoop:
         with self._lock:
             return {key for key, count in self._holding.items() if count > 0}
 
-    def abort(self, predicate: Callable[[PreparedJob], bool]) -> None:
-        """Drop the matching jobs without an outcome: waiting ones at once, those in the engine
-        aborted there at the next step boundary. Jobs submitted later are not affected."""
+    def abort(
+        self, predicate: Callable[[PreparedJob], bool], *, waiting_only: bool = False
+    ) -> None:
+        """Drop the matching jobs without an outcome: those waiting to enter the engine, and
+        (unless `waiting_only`) those in it, aborted there at the next step boundary. Jobs
+        submitted later are not affected."""
         with self._lock:
             kept = [job for job in self._inbox if not predicate(job)]
             self._drop([job for job in self._inbox if predicate(job)])
             self._inbox = kept
-            self._aborts.append(predicate)
+            self._aborts.append((predicate, waiting_only))
         self._wake.set()
+
+    def in_engine(self) -> int:
+        """Requests in the engine (and jobs an abort asked for has not reached yet)."""
+        with self._lock:
+            pending = len(self._aborts)
+        return len(self._running) + pending
 
     def stop(self, timeout_s: float) -> int:
         """Abort what is still in the engine and end the thread; returns the jobs abandoned."""
@@ -186,8 +195,8 @@ class EngineLoop:
     def _between(self) -> None:
         with self._lock:
             aborts, self._aborts = self._aborts, []
-        for predicate in aborts:
-            self._apply_abort(predicate)
+        for predicate, waiting_only in aborts:
+            self._apply_abort(predicate, waiting_only)
         with self._lock:
             arrived, self._inbox = self._inbox, []
         for job in arrived:
@@ -196,9 +205,10 @@ class EngineLoop:
             self._between_steps()
         metrics.ADMISSION_WAITING.set(len(self._admission))
 
-    def _apply_abort(self, predicate: Callable[[PreparedJob], bool]) -> None:
+    def _apply_abort(self, predicate: Callable[[PreparedJob], bool], waiting_only: bool) -> None:
         dropped = self._admission.discard(predicate)
-        ids = [rid for rid, (job, _) in self._running.items() if predicate(job)]
+        running = {} if waiting_only else self._running
+        ids = [rid for rid, (job, _) in running.items() if predicate(job)]
         if ids:
             self._engine.abort_requests(ids)
         for rid in ids:
