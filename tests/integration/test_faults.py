@@ -318,6 +318,7 @@ def test_engine_core_killed_with_many_requests_in_it_is_restarted(
     deep = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "256"}
     worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **deep)
     wait_for_event(worker, log_path, "engine_running", 1)
+    time.sleep(1)  # every job added; 240 answers of 32-64 tokens take several seconds
     cores = engine_core_pids(worker.pid)
     assert cores, "no engine-core process under the worker"
     for pid in cores:

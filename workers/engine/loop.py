@@ -235,7 +235,7 @@ class EngineLoop:
                 self._admission.add(job)
             raise
         reported: set[Hashable] = set()
-        for job in jobs:
+        for taken, job in enumerate(jobs, start=1):
             if job.adapter is not None and job.adapter_key in unavailable:
                 reason = unavailable[job.adapter.lora_id]
                 if job.adapter_key not in reported:
@@ -243,7 +243,12 @@ class EngineLoop:
                     self._on_unavailable(job.adapter, reason)
                 self._emit(Unserved(job, JobRejected(JobError.ADAPTER_UNAVAILABLE, reason)))
                 continue
-            self._add(job)
+            try:
+                self._add(job)
+            except EngineDied:
+                for later in jobs[taken:]:  # not in the engine yet: they wait for the next one
+                    self._admission.add(later)
+                raise
 
     def _add(self, job: PreparedJob) -> None:
         request_id = str(next(self._ids))
