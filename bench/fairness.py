@@ -116,7 +116,7 @@ def measure_fairness(
             figures = FairnessFigures(capacity, capacity / FLOOD_FACTOR, broker)
             for n, policy in enumerate(policies):
                 # "POLICY[:DEPTH[:DELIVERY]]": requests kept in the engine, delivery mode.
-                name, depth, delivery = (policy.split(":") + ["", ""])[:3]
+                name, depth, delivery = [*policy.split(":"), "", ""][:3]
                 settings = {
                     "LORA_WORKERS_ADMISSION__POLICY": name,
                     "LORA_WORKERS_ADMISSION__MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
