@@ -107,6 +107,8 @@ def test_a_new_owner_skips_what_the_previous_one_answered_and_keeps_the_rest_of_
 def test_metadata_that_is_not_a_ledger_covers_nothing() -> None:
     for metadata in (None, "", "something else", "lw1 x", "lw1 5 1-"):
         assert Ledger.decode(7, metadata) == Ledger(7)
+    # No committed offset at all (OFFSET_INVALID), whatever the metadata.
+    assert Ledger.decode(-1001, "lw1 5 ").covered_count() == 0
 
 
 def test_a_ledger_too_long_for_the_metadata_claims_less_never_more() -> None:

@@ -55,8 +55,8 @@ class Ledger:
         """The ledger committed with `position`; an empty one for anything else (another
         tool's metadata, none at all)."""
         match = _LEDGER.fullmatch(metadata or "")
-        if match is None or position < 0:
-            return cls(position)
+        if match is None or position < 0:  # below 0: no committed offset at all
+            return cls(max(position, 0))
         unfinished: set[int] = set()
         for part in filter(None, match.group(2).split(",")):
             start, _, end = part.partition("-")
