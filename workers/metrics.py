@@ -74,7 +74,8 @@ ADAPTER_UNLOADS = Counter(
 )
 ADAPTER_CACHE = Counter(
     "lora_workers_adapter_cache_total",
-    "Adapter cache events per batch and adapter: hit, miss (loaded before generate), eviction.",
+    "Adapter cache events per admission round and adapter: hit, miss (loaded before its jobs "
+    "enter the engine), eviction.",
     ["adapter", "event"],
 )
 ADAPTERS_RESIDENT = Gauge(

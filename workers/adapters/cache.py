@@ -1,9 +1,9 @@
-"""What the engine's adapter cache holds, so the scheduler can prefer resident adapters and
-every cold load happens (and is timed) before `generate`, not hidden inside it.
+"""What the engine's adapter cache holds, so admission can prefer resident adapters and every
+cold load happens (and is timed) before its first job enters the engine, not hidden in a step.
 
 vLLM keeps up to `max_cpu_loras` adapters in its host cache (LRU, pinned ones exempt) and up to
 `max_loras` of them in the active slots of a step. `list_loras()` reports the cache; comparing
-it before and after a batch counts evictions.
+it before and after a load counts evictions.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class AdapterCache:
         return lora_id is None or lora_id in self._resident
 
     def ensure_loaded(self, adapters: Iterable[AdapterHandle | None]) -> dict[int, str]:
-        """Count a hit or a miss per distinct adapter of a batch; load the misses now, checking
-        their files against the checksum they were accepted with. Returns the adapters that
-        could not be loaded again (LoRA id: reason); the engine keeps serving the others."""
+        """Count a hit or a miss per distinct adapter of an admission round; load the misses now,
+        checking their files against the checksum they were accepted with. Returns the adapters
+        that could not be loaded again (LoRA id: reason); the engine keeps serving the others."""
         unavailable: dict[int, str] = {}
         loaded = False
         for adapter in {a.lora_id: a for a in adapters if a is not None}.values():

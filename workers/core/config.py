@@ -209,7 +209,8 @@ class EngineSettings(_Strict):
         default=2,
         ge=1,
         description="Engine deaths a single job may cause before it is dead-lettered as "
-        "engine_crash (a crashed batch is bisected until the job that kills it stands alone).",
+        "engine_crash (the requests that died together are bisected until the job that kills "
+        "it stands alone).",
     )
     fault_injection_crash_marker: str | None = Field(
         default=None,
@@ -297,8 +298,8 @@ class DeliverySettings(_Strict):
     shutdown_deadline_s: float = Field(
         default=30.0,
         ge=0,
-        description="On SIGTERM/SIGINT, wait this long for the running batch, then abort it "
-        "(its jobs are served again by the group).",
+        description="On SIGTERM/SIGINT, wait this long for the requests in the engine, then "
+        "abort them (their jobs are served again by the group).",
     )
     retry_backoff_max_s: float = Field(
         default=5.0, gt=0, description="Longest pause between retries of a failed commit."
