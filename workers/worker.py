@@ -192,12 +192,11 @@ class Worker:
             self.loop.abort(lambda _job: True, waiting_only=True)
             self._await_engine(self.settings.delivery.shutdown_deadline_s)
             abandoned = self.loop.in_engine()
-            self.loop.stop(LOOP_JOIN_TIMEOUT_S)
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
         finally:
-            self.loop.stop(LOOP_JOIN_TIMEOUT_S)  # also when the above failed
+            self.loop.stop(LOOP_JOIN_TIMEOUT_S)  # aborts what is still in the engine
             self.source.close()  # leaves the group; partitions move at once
             self.sink.close()
             self.updates.close()

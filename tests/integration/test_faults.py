@@ -115,6 +115,22 @@ def finish(
     return log
 
 
+def serve_to_the_end(
+    deployment: Deployment, jobs: list[dict], workers: list[tuple[subprocess.Popen, Path]]
+) -> None:
+    """Until every job has a committed result (the workers staying alive), then SIGTERM them:
+    each must exit 0."""
+    deadline = time.monotonic() + 600
+    while len(deployment.results()) < len(jobs) and time.monotonic() < deadline:
+        for worker, log_path in workers:
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(2)
+    for worker, _ in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker, log_path in workers:
+        assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+
+
 def test_kill_9_at_several_points_of_a_run(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
@@ -213,12 +229,7 @@ def test_one_worker_joins_and_another_leaves_mid_run(
     first.send_signal(signal.SIGTERM)  # leaves; its partitions move to the second worker
     assert first.wait(timeout=120) == 0, first_log.read_text()[-3000:]
     trickle.join()
-    deadline = time.monotonic() + 300
-    while len(deployment.results()) < len(jobs) and time.monotonic() < deadline:
-        assert second.poll() is None, second_log.read_text()[-3000:]
-        time.sleep(2)
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(timeout=120) == 0, second_log.read_text()[-3000:]
+    serve_to_the_end(deployment, jobs, [(second, second_log)])
     assert_exactly_once(deployment, jobs)
 
 
@@ -237,15 +248,7 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
     wait_for_event(second, second_log, "adapter_updates_caught_up")
     jobs += publish_jobs(deployment, 600, seed=49, prefix="ab-late")
     wait_for_event(first, first_log, "jobs_aborted", timeout_s=300)
-    deadline = time.monotonic() + 600
-    while len(deployment.results()) < len(jobs) and time.monotonic() < deadline:
-        for worker, log_path in [(first, first_log), (second, second_log)]:
-            assert worker.poll() is None, log_path.read_text()[-3000:]
-        time.sleep(2)
-    for worker in (first, second):
-        worker.send_signal(signal.SIGTERM)
-    for worker, log_path in [(first, first_log), (second, second_log)]:
-        assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    serve_to_the_end(deployment, jobs, [(first, first_log), (second, second_log)])
     aborted = [e for e in log_events(first_log.read_text()) if e["event"] == "jobs_aborted"]
     print(f"\naborted on revoke: {aborted}")
     assert any(e["in_engine"] > 0 for e in aborted), aborted

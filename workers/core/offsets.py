@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 TopicPartitionKey = tuple[str, int]
 
@@ -40,9 +41,10 @@ class Ledger:
             return 0
         return span - sum(1 for o in self.unfinished if self.position <= o <= self.highest)
 
-    def encode(self) -> str:
-        """Relative to the position: `lw1 <highest> <unfinished ranges>`; "" when it covers
-        nothing."""
+    @cached_property
+    def metadata(self) -> str:
+        """The offset commit's metadata, relative to the position:
+        `lw1 <highest> <unfinished ranges>`; "" when it covers nothing. Computed once."""
         if self.covered_count() == 0:
             return ""
         ranges: list[str] = []
@@ -147,7 +149,7 @@ class OffsetTracker:
             if point is None:
                 continue
             moved = point.position > progress.committed and point.position > 0
-            if moved or point.ledger.encode() != progress.committed_ledger:
+            if moved or point.ledger.metadata != progress.committed_ledger:
                 points[key] = point
         return points
 
@@ -163,7 +165,7 @@ class OffsetTracker:
             highest = max(highest, inherited.highest)
             unfinished |= {o for o in inherited.unfinished if o > progress.highest_seen}
         ledger = Ledger(position, highest, frozenset(unfinished))
-        if len(ledger.encode()) > MAX_LEDGER_CHARS:
+        if len(ledger.metadata) > MAX_LEDGER_CHARS:
             if inherited is not None:
                 return None  # keep the committed ledger until it can be said in full
             ledger = _truncated(ledger)
@@ -174,7 +176,7 @@ class OffsetTracker:
             progress = self._partitions.get(key)
             if progress is not None:
                 progress.committed = max(progress.committed, point.position)
-                progress.committed_ledger = point.ledger.encode()
+                progress.committed_ledger = point.ledger.metadata
 
     def forget(self, keys: list[TopicPartitionKey]) -> None:
         """Drop partitions this worker no longer owns (after a rebalance)."""
@@ -190,7 +192,7 @@ def _truncated(ledger: Ledger) -> Ledger:
     while keep > 0:
         highest = unfinished[keep] - 1 if keep < len(unfinished) else ledger.highest
         candidate = Ledger(ledger.position, highest, frozenset(unfinished[:keep]))
-        if len(candidate.encode()) <= MAX_LEDGER_CHARS:
+        if len(candidate.metadata) <= MAX_LEDGER_CHARS:
             return candidate
         keep = keep * 3 // 4
     return Ledger(ledger.position)

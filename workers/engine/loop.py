@@ -56,7 +56,6 @@ class LoopLimits:
 class LoopStats:
     steps: int = 0
     engine_restarts: int = 0
-    admitted: int = 0
     finished: int = 0
 
 
@@ -154,20 +153,18 @@ class EngineLoop:
         self._wake.set()
 
     def in_engine(self) -> int:
-        """Requests in the engine (and jobs an abort asked for has not reached yet)."""
+        """Requests in the engine, plus one per abort not applied yet (it may reach more)."""
         with self._lock:
             pending = len(self._aborts)
         return len(self._running) + pending
 
-    def stop(self, timeout_s: float) -> int:
-        """Abort what is still in the engine and end the thread; returns the jobs abandoned."""
+    def stop(self, timeout_s: float) -> None:
+        """Abort what is still in the engine and end the thread."""
         with self._lock:
             self._stopping = True
-            abandoned = self._unfinished - len(self._outbox)  # those out are not abandoned
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        return abandoned
 
     # --- the loop thread -------------------------------------------------------------------------
 
@@ -265,7 +262,6 @@ class EngineLoop:
             self._in_engine[job.adapter_key] -= 1
             self._emit(Unserved(job, JobRejected.internal(exc)))
             return
-        self.stats.admitted += 1
         metrics.ENGINE_REQUESTS.set(len(self._running))
 
     def _step(self) -> None:

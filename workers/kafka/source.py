@@ -193,7 +193,7 @@ class KafkaJobSource:
 def to_topic_partitions(points: dict[tuple[str, int], CommitPoint]) -> list[TopicPartition]:
     """Positions to commit, each with its ledger in the offset's metadata."""
     return [
-        TopicPartition(t, p, point.position, metadata=point.ledger.encode())
+        TopicPartition(t, p, point.position, metadata=point.ledger.metadata)
         for (t, p), point in points.items()
     ]
 
