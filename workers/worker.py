@@ -191,7 +191,7 @@ class Worker:
             self.source.pause_all()
             self.loop.abort(lambda _job: True, waiting_only=True)
             self._await_engine(self.settings.delivery.shutdown_deadline_s)
-            abandoned = self.loop.in_engine()
+            abandoned = self.loop.running()  # aborted by the stop below
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
@@ -218,8 +218,8 @@ class Worker:
             self._collect()
             self.sink.poll()
         self._collect()
-        if self.loop.in_engine():
-            log.warning("jobs_abandoned", jobs=self.loop.in_engine(), deadline_s=deadline_s)
+        if self.loop.running():
+            log.warning("jobs_abandoned", jobs=self.loop.running(), deadline_s=deadline_s)
 
     # --- on the engine loop's thread, between engine steps ------------------------------------
 

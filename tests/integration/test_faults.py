@@ -238,7 +238,16 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 60, seed=48, prefix="ab")
-    settings = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "8"}
+    # Eager assignment: the join revokes every partition of the first worker, so whatever its
+    # engine holds then belongs to a revoked partition (cooperative-sticky would move only some,
+    # perhaps none with a request in the engine).
+    settings = {
+        **FAST,
+        "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "8",
+        "LORA_WORKERS_KAFKA": json.dumps(
+            {"session.timeout.ms": "6000", "partition.assignment.strategy": "roundrobin"}
+        ),
+    }
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = deployment.start_worker(log_path=first_log, **settings)
     wait_for_event(first, first_log, "engine_running")
@@ -299,7 +308,8 @@ def test_sigterm_while_generating_then_restart(
         worker = deployment.start_worker(
             log_path=log_path, **FAST, LORA_WORKERS_DELIVERY__SHUTDOWN_DEADLINE_S=deadline
         )
-        wait_for_event(worker, log_path, "transaction_committed", 2)
+        # Commits come every 100 ms: after ten, the engine is full (depth 16, a backlog behind).
+        wait_for_event(worker, log_path, "transaction_committed", 10)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0, log_path.read_text()[-3000:]
         stopped = [e for e in log_events(log_path.read_text()) if e["event"] == "worker_stopped"]

@@ -152,11 +152,15 @@ class EngineLoop:
             self._aborts.append((predicate, waiting_only))
         self._wake.set()
 
+    def running(self) -> int:
+        """Requests in the engine now."""
+        return len(self._running)
+
     def in_engine(self) -> int:
         """Requests in the engine, plus one per abort not applied yet (it may reach more)."""
         with self._lock:
             pending = len(self._aborts)
-        return len(self._running) + pending
+        return self.running() + pending
 
     def stop(self, timeout_s: float) -> None:
         """Abort what is still in the engine and end the thread."""
