@@ -1,3 +1,4 @@
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,3 +21,16 @@ def pytest_report_header() -> list[str]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_merged_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Bulk runs plan from the costs earlier runs stored; tests must not read (or write) the
+    machine's own, so every worker and bulk command they start gets a cache of the session's."""
+    saved = os.environ.get("LORA_WORKERS_MERGE__CACHE_DIR")
+    os.environ["LORA_WORKERS_MERGE__CACHE_DIR"] = str(tmp_path_factory.mktemp("merged-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("LORA_WORKERS_MERGE__CACHE_DIR", None)
+    else:
+        os.environ["LORA_WORKERS_MERGE__CACHE_DIR"] = saved

@@ -18,6 +18,7 @@ import structlog
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
+from workers.bulk.plan import MergeMode
 from workers.core.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
 from workers.core.contracts import contract_schemas
 
@@ -112,6 +113,16 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_run_id,
         help="resume the run of this id: skip its job_ids already in --output "
         "(default: the input file's sha256, so the same file resumes)",
+    )
+    bulk.add_argument(
+        "--merge",
+        choices=[m.value for m in MergeMode],
+        default=MergeMode.AUTO.value,
+        help="serve adapters merged into the base weights: auto (where the measured costs say "
+        "it pays), never, or always (default: auto)",
+    )
+    bulk.add_argument(
+        "--summary-json", type=Path, help="also write the run's summary to this file, as JSON"
     )
     bulk.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
 
@@ -251,13 +262,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_bulk(args: argparse.Namespace) -> int:
     from workers.bulk.runner import BulkOptions, print_summary
+    from workers.bulk.tiers import print_phases, summary_document
     from workers.runtime import run_bulk
 
+    if args.summary_json is not None and not args.summary_json.parent.is_dir():
+        raise ConfigError(f"--summary-json {args.summary_json}: no such directory")
     options = BulkOptions(
         args.input, args.output, args.pipeline, args.rows_per_file, args.row_group_size, args.run_id
     )
-    summary = run_bulk(_settings(args), options)
+    summary = run_bulk(_settings(args), options, MergeMode(args.merge))
     print_summary(summary)
+    print_phases(summary)
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(summary_document(summary), indent=2) + "\n")
     return 0
 
 

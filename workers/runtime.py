@@ -5,7 +5,9 @@ from __future__ import annotations
 import structlog
 
 from workers.adapters.feed import AdapterUpdateFeed
-from workers.bulk.runner import BulkOptions, BulkRunner, BulkSummary
+from workers.bulk.plan import MergeMode
+from workers.bulk.runner import BulkOptions
+from workers.bulk.tiers import TieredBulkRun, TieredSummary
 from workers.core.config import (
     ConfigError,
     Settings,
@@ -86,7 +88,9 @@ def run_worker(
         statuses.close()
 
 
-def run_bulk(settings: Settings, options: BulkOptions) -> BulkSummary:
+def run_bulk(
+    settings: Settings, options: BulkOptions, merge: MergeMode = MergeMode.AUTO
+) -> TieredSummary:
     pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
     if options.task is not None:
         if options.task not in pipelines:
@@ -101,8 +105,4 @@ def run_bulk(settings: Settings, options: BulkOptions) -> BulkSummary:
     def log_status(status: AdapterStatus) -> None:
         log.info("adapter_status", **status.model_dump(mode="json"))
 
-    serving = start_serving(settings, pipelines, catalog, on_status=log_status)
-    try:
-        return BulkRunner(pipelines, serving, options).run()
-    finally:
-        serving.engine.close()
+    return TieredBulkRun(settings, pipelines, catalog, options, merge, log_status).run()

@@ -16,6 +16,7 @@ from workers.adapters.registry import AdapterRegistry
 from workers.core.admission import Admission
 from workers.core.config import AdapterCatalog, ConfigError, PipelineConfig, Settings
 from workers.core.contracts import AdapterStatus, AdapterUpdate
+from workers.core.engine_api import MergedModel
 from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import OutputChecker
 from workers.engine.loop import EngineLoop, LoopLimits
@@ -58,10 +59,14 @@ def start_serving(
     on_status: Callable[[AdapterStatus], None],
     updates: AdapterUpdateFeed | None = None,
     last_serving: dict[str, AdapterUpdate] | None = None,
+    merged: MergedModel | None = None,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
-    every pipeline routes to an adapter that exists. The caller closes `serving.engine`."""
-    engine = VllmEngine(settings.engine)
+    every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
+
+    With `merged`, the engine runs that checkpoint and serves only its adapter: the catalog
+    must hold just that one, and routing was checked by whoever planned the merge."""
+    engine = VllmEngine(settings.engine, merged)
     try:
         registry = AdapterRegistry(
             engine,
@@ -79,8 +84,9 @@ def start_serving(
             restored = registry.restore_last_good(last_serving or {})
             if restored:
                 log.warning("adapters_restored_from_status", adapters=restored)
-        check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
-        prewarm(engine, registry, settings.adapters.prewarm)
+        if merged is None:
+            check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
+            prewarm(engine, registry, settings.adapters.prewarm)
         cache = AdapterCache(engine)
         preparer = JobPreparer(
             pipelines_by_topic={p.input_topic: p for p in pipelines.values()},

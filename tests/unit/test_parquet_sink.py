@@ -40,6 +40,7 @@ FIXED_NAMES = [
     "adapter_name",
     "adapter_version",
     "adapter_sha256",
+    "served_by",
     "output_json",
     "raw_output",
     "prompt_tokens",
@@ -150,6 +151,7 @@ def test_arrow_schema_fixed_columns_then_output_columns() -> None:
         "adapter_name",
         "adapter_version",
         "adapter_sha256",
+        "served_by",
         "error_code",
         "error_message",
     ):

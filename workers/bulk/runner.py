@@ -17,6 +17,7 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from workers.core.config import PipelineConfig
 from workers.core.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage, adapter_label
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage
-from workers.core.prepare import decode_job
+from workers.core.prepare import PreparedJob, decode_job
 from workers.core.processing import Answered
 from workers.parquet.dataset import ParquetDatasetWriter, existing_job_ids
 from workers.serving import Serving
@@ -79,6 +80,23 @@ class BulkOptions:
     read_ahead: int = 4096  # jobs read and not yet finished, at most
 
 
+@dataclass(frozen=True)
+class RowSelection:
+    """The input rows one engine serves, by row number, and how many they are."""
+
+    wanted: Callable[[int], bool]
+    total: int
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Serve these rows first and hold their results back; write anything only if `passes`
+    accepts what they got (the agreement check of a merged adapter)."""
+
+    rows: frozenset[int]
+    passes: Callable[[list[tuple[PreparedJob, Result]]], bool]
+
+
 @dataclass
 class BulkSummary:
     run_id: str = ""
@@ -93,10 +111,28 @@ class BulkSummary:
     files: int = 0
     seconds: float = 0.0
 
+    def add(self, other: BulkSummary) -> None:
+        """Count another engine's part of the same run in."""
+        self.rows += other.rows
+        self.skipped += other.skipped
+        self.by_status.update(other.by_status)
+        self.by_adapter.update(other.by_adapter)
+        self.errors.update(other.errors)
+        for key, (valid, total) in other.compliance.items():
+            tally = self.compliance.setdefault(key, [0, 0])
+            tally[0] += valid
+            tally[1] += total
+        self.output_tokens += other.output_tokens
+        self.files += other.files
+
 
 class BulkRunner:
     def __init__(
-        self, pipelines: dict[str, PipelineConfig], serving: Serving, options: BulkOptions
+        self,
+        pipelines: dict[str, PipelineConfig],
+        serving: Serving,
+        options: BulkOptions,
+        selection: RowSelection | None = None,
     ) -> None:
         self._pipelines = pipelines
         self._serving = serving
@@ -113,12 +149,17 @@ class BulkRunner:
         # (input row, result) not yet on disk, per task: each task has its own output columns.
         self._pending: defaultdict[str, list[tuple[int, Result]]] = defaultdict(list)
         self.summary = BulkSummary(run_id=self.run_id)
+        self._selection = selection
+        self._holding = False  # results kept back, unwritten, until a gate passes
+        self._held: list[tuple[PreparedJob, Result]] = []
 
-    def run(self, console: Console | None = None) -> BulkSummary:
-        input_path = self._options.input_path
+    def run(self, console: Console | None = None, gate: Gate | None = None) -> BulkSummary | None:
+        """Serve the selected rows; None if `gate` failed (then nothing was written)."""
         started = time.monotonic()
         done = existing_job_ids(self._options.output_dir, stem_marker=_run_marker(self.run_id))
-        total = count_rows(input_path)
+        selection = self._selection or RowSelection(
+            lambda _row: True, count_rows(self._options.input_path)
+        )
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -131,27 +172,44 @@ class BulkRunner:
         try:
             with progress:
                 label = self._default_task or ", ".join(sorted(self._pipelines))
-                bar = progress.add_task(label, total=total, rate="")
-                for row, raw in enumerate(read_rows(input_path)):
-                    self.summary.rows += 1
-                    if done and job_id_of(raw, row) in done:  # parse only when resuming
-                        self.summary.skipped += 1
-                        progress.advance(bar)
-                        continue
-                    progress.advance(bar, self._accept(row, raw))
-                    # Read ahead while the engine runs, within bounds.
-                    while self._loop.unfinished() >= self._options.read_ahead:
-                        progress.advance(bar, self._collect(wait=True))
-                    progress.advance(bar, self._collect(wait=False))
-                    self._show_rate(progress, bar, started)
-                while self._loop.unfinished():
-                    progress.advance(bar, self._collect(wait=True))
-                    self._show_rate(progress, bar, started)
+                bar = progress.add_task(label, total=selection.total, rate="")
+                shown = _Shown(progress, bar, started)
+                if gate is not None:
+                    self._holding = True
+                    self._serve(lambda row: row in gate.rows, done, shown)
+                    self._holding = False
+                    if not gate.passes(self._held):
+                        return None
+                    wanted = selection.wanted
+                    selection = RowSelection(
+                        lambda row: row not in gate.rows and wanted(row), selection.total
+                    )
+                self._serve(selection.wanted, done, shown)
                 self._write(final=True)
         finally:
             self._loop.stop(timeout_s=30)
         self.summary.seconds = time.monotonic() - started
         return self.summary
+
+    def _serve(self, wanted: Callable[[int], bool], done: set[str], shown: _Shown) -> None:
+        """Every wanted row of the input through the engine, until all are finished."""
+        for row, raw in enumerate(read_rows(self._options.input_path)):
+            if not wanted(row):
+                continue
+            self.summary.rows += 1
+            if done and job_id_of(raw, row) in done:  # parse only when resuming
+                self.summary.skipped += 1
+                shown.advance()
+                continue
+            shown.advance(self._accept(row, raw))
+            # Read ahead while the engine runs, within bounds.
+            while self._loop.unfinished() >= self._options.read_ahead:
+                shown.advance(self._collect(wait=True))
+            shown.advance(self._collect(wait=False))
+            shown.show_rate(self.summary)
+        while self._loop.unfinished():
+            shown.advance(self._collect(wait=True))
+            shown.show_rate(self.summary)
 
     def _accept(self, row: int, raw: bytes) -> int:
         """Submit the row's job; returns 1 if the row is already finished (an error row)."""
@@ -195,6 +253,8 @@ class BulkRunner:
         for outcome in outcomes:
             job = outcome.job
             if isinstance(outcome, Answered):
+                if self._holding:
+                    self._held.append((job, outcome.result))
                 self._keep(job.source.offset, outcome.result)
                 self.summary.output_tokens += outcome.result.usage.completion_tokens
             else:
@@ -221,6 +281,8 @@ class BulkRunner:
             self.summary.errors[result.error.code] += 1
 
     def _write(self, *, final: bool) -> None:
+        if self._holding:
+            return
         for task, pending in self._pending.items():
             while len(pending) >= self._options.rows_per_file or (final and pending):
                 chunk = sorted(pending[: self._options.rows_per_file], key=lambda item: item[0])
@@ -259,11 +321,24 @@ class BulkRunner:
             ),
         )
 
-    def _show_rate(self, progress: Progress, bar: object, started: float) -> None:
-        elapsed = max(time.monotonic() - started, 1e-6)
-        done = sum(self.summary.by_status.values())
-        rate = f"{done / elapsed:,.1f} jobs/s  {self.summary.output_tokens / elapsed:,.0f} tok/s"
-        progress.update(bar, rate=rate)  # type: ignore[arg-type]
+
+@dataclass
+class _Shown:
+    """The progress bar of one engine's part of the run."""
+
+    progress: Progress
+    bar: object
+    started: float
+
+    def advance(self, rows: int = 1) -> None:
+        if rows:
+            self.progress.advance(self.bar, rows)  # type: ignore[arg-type]
+
+    def show_rate(self, summary: BulkSummary) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        done = sum(summary.by_status.values())
+        rate = f"{done / elapsed:,.1f} jobs/s  {summary.output_tokens / elapsed:,.0f} tok/s"
+        self.progress.update(self.bar, rate=rate)  # type: ignore[arg-type]
 
 
 def print_summary(summary: BulkSummary, console: Console | None = None) -> None:

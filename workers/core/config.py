@@ -326,6 +326,45 @@ class SizeSettings(_Strict):
         return self
 
 
+def _default_merge_cache() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "lora-workers" / "merged"
+
+
+class MergeSettings(_Strict):
+    """The merged tier (`workers.adapters.merged`, `workers.bulk.plan`): adapters folded into
+    the base weights and served without LoRA."""
+
+    cache_dir: Path = Field(
+        default_factory=_default_merge_cache,
+        description="Merged checkpoints and the measured costs the planner uses.",
+    )
+    cache_max_gib: float = Field(
+        default=50.0, gt=0, description="Least recently used checkpoints go beyond this size."
+    )
+    cache_max_age_days: float = Field(
+        default=30.0, gt=0, description="Checkpoints unused this long are removed."
+    )
+    agreement_min_jobs: int = Field(
+        default=32, ge=1, description="Jobs of each merged adapter also run on the LoRA path."
+    )
+    agreement_fraction: float = Field(
+        default=0.01, ge=0, le=1, description="...or this share of its jobs, if more."
+    )
+    min_identical_text: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="Below this share of identical outputs, an adapter is served on LoRA.",
+    )
+    min_identical_output: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="The same for parsed outputs, on tasks with an output schema.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORA_WORKERS_",
@@ -369,6 +408,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     sizes: SizeSettings = Field(default_factory=SizeSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
 
     @property
     def transactional_id(self) -> str:

@@ -85,6 +85,15 @@ def adapter_label(name: str | None, version: str | None) -> str:
     return BASE_MODEL_LABEL if name is None else f"{name}@{version}"
 
 
+class ServedBy(StrEnum):
+    """How an engine ran a job: through vLLM's LoRA path, on weights with the adapter merged
+    in, or on the base model alone."""
+
+    LORA = "lora"
+    MERGED = "merged"
+    BASE = "base"
+
+
 class Usage(_Contract):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
@@ -118,6 +127,11 @@ class Result(_Contract):
     )
     raw_output: str = Field(description="The generated text, exactly as the engine returned it.")
     adapter: AdapterRef | None = Field(description="null when the base model served the job.")
+    served_by: ServedBy | None = Field(
+        default=None,
+        description="lora: vLLM's LoRA path; merged: weights with the adapter merged in; base: "
+        "the base model. null when no engine ran the job (an error).",
+    )
     usage: Usage
     error: ErrorInfo | None = None
     metadata: dict[str, Any] | None = None

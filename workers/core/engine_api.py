@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+from workers.core.contracts import ServedBy
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,24 @@ class AdapterHandle:
 
 
 @dataclass(frozen=True)
+class MergedModel:
+    """A checkpoint with one adapter version merged into the base weights
+    (`workers.adapters.merged`). An engine started on it serves that adapter, and only it."""
+
+    adapter: AdapterHandle
+    path: Path
+    base_sha256: str
+    merge_s: float  # how long merging took; 0 when it came from the cache
+
+    def serves(self, adapter: AdapterHandle | None) -> bool:
+        return (
+            adapter is not None
+            and adapter.name == self.adapter.name
+            and adapter.sha256 == self.adapter.sha256
+        )
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_token_ids: list[int]
     adapter: AdapterHandle | None
@@ -49,6 +70,7 @@ class Generation:
     text: str
     completion_tokens: int
     finish_reason: str | None
+    served_by: ServedBy = ServedBy.LORA
 
 
 class AdapterLoadError(Exception):

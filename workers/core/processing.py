@@ -113,6 +113,7 @@ class OutputChecker:
             adapter=None
             if adapter is None
             else AdapterRef(name=adapter.name, version=adapter.version, sha256=adapter.sha256),
+            served_by=generation.served_by,
             usage=Usage(
                 prompt_tokens=len(job.request.prompt_token_ids),
                 completion_tokens=generation.completion_tokens,

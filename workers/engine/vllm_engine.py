@@ -25,6 +25,8 @@ from workers.core.engine_api import (
     EngineDied,
     Generation,
     GenerationRequest,
+    MergedModel,
+    ServedBy,
 )
 from workers.engine.reaper import watch_worker
 
@@ -78,15 +80,20 @@ def write_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
 
 
 class VllmEngine:
-    """One offline vLLM `LLM` with LoRA enabled; adapters must be registered before use."""
+    """One offline vLLM `LLM` with LoRA enabled; adapters must be registered before use.
 
-    def __init__(self, settings: EngineSettings) -> None:
+    With `merged`, the engine runs that checkpoint without LoRA instead: it serves the one
+    adapter version merged into it, at the base model's speed, and refuses every other job
+    (the base model's included, which the merged weights would mis-serve)."""
+
+    def __init__(self, settings: EngineSettings, merged: MergedModel | None = None) -> None:
         # vLLM configures its logging at import, to stdout by default; stdout is the CLI's.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.vllm_log_level)
         from transformers import AutoTokenizer
 
         self.settings = settings
+        self.merged = merged
         # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
         # on the generating one, and it survives engine restarts.
         self._tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
@@ -97,7 +104,7 @@ class VllmEngine:
         # Before the first engine process exists: a worker killed while the engine starts must
         # not leave it behind either.
         self._reaper = watch_worker(os.getpid())
-        if settings.base_via_identity_adapter:
+        if settings.base_via_identity_adapter and merged is None:
             from vllm.lora.request import LoRARequest
 
             identity = write_identity_adapter(settings.model, self._scratch / "identity")
@@ -109,13 +116,21 @@ class VllmEngine:
         from vllm import LLM
 
         settings = self.settings
+        lora = (
+            {}
+            if self.merged is not None
+            else {
+                "enable_lora": True,
+                "max_loras": settings.max_loras,
+                "max_lora_rank": settings.max_lora_rank,
+                "max_cpu_loras": settings.max_cpu_loras,
+            }
+        )
         llm = LLM(
-            model=str(settings.model),
+            model=str(settings.model if self.merged is None else self.merged.path),
+            tokenizer=str(settings.model),
             dtype=settings.dtype,
-            enable_lora=True,
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
-            max_cpu_loras=settings.max_cpu_loras,
+            **lora,
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager,
@@ -135,6 +150,8 @@ class VllmEngine:
         self._shutdown_llm()
         self._llm = self._start_llm()
         for lora_id, request in self._lora_requests.items():
+            if self.merged is not None:
+                break
             self._llm.llm_engine.add_lora(request)
             if lora_id in self._pinned:
                 self._llm.llm_engine.pin_lora(lora_id)
@@ -152,6 +169,14 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
+        if self.merged is not None:
+            if not self.merged.serves(adapter):
+                raise AdapterLoadError(
+                    f"adapter {adapter.engine_name}: this engine serves only "
+                    f"{self.merged.adapter.engine_name}, merged"
+                )
+            self._lora_requests[adapter.lora_id] = request  # in the weights already
+            return
         # A bad adapter handed to generate() kills the engine; add_lora() fails cleanly instead.
         try:
             added = self._llm.llm_engine.add_lora(request)
@@ -165,16 +190,22 @@ class VllmEngine:
 
     def unregister_adapter(self, adapter: AdapterHandle) -> None:
         self._lora_requests.pop(adapter.lora_id, None)
+        if self.merged is not None:
+            return
         with _death_as_engine_died(f"unloading {adapter.engine_name}"):
             self._llm.llm_engine.remove_lora(adapter.lora_id)
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
+        if self.merged is not None:
+            return  # always resident
         with _death_as_engine_died(f"pinning {adapter.engine_name}"):
             self._llm.llm_engine.pin_lora(adapter.lora_id)
         self._pinned.add(adapter.lora_id)
 
     def resident_adapters(self) -> set[int]:
         """LoRA ids in the engine's host cache (the identity adapter left out)."""
+        if self.merged is not None:
+            return set(self._lora_requests)
         with _death_as_engine_died("listing adapters"):
             return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
 
@@ -188,7 +219,7 @@ class VllmEngine:
                 lora_request=[self._registered(r.adapter) for r in requests],
                 use_tqdm=False,
             )
-        return [_generation(out) for out in outputs]
+        return [self._generation(out) for out in outputs]
 
     def add_request(self, request_id: str, request: GenerationRequest) -> None:
         from vllm.sampling_params import RequestOutputKind
@@ -205,7 +236,7 @@ class VllmEngine:
     def step(self) -> list[tuple[str, Generation]]:
         with _death_as_engine_died("during a step"):
             outputs = self._llm.llm_engine.step()
-        return [(out.request_id, _generation(out)) for out in outputs if out.finished]
+        return [(out.request_id, self._generation(out)) for out in outputs if out.finished]
 
     def abort_requests(self, request_ids: Sequence[str]) -> None:
         with _death_as_engine_died(f"aborting {len(request_ids)} requests"):
@@ -223,6 +254,13 @@ class VllmEngine:
             self._kill_engine_core()
 
     def _registered(self, adapter: AdapterHandle | None) -> LoRARequest | None:
+        if self.merged is not None:
+            if not self.merged.serves(adapter):
+                name = "the base model" if adapter is None else adapter.engine_name
+                raise AdapterLoadError(
+                    f"{name}: this engine serves only {self.merged.adapter.engine_name}, merged"
+                )
+            return None
         if adapter is None:
             return self._base_request
         request = self._lora_requests.get(adapter.lora_id)
@@ -230,6 +268,21 @@ class VllmEngine:
             # Never let an unregistered adapter reach generate(): it would kill the engine.
             raise AdapterLoadError(f"adapter {adapter.engine_name} is not registered")
         return request
+
+    def _generation(self, output: RequestOutput) -> Generation:
+        completion = output.outputs[0]
+        if self.merged is not None:
+            served_by = ServedBy.MERGED
+        elif output.lora_request is None or output.lora_request.lora_int_id == IDENTITY_LORA_ID:
+            served_by = ServedBy.BASE
+        else:
+            served_by = ServedBy.LORA
+        return Generation(
+            text=completion.text,
+            completion_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            served_by=served_by,
+        )
 
     def _kill_engine_core(self) -> None:
         # Before the batch is handed over, and waited for: a timer would sometimes let a short
@@ -273,15 +326,6 @@ def _sampling_params(request: GenerationRequest) -> SamplingParams:
         structured_outputs=None
         if request.json_schema is None
         else StructuredOutputsParams(json=request.json_schema),
-    )
-
-
-def _generation(output: RequestOutput) -> Generation:
-    completion = output.outputs[0]
-    return Generation(
-        text=completion.text,
-        completion_tokens=len(completion.token_ids),
-        finish_reason=completion.finish_reason,
     )
 
 

@@ -1,0 +1,152 @@
+"""The merged tier on a real vLLM engine: bulk runs whose dominant adapter is served merged into
+the base weights, checked against the LoRA path's answers (vLLM's, from a `--merge never` run of
+the same jobs), and a planner that merges the dominant adapter and not a rare one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.datasets import read_dataset
+from tests.integration.harness import load_zoo_generators
+
+pytestmark = pytest.mark.integration
+
+
+def classify_jobs(count: int, seed: int) -> list[dict]:
+    zoo = load_zoo_generators()
+    rng = random.Random(seed)
+    return [
+        {"job_id": f"c-{i:04d}", "task": "classify", "input": zoo.make_message(rng)[0]}
+        for i in range(count)
+    ]
+
+
+def write_jobs(path: Path, jobs: list[dict], extra_lines: tuple[str, ...] = ()) -> Path:
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs) + "".join(extra_lines))
+    return path
+
+
+def bulk(jobs_file: Path, output: Path, mode: str, cache: Path) -> dict:
+    """One `lora-workers bulk` command; its --summary-json."""
+    summary = output.with_suffix(".summary.json")
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "workers", "bulk", "--merge", mode),
+            *("--input", str(jobs_file), "--output", str(output)),
+            *("--summary-json", str(summary)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LORA_WORKERS_MERGE__CACHE_DIR": str(cache)},
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(summary.read_text())
+
+
+def rows_by_job(output: Path) -> dict[str, dict]:
+    rows = read_dataset(output).to_pylist()
+    by_job = {row["job_id"]: row for row in rows}
+    assert len(by_job) == len(rows), "a job was written twice"
+    return by_job
+
+
+def test_merged_answers_match_the_lora_paths(tmp_path: Path) -> None:
+    jobs = classify_jobs(300, seed=5)
+    jobs_file = write_jobs(tmp_path / "classify.jsonl", jobs)
+    cache = tmp_path / "merged-cache"
+    lora_summary = bulk(jobs_file, tmp_path / "lora", "never", cache)
+    merged_summary = bulk(jobs_file, tmp_path / "merged", "always", cache)
+
+    assert lora_summary["plan"]["merged"] == []
+    assert merged_summary["plan"]["merged"] == ["classifier"]
+    (phase,) = merged_summary["phases"]
+    assert phase["served_by"] == "merged" and phase["fallback"] is None
+    assert phase["merge_s"] > 0  # an empty cache: merged in this run
+    assert phase["agreement"]["jobs"] == 32  # 1% of 300 is fewer than the minimum
+    assert phase["agreement"]["identical_text"] >= 0.97
+
+    lora, merged = rows_by_job(tmp_path / "lora"), rows_by_job(tmp_path / "merged")
+    assert set(lora) == set(merged) == {job["job_id"] for job in jobs}
+    assert {row["served_by"] for row in lora.values()} == {"lora"}
+    assert {row["served_by"] for row in merged.values()} == {"merged"}
+    for job_id, row in merged.items():
+        assert (row["adapter_name"], row["adapter_version"]) == ("classifier", "1")
+        assert row["adapter_sha256"] == lora[job_id]["adapter_sha256"]
+    same_text = sum(merged[j]["raw_output"] == lora[j]["raw_output"] for j in lora)
+    same_output = sum(
+        json.loads(merged[j]["output_json"]) == json.loads(lora[j]["output_json"]) for j in lora
+    )
+    assert same_text / len(lora) >= 0.97, f"{same_text} of {len(lora)} identical"
+    assert same_output / len(lora) >= 0.99, f"{same_output} of {len(lora)} identical"
+    assert all(row["status"] == "ok" for row in merged.values())
+
+    # A second run of other jobs reuses the checkpoint: nothing merged again.
+    again = bulk(
+        write_jobs(tmp_path / "more.jsonl", classify_jobs(40, seed=6)),
+        tmp_path / "merged-again",
+        "always",
+        cache,
+    )
+    assert again["phases"][0]["merge_s"] == 0
+
+
+def test_auto_merges_the_dominant_adapter_and_serves_the_rest_on_lora(tmp_path: Path) -> None:
+    zoo = load_zoo_generators()
+    rng = random.Random(8)
+    summaries = [
+        {"job_id": f"s-{i}", "task": "summarize", "input": zoo.make_report(rng)} for i in range(10)
+    ]
+    base = [
+        {"job_id": f"b-{i}", "task": "reply", "input": zoo.make_message(rng)[0]} for i in range(4)
+    ]
+    jobs = classify_jobs(400, seed=9) + summaries + base
+    random.Random(1).shuffle(jobs)
+    jobs_file = write_jobs(
+        tmp_path / "nightly.jsonl",
+        jobs,
+        ("not a job\n", json.dumps({"job_id": "x", "task": "translate", "input": "hi"}) + "\n"),
+    )
+    cache = tmp_path / "merged-cache"
+    cache.mkdir()
+    # Costs as a slow machine with fast engine starts would measure them: merging 400 classify
+    # jobs pays (2.5 s of overhead against 3.4 s saved), merging 10 summaries does not.
+    stored = {
+        "engine_start_s": 1.0,
+        "lora_tokens_per_s": 1000.0,
+        "merged_tokens_per_s": 4000.0,
+        "merge_s": 0.5,
+        "check_s": 1.0,
+        "budget_fill": {"classifier": 0.35, "summarizer": 0.8, "base": 0.5},
+    }
+    (cache / "costs.json").write_text(json.dumps(stored))
+
+    summary = bulk(jobs_file, tmp_path / "out", "auto", cache)
+
+    assert summary["plan"]["merged"] == ["classifier"]
+    merged_phase, lora_phase = summary["phases"]
+    assert (merged_phase["served_by"], merged_phase["adapters"]) == ("merged", ["classifier@1"])
+    assert merged_phase["fallback"] is None and merged_phase["agreement"]["jobs"] == 32
+    assert lora_phase["served_by"] == "lora"
+    assert set(lora_phase["adapters"]) == {"summarizer@1", "base"}
+    rows = rows_by_job(tmp_path / "out")
+    assert len(rows) == len(jobs) + 2  # the two bad rows are error rows, written once
+    served = {job_id: row["served_by"] for job_id, row in rows.items()}
+    assert {served[j["job_id"]] for j in jobs if j["task"] == "classify"} == {"merged"}
+    assert {served[j["job_id"]] for j in summaries} == {"lora"}
+    assert {served[j["job_id"]] for j in base} == {"base"}
+    assert {rows["x"]["error_code"], rows["row-414"]["error_code"]} == {
+        "unknown_task",
+        "invalid_json",
+    }
+    # The run measured its own costs and stored them for the next plan.
+    measured = json.loads((cache / "costs.json").read_text())
+    assert measured["merged_tokens_per_s"] != stored["merged_tokens_per_s"]
+    assert measured["lora_tokens_per_s"] != stored["lora_tokens_per_s"]

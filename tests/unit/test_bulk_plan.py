@@ -1,0 +1,116 @@
+"""The merged tier's plan, sample and agreement arithmetic. Plain data only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.bulk.agreement import compare, sample_rows
+from workers.bulk.plan import Costs, Demand, MergeMode, load_costs, plan_run, save_costs
+from workers.core.contracts import ServedBy
+
+# Round numbers: a start costs 10 s, LoRA makes 1,000 tok/s and merged 4,000 tok/s; every job
+# fills its whole 100-token budget.
+COSTS = Costs(
+    engine_start_s=10.0,
+    lora_tokens_per_s=1_000.0,
+    merged_tokens_per_s=4_000.0,
+    merge_s=2.0,
+    check_s=3.0,
+    budget_fill={"dominant": 1.0, "rare": 1.0, "base": 1.0},
+)
+
+
+def demand(jobs: int) -> Demand:
+    return Demand(jobs=jobs, token_budget=jobs * 100)
+
+
+def test_never_serves_everything_on_one_lora_engine() -> None:
+    plan = plan_run({"dominant": demand(4000), None: demand(10)}, MergeMode.NEVER, COSTS)
+    assert [(p.served_by, set(p.adapters)) for p in plan.phases] == [
+        (ServedBy.LORA, {"dominant", None})
+    ]
+    assert plan.estimate_s == pytest.approx(10 + 4010 * 100 / 1000)
+
+
+def test_auto_merges_the_dominant_adapter_and_keeps_the_rare_one_on_lora() -> None:
+    plan = plan_run({"dominant": demand(4000), "rare": demand(20)}, MergeMode.AUTO, COSTS)
+    assert plan.merged == ["dominant"]
+    assert [p.served_by for p in plan.phases] == [ServedBy.MERGED, ServedBy.LORA]
+    # merged: start 10 + merge 2 + check 3 + 400,000 tokens at 4,000/s; LoRA: 10 + 2 s
+    assert plan.estimate_s == pytest.approx(10 + 2 + 3 + 100 + 10 + 2)
+    assert plan.estimate_s <= min(plan.estimates[MergeMode.NEVER], plan.estimates[MergeMode.ALWAYS])
+
+
+def test_auto_counts_the_lora_engine_start_that_merging_saves() -> None:
+    # A run of one adapter: merging saves the LoRA engine's start, so even 300 jobs pay for it.
+    alone = plan_run({"dominant": demand(300)}, MergeMode.AUTO, COSTS)
+    assert alone.merged == ["dominant"]  # 10+2+3+7.5 s merged vs 10+30 s on LoRA
+    pair = plan_run({"dominant": demand(100), "rare": demand(100)}, MergeMode.AUTO, COSTS)
+    assert pair.merged == []  # two merged engines (2 x 17.5 s) cost more than LoRA (30 s)
+
+
+def test_a_cached_checkpoint_makes_merging_cheaper() -> None:
+    jobs = {"dominant": demand(150), "rare": demand(150)}
+    uncached = plan_run(jobs, MergeMode.ALWAYS, COSTS)
+    cached = plan_run(jobs, MergeMode.ALWAYS, COSTS, cached={"dominant", "rare"})
+    assert uncached.estimate_s - cached.estimate_s == pytest.approx(2 * COSTS.merge_s)
+
+
+def test_always_merges_every_adapter_but_the_base_model_stays_on_lora() -> None:
+    plan = plan_run({"a": demand(5), "b": demand(7), None: demand(3)}, MergeMode.ALWAYS, COSTS)
+    assert sorted(plan.merged) == ["a", "b"]
+    assert plan.phases[-1].served_by is ServedBy.LORA and plan.phases[-1].adapters == (None,)
+
+
+def test_measured_costs_blend_into_the_stored_ones_and_survive_a_round_trip(
+    tmp_path: Path,
+) -> None:
+    first = Costs().measured(lora_tokens_per_s=3_000.0)
+    assert first.lora_tokens_per_s == 3_000.0  # a default is replaced outright
+    second = first.measured(lora_tokens_per_s=1_000.0, merge_s=0.0)
+    assert second.lora_tokens_per_s == 2_000.0  # a measurement is blended
+    assert second.merge_s == Costs().merge_s  # zero means "not measured"
+    path = tmp_path / "costs.json"
+    save_costs(second.with_fill("dominant", 0.25), path)
+    loaded = load_costs(path)
+    assert loaded.lora_tokens_per_s == 2_000.0 and loaded.fill("dominant") == 0.25
+    assert loaded.fill(None) == 0.5  # unknown: half the budget
+
+
+def test_unreadable_stored_costs_fall_back_to_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "costs.json"
+    path.write_text('{"engine_start_s": -4')
+    assert load_costs(path) == Costs()
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [(10, 10), (32, 32), (1000, 32), (3200, 32), (6400, 64), (0, 0)],
+)
+def test_the_sample_is_at_least_32_jobs_or_one_percent(rows: int, expected: int) -> None:
+    chosen = sample_rows(list(range(rows)), 32, 0.01)
+    assert len(chosen) == expected == len(set(chosen))
+    if rows > expected > 0:  # spread over the run, not its head
+        assert chosen[-1] >= rows * (expected - 1) / expected - 1
+
+
+def test_agreement_counts_identical_text_and_identical_parsed_output() -> None:
+    agreement = compare(
+        "classifier@1",
+        ['{"label": "billing"}', '{"label":"billing"}', '{"label": "bug"}', "free text"],
+        ['{"label": "billing"}', '{"label": "billing"}', '{"label": "other"}', "free text!"],
+        [True, True, True, False],
+        seconds=1.0,
+    )
+    assert (agreement.identical_text, agreement.jobs) == (1, 4)
+    assert (agreement.identical_output, agreement.parsed_jobs) == (2, 3)
+    assert agreement.failure(min_text=0.2, min_output=0.6) is None
+    assert "identical text" in (agreement.failure(min_text=0.3, min_output=0.0) or "")
+    assert "parsed output" in (agreement.failure(min_text=0.0, min_output=0.7) or "")
+
+
+def test_unparsable_outputs_never_agree() -> None:
+    agreement = compare("a@1", ["{oops"], ["{oops"], [True], seconds=0.0)
+    assert agreement.identical_text == 1 and agreement.identical_output == 0

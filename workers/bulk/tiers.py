@@ -1,0 +1,457 @@
+"""A bulk run in tiers: adapters that dominate the run are served merged into the base weights,
+each on an engine of its own, one engine at a time; everything else on one multi-LoRA engine.
+
+1. Survey: route every row (without an engine) and count jobs and token budgets per adapter.
+2. Plan (`workers.bulk.plan`): `--merge never|always|auto`; auto from measured costs.
+3. Per merged adapter: the cached or freshly merged checkpoint (`workers.adapters.merged`), an
+   engine on it, and a gate: a sample of its greedy jobs runs first, its answers held back and
+   compared with the LoRA path's (`workers.bulk.agreement`); below the thresholds, the merged
+   engine is dropped unwritten and the adapter's jobs go to the LoRA engine, which says so.
+4. The LoRA engine for the rest, last.
+5. The costs measured on the way are stored for the next run's plan.
+
+Every row is served by exactly one engine; rows that do not route go to the first one, which
+writes them as error rows with their reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from workers.adapters.checks import AdapterRequirements, adapter_digest
+from workers.adapters.merged import MergedCheckpoints
+from workers.bulk.agreement import Agreement, LoraReference, compare, sample_rows
+from workers.bulk.jobfiles import read_rows
+from workers.bulk.plan import (
+    Demand,
+    MergeMode,
+    Phase,
+    RunPlan,
+    load_costs,
+    plan_run,
+    save_costs,
+)
+from workers.bulk.runner import (
+    BulkOptions,
+    BulkRunner,
+    BulkSummary,
+    Gate,
+    RowSelection,
+    _run_marker,
+    default_run_id,
+    job_id_of,
+)
+from workers.core.config import AdapterCatalog, PipelineConfig, Settings
+from workers.core.contracts import AdapterStatus, Result, ServedBy, adapter_label
+from workers.core.engine_api import AdapterHandle, MergedModel
+from workers.core.errors import AdapterRejected, JobRejected
+from workers.core.prepare import PreparedJob, decode_job
+from workers.core.routing import adapter_name_for
+from workers.parquet.dataset import existing_job_ids
+from workers.serving import check_routing, start_serving
+
+log = structlog.get_logger(__name__)
+
+COSTS_FILE = "costs.json"
+
+
+@dataclass
+class Survey:
+    """Every row's route, from the jobs alone."""
+
+    demand: dict[str | None, Demand] = field(default_factory=dict)
+    rows: defaultdict[str | None, list[int]] = field(default_factory=lambda: defaultdict(list))
+    greedy_rows: defaultdict[str | None, list[int]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    unroutable: list[int] = field(default_factory=list)  # not a job, unknown task or adapter
+    rows_read: int = 0
+    skipped: int = 0  # already written by an earlier start of the run
+
+
+def survey(
+    input_path: Path,
+    pipelines: dict[str, PipelineConfig],
+    task: str | None,
+    known_adapters: set[str],
+    done: set[str],
+) -> Survey:
+    found = Survey()
+    jobs: defaultdict[str | None, int] = defaultdict(int)
+    budgets: defaultdict[str | None, int] = defaultdict(int)
+    for row, raw in enumerate(read_rows(input_path)):
+        found.rows_read += 1
+        if done and job_id_of(raw, row) in done:
+            found.skipped += 1
+            continue
+        try:
+            job = decode_job(raw)
+        except JobRejected:
+            found.unroutable.append(row)
+            continue
+        pipeline = pipelines.get(task or job.task)
+        name = None if pipeline is None else adapter_name_for(job, pipeline)
+        if pipeline is None or (name is not None and name not in known_adapters):
+            found.unroutable.append(row)
+            continue
+        params = job.params
+        max_tokens = (params and params.max_tokens) or pipeline.sampling.max_tokens
+        temperature = pipeline.sampling.temperature
+        if params and params.temperature is not None:
+            temperature = params.temperature
+        jobs[name] += 1
+        budgets[name] += max_tokens
+        found.rows[name].append(row)
+        if temperature == 0:
+            found.greedy_rows[name].append(row)
+    found.demand = {name: Demand(jobs[name], budgets[name]) for name in jobs}
+    return found
+
+
+@dataclass
+class PhaseReport:
+    served_by: ServedBy
+    adapters: list[str]  # labels, name@version
+    jobs: int
+    estimate_s: float
+    seconds: float = 0.0  # the whole phase: merge, engine start, check, serving
+    engine_start_s: float = 0.0
+    merge_s: float = 0.0
+    serve_s: float = 0.0
+    output_tokens: int = 0
+    agreement: Agreement | None = None
+    fallback: str | None = None  # why a merged phase was given up (its jobs went to LoRA)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.serve_s if self.serve_s else 0.0
+
+
+@dataclass
+class TieredSummary(BulkSummary):
+    plan: RunPlan | None = None
+    phases: list[PhaseReport] = field(default_factory=list)
+
+
+class TieredBulkRun:
+    def __init__(
+        self,
+        settings: Settings,
+        pipelines: dict[str, PipelineConfig],
+        catalog: AdapterCatalog,
+        options: BulkOptions,
+        mode: MergeMode,
+        on_status: Callable[[AdapterStatus], None],
+        console: Console | None = None,
+    ) -> None:
+        self._settings = settings
+        self._pipelines = pipelines
+        self._catalog = catalog
+        self._options = options
+        self._mode = mode
+        self._on_status = on_status
+        self._console = console
+        self._costs_path = settings.merge.cache_dir / COSTS_FILE
+        self._costs = load_costs(self._costs_path)
+        self._checkpoints = MergedCheckpoints(
+            settings.merge,
+            settings.engine.model,
+            AdapterRequirements.of(
+                settings.adapters, catalog.base_model, settings.engine.max_lora_rank
+            ),
+            settings.engine.dtype,
+        )
+        self._handles = {
+            entry.name: AdapterHandle(
+                entry.name, entry.version, str(entry.path), 0, adapter_digest(entry.path)
+            )
+            for entry in catalog.adapters
+        }
+
+    def run(self) -> TieredSummary:
+        started = time.monotonic()
+        check_routing(self._pipelines, set(self._catalog.by_name))
+        run_id = self._options.run_id or default_run_id(self._options.input_path)
+        done = existing_job_ids(self._options.output_dir, stem_marker=_run_marker(run_id))
+        found = survey(
+            self._options.input_path,
+            self._pipelines,
+            self._options.task,
+            set(self._catalog.by_name),
+            done,
+        )
+        plan = plan_run(found.demand, self._mode, self._costs, self._cached_adapters(found))
+        log.info(
+            "bulk_plan",
+            mode=self._mode.value,
+            merged=plan.merged,
+            estimate_s=round(plan.estimate_s, 1),
+            estimates={m.value: round(s, 1) for m, s in plan.estimates.items()},
+        )
+        summary = TieredSummary(run_id=run_id, plan=plan)
+        options = BulkOptions(**{**self._options.__dict__, "run_id": run_id})
+        to_lora: list[str | None] = []
+        first = True
+        lora_phase = next((p for p in plan.phases if p.served_by is ServedBy.LORA), None)
+        for phase in plan.phases:
+            if phase.served_by is ServedBy.LORA:
+                continue
+            name = phase.adapters[0]
+            assert name is not None
+            report = self._merged_phase(name, phase, found, options, summary, first)
+            summary.phases.append(report)
+            if report.fallback is None:
+                first = False
+            else:
+                to_lora.append(name)
+        rest = [*(lora_phase.adapters if lora_phase else ()), *to_lora]
+        if rest or (first and found.unroutable):
+            estimate = lora_phase.estimate_s if lora_phase else 0.0
+            jobs = sum(len(found.rows[name]) for name in rest)
+            report = PhaseReport(ServedBy.LORA, self._labels(rest), jobs, estimate)
+            rows = {row for name in rest for row in found.rows[name]}
+            if first:
+                rows.update(found.unroutable)
+            phase_started = time.monotonic()
+            self._serve(report, options, summary, RowSelection(rows.__contains__, len(rows)))
+            report.seconds = time.monotonic() - phase_started
+            summary.phases.append(report)
+        summary.rows, summary.skipped = found.rows_read, found.skipped
+        summary.seconds = time.monotonic() - started
+        self._remember(summary, found)
+        return summary
+
+    def _merged_phase(
+        self,
+        name: str,
+        phase: Phase,
+        found: Survey,
+        options: BulkOptions,
+        summary: TieredSummary,
+        first: bool,
+    ) -> PhaseReport:
+        handle = self._handles[name]
+        report = PhaseReport(ServedBy.MERGED, [_label(handle)], phase.jobs, phase.estimate_s)
+        started = time.monotonic()
+        try:
+            merged = self._checkpoints.get(handle)
+        except (AdapterRejected, OSError, ValueError, RuntimeError) as exc:
+            report.fallback = f"merging failed: {exc}"
+            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=exc)
+            report.seconds = time.monotonic() - started
+            return report
+        report.merge_s = merged.merge_s
+        rows = set(found.rows[name])
+        if first:
+            rows.update(found.unroutable)
+        sample = frozenset(
+            sample_rows(
+                found.greedy_rows[name],
+                self._settings.merge.agreement_min_jobs,
+                self._settings.merge.agreement_fraction,
+            )
+        )
+        gate = Gate(sample, lambda held: self._agrees(report, handle, held))
+        self._serve(
+            report,
+            options,
+            summary,
+            RowSelection(rows.__contains__, len(rows)),
+            merged=merged,
+            gate=gate,
+        )
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _agrees(
+        self, report: PhaseReport, handle: AdapterHandle, held: list[tuple[PreparedJob, Result]]
+    ) -> bool:
+        started = time.monotonic()
+        held = [(job, result) for job, result in held if job.adapter is not None]
+        reference = LoraReference(self._settings.engine.model, self._settings.engine.dtype)
+        texts = reference.answers(handle, [job.request for job, _ in held])
+        report.agreement = compare(
+            report.adapters[0],
+            [result.raw_output for _, result in held],
+            texts,
+            [job.pipeline.output_schema is not None for job, _ in held],
+            time.monotonic() - started,
+        )
+        merge = self._settings.merge
+        report.fallback = report.agreement.failure(
+            merge.min_identical_text, merge.min_identical_output
+        )
+        log.info(
+            "merged_adapter_agreement",
+            adapter=report.adapters[0],
+            jobs=report.agreement.jobs,
+            identical_text=round(report.agreement.text_rate, 4),
+            identical_output=report.agreement.output_rate,
+            check_s=round(report.agreement.seconds, 2),
+            fallback=report.fallback,
+        )
+        return report.fallback is None
+
+    def _serve(
+        self,
+        report: PhaseReport,
+        options: BulkOptions,
+        summary: TieredSummary,
+        selection: RowSelection,
+        merged: MergedModel | None = None,
+        gate: Gate | None = None,
+    ) -> None:
+        started = time.monotonic()
+        catalog = self._catalog
+        if merged is not None:
+            only = [a for a in catalog.adapters if a.name == merged.adapter.name]
+            catalog = catalog.model_copy(update={"adapters": only})
+        serving = start_serving(
+            self._settings, self._pipelines, catalog, on_status=self._on_status, merged=merged
+        )
+        report.engine_start_s = time.monotonic() - started
+        try:
+            runner = BulkRunner(self._pipelines, serving, options, selection)
+            part = runner.run(self._console, gate)
+        finally:
+            serving.engine.close()
+        if part is None:
+            return  # the gate failed: nothing was written
+        report.serve_s = part.seconds
+        report.output_tokens = part.output_tokens
+        summary.add(part)
+
+    def _cached_adapters(self, found: Survey) -> set[str]:
+        return {
+            name
+            for name in found.demand
+            if name is not None and self._checkpoints.is_cached(self._handles[name])
+        }
+
+    def _labels(self, names: list[str | None]) -> list[str]:
+        return [_label(self._handles[n]) if n else adapter_label(None, None) for n in names]
+
+    def _remember(self, summary: TieredSummary, found: Survey) -> None:
+        """Blend what this run measured into the stored costs."""
+        costs = self._costs
+        observed: dict[str, float] = {}
+        starts = [p.engine_start_s for p in summary.phases if p.engine_start_s]
+        if len(starts) > 1:  # the first start also pays for the imports, which every plan has
+            observed["engine_start_s"] = min(starts[1:])
+        for phase in summary.phases:
+            if phase.serve_s and phase.output_tokens:
+                key = (
+                    "merged_tokens_per_s"
+                    if phase.served_by is ServedBy.MERGED
+                    else "lora_tokens_per_s"
+                )
+                observed[key] = phase.tokens_per_s
+            if phase.merge_s:
+                observed["merge_s"] = phase.merge_s
+            if phase.agreement is not None:
+                observed["check_s"] = phase.agreement.seconds
+            names = [n for n in found.demand if _label_of(n, self._handles) in phase.adapters]
+            budget = sum(found.demand[n].token_budget for n in names)
+            if phase.output_tokens and budget:
+                for name in names:
+                    costs = costs.with_fill(name, phase.output_tokens / budget)
+        costs = costs.measured(**observed)
+        save_costs(costs, self._costs_path)
+
+
+def _label(handle: AdapterHandle) -> str:
+    return adapter_label(handle.name, handle.version)
+
+
+def _label_of(name: str | None, handles: dict[str, AdapterHandle]) -> str:
+    return adapter_label(None, None) if name is None else _label(handles[name])
+
+
+def print_phases(summary: TieredSummary, console: Console | None = None) -> None:
+    """How the run was served: each engine's adapters, jobs, time and throughput, the plan's
+    estimate beside what happened, and each merged adapter's agreement with the LoRA path."""
+    console = console or Console()
+    plan = summary.plan
+    table = Table(title="Serving plan" + (f" (--merge {plan.mode.value})" if plan else ""))
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for phase in summary.phases:
+        table.add_row(
+            f"{phase.served_by.value} {', '.join(phase.adapters)}",
+            f"{phase.jobs:,} jobs in {phase.seconds:,.1f} s (estimate {phase.estimate_s:,.1f} s)",
+        )
+        table.add_row("  merge + engine start", f"{phase.merge_s + phase.engine_start_s:,.1f} s")
+        table.add_row(
+            "  after start-up", f"{phase.serve_s:,.1f} s, {phase.tokens_per_s:,.0f} tok/s"
+        )
+        agreement = phase.agreement
+        if agreement is not None:
+            agreed = f"text {agreement.text_rate:.1%}"
+            if agreement.output_rate is not None:
+                agreed += f", parsed {agreement.output_rate:.1%}"
+            table.add_row("  agreement with LoRA", f"{agreed} of {agreement.jobs} jobs")
+        if phase.fallback is not None:
+            table.add_row("  served on LoRA instead", phase.fallback)
+    if plan is not None:
+        others = ", ".join(f"{m.value} {s:,.1f} s" for m, s in sorted(plan.estimates.items()))
+        table.add_row("plan estimate", f"{plan.estimate_s:,.1f} s ({others})")
+    table.add_row("took", f"{summary.seconds:,.1f} s")
+    console.print(table)
+
+
+def summary_document(summary: TieredSummary) -> dict[str, object]:
+    """The run's summary as JSON, for whatever schedules nightly runs (`--summary-json`)."""
+    plan = summary.plan
+    return {
+        "run_id": summary.run_id,
+        "rows": summary.rows,
+        "skipped": summary.skipped,
+        "by_status": dict(summary.by_status),
+        "by_adapter": dict(summary.by_adapter),
+        "errors": dict(summary.errors),
+        "output_tokens": summary.output_tokens,
+        "files": summary.files,
+        "seconds": round(summary.seconds, 3),
+        "plan": None
+        if plan is None
+        else {
+            "mode": plan.mode.value,
+            "merged": plan.merged,
+            "estimate_s": round(plan.estimate_s, 3),
+            "estimates": {m.value: round(s, 3) for m, s in plan.estimates.items()},
+        },
+        "phases": [
+            {
+                "served_by": phase.served_by.value,
+                "adapters": phase.adapters,
+                "jobs": phase.jobs,
+                "estimate_s": round(phase.estimate_s, 3),
+                "seconds": round(phase.seconds, 3),
+                "engine_start_s": round(phase.engine_start_s, 3),
+                "merge_s": round(phase.merge_s, 3),
+                "serve_s": round(phase.serve_s, 3),
+                "output_tokens": phase.output_tokens,
+                "tokens_per_s": round(phase.tokens_per_s, 1),
+                "agreement": None
+                if phase.agreement is None
+                else {
+                    "jobs": phase.agreement.jobs,
+                    "identical_text": round(phase.agreement.text_rate, 4),
+                    "identical_output": None
+                    if phase.agreement.output_rate is None
+                    else round(phase.agreement.output_rate, 4),
+                    "seconds": round(phase.agreement.seconds, 3),
+                },
+                "fallback": phase.fallback,
+            }
+            for phase in summary.phases
+        ],
+    }
