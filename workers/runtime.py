@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 
+from workers.adapters.checks import AdapterRequirements, adapter_digest
 from workers.adapters.feed import AdapterUpdateFeed
+from workers.adapters.merged import MergedCheckpoints
 from workers.bulk.plan import MergeMode
 from workers.bulk.runner import BulkOptions
 from workers.bulk.tiers import TieredBulkRun, TieredSummary
 from workers.core.config import (
+    AdapterCatalog,
     ConfigError,
+    PipelineConfig,
     Settings,
     load_catalog,
     load_pipelines,
 )
 from workers.core.contracts import AdapterStatus
+from workers.core.engine_api import AdapterHandle, MergedModel
+from workers.core.errors import AdapterRejected
 from workers.health import Readiness, serve
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
 from workers.kafka.status import AdapterStatusWriter, last_serving_states, read_statuses
 from workers.kafka.transactions import ExactlyOnceSink
-from workers.serving import start_serving
+from workers.serving import check_dedicated, start_serving
 from workers.worker import RunLimits, RunSummary, Worker
 
 log = structlog.get_logger(__name__)
@@ -54,6 +62,10 @@ def run_worker(
     last_serving = last_serving_states(read_statuses(bootstrap, settings.adapters.status_topic))
     statuses = AdapterStatusWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
+    merged, merge = None, None
+    dedicated = settings.merge.dedicated_adapter
+    if dedicated is not None:
+        catalog, merged, merge = _dedicated_to(dedicated, settings, pipelines, catalog)
     serving = start_serving(
         settings,
         pipelines,
@@ -61,6 +73,8 @@ def run_worker(
         on_status=statuses.write,
         updates=updates,
         last_serving=last_serving,
+        merged=merged,
+        merge=merge,
     )
     readiness.update(engine=True)
     try:
@@ -86,6 +100,33 @@ def run_worker(
             server.shutdown()
         serving.engine.close()
         statuses.close()
+
+
+def _dedicated_to(
+    name: str, settings: Settings, pipelines: dict[str, PipelineConfig], catalog: AdapterCatalog
+) -> tuple[AdapterCatalog, MergedModel, Callable[[AdapterHandle], MergedModel]]:
+    """The catalog, merged checkpoint and merge function of a worker that serves one adapter
+    merged; `ConfigError` if its pipelines route anywhere else."""
+    check_dedicated(pipelines, name)
+    entry = catalog.by_name.get(name)
+    if entry is None:
+        raise ConfigError(f"merge.dedicated_adapter {name!r} is not in the catalog")
+    checkpoints = MergedCheckpoints(
+        settings.merge,
+        settings.engine.model,
+        AdapterRequirements.of(
+            settings.adapters, catalog.base_model, settings.engine.max_lora_rank
+        ),
+        settings.engine.dtype,
+    )
+    handle = AdapterHandle(
+        entry.name, entry.version, str(entry.path), 0, adapter_digest(entry.path)
+    )
+    try:
+        merged = checkpoints.get(handle)
+    except AdapterRejected as rejection:
+        raise ConfigError(f"merge.dedicated_adapter {name!r}: {rejection}") from rejection
+    return catalog.model_copy(update={"adapters": [entry]}), merged, checkpoints.get
 
 
 def run_bulk(

@@ -16,7 +16,7 @@ from workers.adapters.registry import AdapterRegistry
 from workers.core.admission import Admission
 from workers.core.config import AdapterCatalog, ConfigError, PipelineConfig, Settings
 from workers.core.contracts import AdapterStatus, AdapterUpdate
-from workers.core.engine_api import MergedModel
+from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import OutputChecker
 from workers.engine.loop import EngineLoop, LoopLimits
@@ -32,6 +32,20 @@ def check_routing(pipelines: dict[str, PipelineConfig], known_adapters: set[str]
         missing = sorted(n for n in names if n not in known_adapters)
         if missing:
             raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
+
+
+def check_dedicated(pipelines: dict[str, PipelineConfig], adapter: str) -> None:
+    """A worker serving one adapter merged must get no job routed elsewhere by configuration:
+    the merged weights would mis-serve the base model's jobs and cannot serve another's."""
+    for pipeline in pipelines.values():
+        routing = pipeline.routing
+        others = sorted({str(routing.adapter), *routing.tenants.values()} - {adapter})
+        if others:
+            shown = ["the base model" if name == "None" else name for name in others]
+            raise ConfigError(
+                f"merge.dedicated_adapter is {adapter!r}, but pipeline {pipeline.task!r} routes "
+                f"jobs to {shown}"
+            )
 
 
 def prewarm(engine: VllmEngine, registry: AdapterRegistry, names: list[str]) -> None:
@@ -60,12 +74,14 @@ def start_serving(
     updates: AdapterUpdateFeed | None = None,
     last_serving: dict[str, AdapterUpdate] | None = None,
     merged: MergedModel | None = None,
+    merge: Callable[[AdapterHandle], MergedModel] | None = None,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
 
     With `merged`, the engine runs that checkpoint and serves only its adapter: the catalog
-    must hold just that one, and routing was checked by whoever planned the merge."""
+    must hold just that one, and routing was checked by whoever planned the merge. With
+    `merge` too, a new version of the adapter is merged and the engine switched to it."""
     engine = VllmEngine(settings.engine, merged)
     try:
         registry = AdapterRegistry(
@@ -75,6 +91,7 @@ def start_serving(
             ),
             worker_id=settings.worker_id,
             on_status=on_status,
+            only=None if merged is None else merged.adapter.name,
         )
         registry.load_catalog(catalog)
         if updates is not None:
@@ -96,6 +113,12 @@ def start_serving(
             max_model_len=engine.max_model_len,
             max_job_bytes=settings.sizes.max_job_bytes,
         )
+
+        def switch_model(adapter: AdapterHandle | None) -> None:
+            if adapter is None or merge is None:
+                raise ConfigError("a merged engine serves no base-model jobs")
+            engine.switch_merged(merge(adapter))
+            cache.refresh()
 
         def restart_engine() -> None:
             engine.restart()  # with the same adapters registered and pinned
@@ -120,6 +143,7 @@ def start_serving(
             ),
             restart_engine=restart_engine,
             on_unavailable=registry.mark_unavailable,
+            switch_model=None if merge is None else switch_model,
         )
     except BaseException:
         engine.close()

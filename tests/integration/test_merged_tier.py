@@ -1,12 +1,15 @@
 """The merged tier on a real vLLM engine: bulk runs whose dominant adapter is served merged into
 the base weights, checked against the LoRA path's answers (vLLM's, from a `--merge never` run of
-the same jobs), and a planner that merges the dominant adapter and not a rare one."""
+the same jobs), a planner that merges the dominant adapter and not a rare one, and a Kafka
+worker dedicated to one adapter that switches its merged engine to a new version mid-stream."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests.datasets import read_dataset
-from tests.integration.harness import load_zoo_generators
+from tests.integration.harness import (
+    ROOT,
+    TopicWatcher,
+    deploy,
+    job_record,
+    load_zoo_generators,
+    produce,
+    wait_for_event,
+)
+from tests.integration.oracle import PeftOracle
+from workers.adapters.checks import adapter_digest
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +163,113 @@ def test_auto_merges_the_dominant_adapter_and_serves_the_rest_on_lora(tmp_path: 
     measured = json.loads((cache / "costs.json").read_text())
     assert measured["merged_tokens_per_s"] != stored["merged_tokens_per_s"]
     assert measured["lora_tokens_per_s"] != stored["lora_tokens_per_s"]
+
+
+def test_a_worker_dedicated_to_one_adapter_switches_versions_mid_stream(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    # With every shipped pipeline, some jobs would go to other adapters: refused at start-up.
+    refused = deployment.run_worker(
+        "--max-jobs",
+        "1",
+        log_path=tmp_path / "refused.log",
+        timeout=120,
+        settings={"LORA_WORKERS_MERGE__DEDICATED_ADAPTER": "classifier"},
+    )
+    assert refused != 0
+    assert "routes jobs to" in (tmp_path / "refused.log").read_text()
+    for other in ("reply.yaml", "summarize.yaml"):
+        (deployment.pipelines_dir / other).unlink()
+    topic = deployment.pipelines["classify"].input_topic
+    results = TopicWatcher(kafka_bootstrap, [deployment.pipelines["classify"].result_topic])
+    status = TopicWatcher(kafka_bootstrap, [deployment.status_topic])
+    log_path = tmp_path / "worker.log"
+    worker = deployment.start_worker(
+        "--idle-exit",
+        "600",
+        log_path=log_path,
+        LORA_WORKERS_MERGE__DEDICATED_ADAPTER="classifier",
+    )
+    try:
+        wait_for_event(worker, log_path, "adapter_updates_caught_up")
+        jobs = classify_jobs(240, seed=13)
+        before, during, after = jobs[:80], jobs[80:160], jobs[160:]
+        produce(kafka_bootstrap, [job_record(topic, job) for job in before])
+        # Version 2: the classifier at half strength (lora_alpha halved), so some answers
+        # differ from version 1's and each version's own weights tell them apart.
+        v2 = deployment.adapter_root / "classifier-v2"
+        shutil.copytree(ROOT / "models" / "adapters" / "classifier", v2)
+        config = json.loads((v2 / "adapter_config.json").read_text())
+        config["lora_alpha"] = config["lora_alpha"] / 2
+        (v2 / "adapter_config.json").write_text(json.dumps(config))
+        published = deployment.cli(
+            "adapters", "publish", "classifier", "--version", "2", "--path", str(v2)
+        )
+        assert published.returncode == 0, published.stderr
+        produce(kafka_bootstrap, [job_record(topic, job) for job in during])
+
+        def serving_v2(_messages: list) -> bool:
+            return any(
+                (s["name"], s["version"], s["state"]) == ("classifier", "2", "serving")
+                for s in status.json_values()
+            )
+
+        status.wait_for(serving_v2, timeout_s=300)
+        produce(kafka_bootstrap, [job_record(topic, job) for job in after])
+        ids = {job["job_id"] for job in jobs}
+
+        def all_answered(_messages: list) -> bool:
+            return ids <= {r["job_id"] for r in results.json_values()}
+
+        results.wait_for(all_answered, timeout_s=600)
+        answers: dict[str, list[dict]] = {}
+        for result in results.json_values():
+            answers.setdefault(result["job_id"], []).append(result)
+        assert {i for i in ids if len(answers[i]) != 1} == set()  # none lost, none twice
+        answered = {i: answers[i][0] for i in ids}
+        assert {r["served_by"] for r in answered.values()} == {"merged"}
+        assert {r["status"] for r in answered.values()} == {"ok"}
+        (switch,) = [
+            s["at_ms"]
+            for s in status.json_values()
+            if (s["name"], s["version"], s["state"]) == ("classifier", "2", "serving")
+        ]
+        for result in answered.values():
+            routed_after = result["timings"]["received_at_ms"] > switch
+            assert result["adapter"]["version"] == ("2" if routed_after else "1"), result
+        assert {answered[j["job_id"]]["adapter"]["version"] for j in after} == {"2"}
+        assert answered[after[0]["job_id"]]["adapter"]["sha256"] == adapter_digest(v2)
+        # Each version's answers are its own weights' (PEFT on the CPU, greedy): the merged
+        # engine switched, it did not keep serving version 1 under version 2's name.
+        oracle = PeftOracle(
+            ROOT / "models" / "tiny-llama",
+            {"1": ROOT / "models" / "adapters" / "classifier", "2": v2},
+        )
+        pipeline = deployment.pipelines["classify"]
+        inputs = {job["job_id"]: job["input"] for job in jobs}
+        agree: dict[str, list[bool]] = {"1": [], "2": []}
+        distinguishing = 0
+        for job_id, result in sorted(answered.items()):
+            version = result["adapter"]["version"]
+            if len(agree[version]) >= 40:
+                continue
+            prompt = pipeline.render_prompt(inputs[job_id])
+            mine = oracle.generate(version, prompt, 32).text
+            theirs = oracle.generate("2" if version == "1" else "1", prompt, 32).text
+            agree[version].append(result["raw_output"] == mine)
+            if mine != theirs:
+                distinguishing += 1
+                assert result["raw_output"] != theirs, (job_id, version)
+        assert distinguishing > 0
+        for version, matches in agree.items():
+            assert sum(matches) >= 0.9 * len(matches), (version, matches)
+        log_text = log_path.read_text()
+        assert log_text.count('"merged_engine_switched"') == 1
+        assert worker.poll() is None
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=120)
+        results.close()
+        status.close()

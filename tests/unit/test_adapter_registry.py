@@ -9,7 +9,7 @@ import pytest
 from tests.unit.adapter_fixtures import copy_adapter
 from workers.adapters.checks import AdapterRequirements, adapter_digest
 from workers.adapters.registry import AdapterRegistry
-from workers.adapters.updates import decode_update
+from workers.adapters.updates import UpdateRecord, decode_update
 from workers.core.config import LLAMA_LORA_MODULES
 from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
 from workers.core.engine_api import AdapterHandle, AdapterLoadError
@@ -227,3 +227,22 @@ def test_a_state_newer_than_the_rejection_is_not_rolled_back(registry, root, sta
     assert not registry.apply(update(bad_spec, published_at_ms=2_000))
     assert registry.restore_last_good({"tone": newer}) == []
     assert registry.resolve("tone", job()).version == "1"
+
+
+def test_a_worker_dedicated_to_one_adapter_ignores_others_and_refuses_a_canary(
+    root, engine, statuses
+) -> None:
+    dedicated = AdapterRegistry(
+        engine,
+        AdapterRequirements("tiny-llama", 8, LLAMA_LORA_MODULES, (root,)),
+        worker_id="w1",
+        on_status=statuses.append,
+        only="tone",
+    )
+    assert dedicated.apply(update(spec(root, "1")))
+    other = update(spec(root, "2")).model_copy(update={"name": "other"})
+    dedicated.apply_record(UpdateRecord(name="other", update=other, error=None))
+    assert set(dedicated.served()) == {"tone"} and len(engine.registered) == 1
+    assert not dedicated.apply(update(spec(root, "1", 0.8), spec(root, "2", 0.2)))
+    assert (statuses[-1].state, statuses[-1].code) == ("rejected", "merged_one_version")
+    assert dedicated.resolve("tone", job()).version == "1"  # the serving version stays

@@ -112,8 +112,11 @@ class AdapterRegistry:
         *,
         worker_id: str,
         on_status: StatusCallback,
+        only: str | None = None,
     ) -> None:
         self._engine = engine
+        # A worker dedicated to one adapter (served merged) ignores updates of all others.
+        self._only = only
         self._requirements = requirements
         self._worker_id = worker_id
         self._on_status = on_status
@@ -166,6 +169,19 @@ class AdapterRegistry:
         """Switch `update.name` to the update's versions; False (and old state kept) if any
         version is rejected."""
         routes: list[Route] = []
+        if self._only is not None and len(update.versions) > 1:
+            spec = update.versions[-1]
+            self._reject(
+                update.name,
+                spec.version,
+                AdapterRejected(
+                    AdapterError.MERGED_ONE_VERSION,
+                    f"this worker serves {update.name} merged, one version at a time: "
+                    "publish a canary to a LoRA worker",
+                ),
+            )
+            self._rejected_last[update.name] = update.published_at_ms
+            return False
         try:
             for spec in update.versions:
                 routes.append(Route(self._load(update, spec), spec.weight))
@@ -197,6 +213,8 @@ class AdapterRegistry:
     @_locked
     def apply_record(self, record: UpdateRecord) -> None:
         """One record of the updates topic: an update, a retirement or a malformed message."""
+        if self._only is not None and record.name != self._only:
+            return
         if record.error is not None:
             self._reject(
                 record.name, None, AdapterRejected(AdapterError.MALFORMED_UPDATE, record.error)

@@ -335,6 +335,14 @@ class MergeSettings(_Strict):
     """The merged tier (`workers.adapters.merged`, `workers.bulk.plan`): adapters folded into
     the base weights and served without LoRA."""
 
+    dedicated_adapter: str | None = Field(
+        default=None,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="The Kafka worker serves only this adapter, merged into the base weights. "
+        "Every pipeline must route all its jobs to it (checked at start-up); a new version "
+        "on the updates topic is merged and the engine switched to it.",
+    )
+
     cache_dir: Path = Field(
         default_factory=_default_merge_cache,
         description="Merged checkpoints and the measured costs the planner uses.",

@@ -53,6 +53,7 @@ class AdapterError(StrEnum):
     TARGET_MODULES_UNSUPPORTED = "target_modules_unsupported"  # modules vLLM cannot serve
     VERSION_CONFLICT = "version_conflict"  # a served version number republished with other files
     LOAD_FAILED = "load_failed"  # the engine refused it (add_lora)
+    MERGED_ONE_VERSION = "merged_one_version"  # a merged worker serves one version, no canary
 
 
 # A reason travels in a header or a row; it quotes input at most this far.

@@ -70,6 +70,7 @@ class EngineLoop:
         *,
         restart_engine: Callable[[], None],
         on_unavailable: Callable[[AdapterHandle, str], None],
+        switch_model: Callable[[AdapterHandle | None], None] | None = None,
     ) -> None:
         self._engine = engine
         self._cache = cache
@@ -78,6 +79,7 @@ class EngineLoop:
         self._limits = limits
         self._restart_engine = restart_engine
         self._on_unavailable = on_unavailable
+        self._switch_model = switch_model
         self._between_steps: Callable[[], None] | None = None
         self._crash_rejection = JobRejected(
             JobError.ENGINE_CRASH,
@@ -224,6 +226,8 @@ class EngineLoop:
     def _admit(self) -> None:
         room = self._limits.engine_depth - len(self._running)
         jobs = self._admission.take(time.monotonic(), room, self._in_engine)
+        if self._switch_model is not None:
+            jobs = self._servable_now(jobs)
         if not jobs:
             return
         if not self._running:  # an event per busy period, not per step
@@ -250,6 +254,40 @@ class EngineLoop:
                 for later in jobs[taken:]:  # not in the engine yet: they wait for the next one
                     self._admission.add(later)
                 raise
+
+    def _servable_now(self, jobs: list[PreparedJob]) -> list[PreparedJob]:
+        """A merged engine serves one adapter version. Jobs routed to another one (a new
+        version announced meanwhile) wait until the engine is empty, then it switches to
+        theirs: no job is served by a version other than the one it was routed to."""
+        later = [job for job in jobs if not self._engine.serves_now(job.adapter)]
+        if not later:
+            return jobs
+        now = [job for job in jobs if self._engine.serves_now(job.adapter)]
+        if now or self._running:
+            for job in later:
+                self._admission.add(job)
+            return now
+        target = later[0].adapter
+        try:
+            assert self._switch_model is not None
+            self._switch_model(target)
+        except EngineDied:
+            for job in later:
+                self._admission.add(job)
+            raise
+        except Exception as exc:  # the new version cannot be served merged: say so per job
+            reason = f"switching the merged engine: {exc}"
+            log.error("merged_switch_failed", error=str(exc))
+            if target is not None:
+                self._on_unavailable(target, reason)
+            for job in later:
+                self._emit(Unserved(job, JobRejected(JobError.ADAPTER_UNAVAILABLE, reason)))
+            return []
+        servable = [job for job in later if self._engine.serves_now(job.adapter)]
+        for job in later:
+            if not self._engine.serves_now(job.adapter):
+                self._admission.add(job)
+        return servable
 
     def _add(self, job: PreparedJob) -> None:
         request_id = str(next(self._ids))

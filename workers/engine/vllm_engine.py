@@ -94,6 +94,7 @@ class VllmEngine:
 
         self.settings = settings
         self.merged = merged
+        self._merged_handles: dict[int, AdapterHandle] = {}
         # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
         # on the generating one, and it survives engine restarts.
         self._tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
@@ -161,6 +162,25 @@ class VllmEngine:
             restart_s=round(time.monotonic() - started, 1),
         )
 
+    def serves_now(self, adapter: AdapterHandle | None) -> bool:
+        """Whether a request for `adapter` can enter this engine as it is now."""
+        return self.merged is None or self.merged.serves(adapter)
+
+    def switch_merged(self, merged: MergedModel) -> None:
+        """Serve another merged checkpoint: a fresh engine on it. Call with nothing in the
+        engine: what was running is lost."""
+        if self.merged is None:
+            raise AdapterLoadError("a LoRA engine cannot switch to a merged checkpoint")
+        started = time.monotonic()
+        self._shutdown_llm()
+        self.merged = merged
+        self._llm = self._start_llm()
+        log.warning(
+            "merged_engine_switched",
+            adapter=merged.adapter.engine_name,
+            switch_s=round(time.monotonic() - started, 1),
+        )
+
     def tokenize(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt))
 
@@ -170,12 +190,15 @@ class VllmEngine:
 
         request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
         if self.merged is not None:
-            if not self.merged.serves(adapter):
+            if adapter.name != self.merged.adapter.name:
                 raise AdapterLoadError(
                     f"adapter {adapter.engine_name}: this engine serves only "
-                    f"{self.merged.adapter.engine_name}, merged"
+                    f"{self.merged.adapter.name}, merged"
                 )
-            self._lora_requests[adapter.lora_id] = request  # in the weights already
+            # The version merged in is resident; another version of it is served after
+            # `switch_merged` to its checkpoint.
+            self._lora_requests[adapter.lora_id] = request
+            self._merged_handles[adapter.lora_id] = adapter
             return
         # A bad adapter handed to generate() kills the engine; add_lora() fails cleanly instead.
         try:
@@ -191,6 +214,7 @@ class VllmEngine:
     def unregister_adapter(self, adapter: AdapterHandle) -> None:
         self._lora_requests.pop(adapter.lora_id, None)
         if self.merged is not None:
+            self._merged_handles.pop(adapter.lora_id, None)
             return
         with _death_as_engine_died(f"unloading {adapter.engine_name}"):
             self._llm.llm_engine.remove_lora(adapter.lora_id)
@@ -205,7 +229,8 @@ class VllmEngine:
     def resident_adapters(self) -> set[int]:
         """LoRA ids in the engine's host cache (the identity adapter left out)."""
         if self.merged is not None:
-            return set(self._lora_requests)
+            merged = self.merged
+            return {i for i, handle in self._merged_handles.items() if merged.serves(handle)}
         with _death_as_engine_died("listing adapters"):
             return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
 
