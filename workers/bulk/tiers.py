@@ -52,7 +52,7 @@ from workers.bulk.runner import (
 from workers.core.config import AdapterCatalog, PipelineConfig, Settings
 from workers.core.contracts import AdapterStatus, Result, ServedBy, adapter_label
 from workers.core.engine_api import AdapterHandle, MergedModel
-from workers.core.errors import AdapterRejected, JobRejected
+from workers.core.errors import JobRejected
 from workers.core.prepare import PreparedJob, decode_job
 from workers.core.routing import adapter_name_for
 from workers.parquet.dataset import existing_job_ids
@@ -61,6 +61,10 @@ from workers.serving import check_routing, start_serving
 log = structlog.get_logger(__name__)
 
 COSTS_FILE = "costs.json"
+
+
+class _EngineDidNotStart(Exception):
+    """A merged engine failed to start: its adapter is served on LoRA instead."""
 
 
 @dataclass
@@ -169,12 +173,7 @@ class TieredBulkRun:
             ),
             settings.engine.dtype,
         )
-        self._handles = {
-            entry.name: AdapterHandle(
-                entry.name, entry.version, str(entry.path), 0, adapter_digest(entry.path)
-            )
-            for entry in catalog.adapters
-        }
+        self._handles: dict[str, AdapterHandle] = {}
 
     def run(self) -> TieredSummary:
         started = time.monotonic()
@@ -238,12 +237,12 @@ class TieredBulkRun:
         summary: TieredSummary,
         first: bool,
     ) -> PhaseReport:
-        handle = self._handles[name]
+        handle = self._handle(name)
         report = PhaseReport(ServedBy.MERGED, [_label(handle)], phase.jobs, phase.estimate_s)
         started = time.monotonic()
         try:
             merged = self._checkpoints.get(handle)
-        except (AdapterRejected, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # whatever stops merging, the adapter is served on LoRA
             report.fallback = f"merging failed: {exc}"
             log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=exc)
             report.seconds = time.monotonic() - started
@@ -259,15 +258,23 @@ class TieredBulkRun:
                 self._settings.merge.agreement_fraction,
             )
         )
-        gate = Gate(sample, lambda held: self._agrees(report, handle, held))
-        self._serve(
-            report,
-            options,
-            summary,
-            RowSelection(rows.__contains__, len(rows)),
-            merged=merged,
-            gate=gate,
-        )
+        gate = Gate(sample, lambda held: self._agrees(report, handle, held)) if sample else None
+        if gate is None:
+            log.warning(
+                "merged_adapter_unchecked", adapter=report.adapters[0], reason="no greedy jobs"
+            )
+        try:
+            self._serve(
+                report,
+                options,
+                summary,
+                RowSelection(rows.__contains__, len(rows)),
+                merged=merged,
+                gate=gate,
+            )
+        except _EngineDidNotStart as failure:
+            report.fallback = str(failure)
+            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=str(failure))
         report.seconds = time.monotonic() - started
         return report
 
@@ -277,7 +284,12 @@ class TieredBulkRun:
         started = time.monotonic()
         held = [(job, result) for job, result in held if job.adapter is not None]
         reference = LoraReference(self._settings.engine.model, self._settings.engine.dtype)
-        texts = reference.answers(handle, [job.request for job, _ in held])
+        try:
+            texts = reference.answers(handle, [job.request for job, _ in held])
+        except Exception as exc:  # no reference, no merged serving
+            report.fallback = f"the agreement check failed: {exc}"
+            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=str(exc))
+            return False
         report.agreement = compare(
             report.adapters[0],
             [result.raw_output for _, result in held],
@@ -314,9 +326,14 @@ class TieredBulkRun:
         if merged is not None:
             only = [a for a in catalog.adapters if a.name == merged.adapter.name]
             catalog = catalog.model_copy(update={"adapters": only})
-        serving = start_serving(
-            self._settings, self._pipelines, catalog, on_status=self._on_status, merged=merged
-        )
+        try:
+            serving = start_serving(
+                self._settings, self._pipelines, catalog, on_status=self._on_status, merged=merged
+            )
+        except Exception as exc:
+            if merged is None:
+                raise
+            raise _EngineDidNotStart(f"the merged engine did not start: {exc}") from exc
         report.engine_start_s = time.monotonic() - started
         try:
             runner = BulkRunner(self._pipelines, serving, options, selection)
@@ -325,7 +342,8 @@ class TieredBulkRun:
             serving.engine.close()
         if part is None:
             return  # the gate failed: nothing was written
-        report.serve_s = part.seconds
+        # Throughput after start-up, without the agreement check's own reference generation.
+        report.serve_s = part.seconds - (report.agreement.seconds if report.agreement else 0.0)
         report.output_tokens = part.output_tokens
         summary.add(part)
 
@@ -333,11 +351,19 @@ class TieredBulkRun:
         return {
             name
             for name in found.demand
-            if name is not None and self._checkpoints.is_cached(self._handles[name])
+            if name is not None and self._checkpoints.is_cached(self._handle(name))
         }
 
     def _labels(self, names: list[str | None]) -> list[str]:
-        return [_label(self._handles[n]) if n else adapter_label(None, None) for n in names]
+        return [_label_of(name, self._handle) for name in names]
+
+    def _handle(self, name: str) -> AdapterHandle:
+        """The catalog's version of `name`, its files hashed once (only adapters the run uses)."""
+        if name not in self._handles:
+            entry = self._catalog.by_name[name]
+            digest = adapter_digest(entry.path)
+            self._handles[name] = AdapterHandle(name, entry.version, str(entry.path), 0, digest)
+        return self._handles[name]
 
     def _remember(self, summary: TieredSummary, found: Survey) -> None:
         """Blend what this run measured into the stored costs."""
@@ -358,7 +384,7 @@ class TieredBulkRun:
                 observed["merge_s"] = phase.merge_s
             if phase.agreement is not None:
                 observed["check_s"] = phase.agreement.seconds
-            names = [n for n in found.demand if _label_of(n, self._handles) in phase.adapters]
+            names = [n for n in found.demand if _label_of(n, self._handle) in phase.adapters]
             budget = sum(found.demand[n].token_budget for n in names)
             if phase.output_tokens and budget:
                 for name in names:
@@ -371,8 +397,8 @@ def _label(handle: AdapterHandle) -> str:
     return adapter_label(handle.name, handle.version)
 
 
-def _label_of(name: str | None, handles: dict[str, AdapterHandle]) -> str:
-    return adapter_label(None, None) if name is None else _label(handles[name])
+def _label_of(name: str | None, handle_of: Callable[[str], AdapterHandle]) -> str:
+    return adapter_label(None, None) if name is None else _label(handle_of(name))
 
 
 def print_phases(summary: TieredSummary, console: Console | None = None) -> None:
