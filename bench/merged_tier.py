@@ -185,10 +185,13 @@ def main() -> None:
     parser.add_argument("--large-jobs", type=int, default=16384)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-merged-") as scratch:
         table = report(measure(args.jobs, args.large_jobs, Path(scratch)))
+        # What the runs measured and stored for the planner: the defaults' source.
+        costs = Path(scratch) / "merged-cache" / "costs.json"
+        (args.out / "merged-costs.json").write_text(costs.read_text())
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merged.md").write_text(table + "\n")
 
 

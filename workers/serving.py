@@ -75,13 +75,15 @@ def start_serving(
     last_serving: dict[str, AdapterUpdate] | None = None,
     merged: MergedModel | None = None,
     merge: Callable[[AdapterHandle], MergedModel] | None = None,
+    engine_depth: int | None = None,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
 
     With `merged`, the engine runs that checkpoint and serves only its adapter: the catalog
     must hold just that one, and routing was checked by whoever planned the merge. With
-    `merge` too, a new version of the adapter is merged and the engine switched to it."""
+    `merge` too, a new version of the adapter is merged and the engine switched to it.
+    `engine_depth` overrides `admission.engine_depth` (bulk runs keep the engine deeper)."""
     engine = VllmEngine(settings.engine, merged)
     try:
         registry = AdapterRegistry(
@@ -137,7 +139,7 @@ def start_serving(
                 is_resident=cache.is_resident,
             ),
             LoopLimits(
-                engine_depth=admission.engine_depth or settings.engine.max_num_seqs,
+                engine_depth=engine_depth or admission.engine_depth or settings.engine.max_num_seqs,
                 crash_attempts=settings.engine.crash_attempts,
                 stall_warning_s=settings.engine.step_stall_warning_s,
             ),

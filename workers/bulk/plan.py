@@ -34,15 +34,15 @@ MEASUREMENT_WEIGHT = 0.5
 
 class Costs(BaseModel):
     """The cost model's inputs, measured by earlier runs on this machine and model (defaults:
-    measured on the zoo model on a 2-core x86-64 machine, for a first run)."""
+    measured with the zoo model on a 2-core x86-64 machine, classify jobs, for a first run)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    engine_start_s: float = Field(default=9.0, gt=0, description="One more engine start.")
-    lora_tokens_per_s: float = Field(default=2_400.0, gt=0)
-    merged_tokens_per_s: float = Field(default=9_000.0, gt=0)
-    merge_s: float = Field(default=2.0, ge=0, description="Merging one adapter, uncached.")
-    check_s: float = Field(default=3.0, ge=0, description="One adapter's agreement check.")
+    engine_start_s: float = Field(default=20.0, gt=0, description="One more engine start.")
+    lora_tokens_per_s: float = Field(default=1_500.0, gt=0)
+    merged_tokens_per_s: float = Field(default=4_500.0, gt=0)
+    merge_s: float = Field(default=2.2, ge=0, description="Merging one adapter, uncached.")
+    check_s: float = Field(default=2.0, ge=0, description="One adapter's agreement check.")
     # Output tokens per token of max_tokens budget, per adapter label (default 0.5).
     budget_fill: dict[str, float] = Field(default_factory=dict)
 

@@ -104,6 +104,7 @@ class BulkSummary:
     skipped: int = 0  # already in the output (resume)
     by_status: Counter[str] = field(default_factory=Counter)
     by_adapter: Counter[str] = field(default_factory=Counter)
+    tokens_by_adapter: Counter[str] = field(default_factory=Counter)  # output tokens
     errors: Counter[str] = field(default_factory=Counter)
     # (task, adapter) -> [valid, total] over outputs checked against the task's schema
     compliance: dict[tuple[str, str], list[int]] = field(default_factory=dict)
@@ -117,6 +118,7 @@ class BulkSummary:
         self.skipped += other.skipped
         self.by_status.update(other.by_status)
         self.by_adapter.update(other.by_adapter)
+        self.tokens_by_adapter.update(other.tokens_by_adapter)
         self.errors.update(other.errors)
         for key, (valid, total) in other.compliance.items():
             tally = self.compliance.setdefault(key, [0, 0])
@@ -272,6 +274,7 @@ class BulkRunner:
         )
         if result.status is not ResultStatus.ERROR:
             self.summary.by_adapter[adapter] += 1
+            self.summary.tokens_by_adapter[adapter] += result.usage.completion_tokens
             pipeline = self._pipelines.get(result.task)
             if pipeline is not None and pipeline.output_schema is not None:
                 tally = self.summary.compliance.setdefault((result.task, adapter), [0, 0])

@@ -61,6 +61,9 @@ from workers.serving import check_routing, start_serving
 log = structlog.get_logger(__name__)
 
 COSTS_FILE = "costs.json"
+# A bulk run wants throughput, not latency: requests waiting inside the engine keep its
+# scheduler's batch full between our admission rounds (8-9% more jobs/s merged, measured).
+BULK_DEPTH_PER_SEQ = 2
 
 
 class _EngineDidNotStart(Exception):
@@ -326,9 +329,21 @@ class TieredBulkRun:
         if merged is not None:
             only = [a for a in catalog.adapters if a.name == merged.adapter.name]
             catalog = catalog.model_copy(update={"adapters": only})
+        settings = self._settings
+        if merged is not None:
+            engine = settings.engine.model_copy(
+                update={"max_num_seqs": settings.merge.max_num_seqs}
+            )
+            settings = settings.model_copy(update={"engine": engine})
         try:
             serving = start_serving(
-                self._settings, self._pipelines, catalog, on_status=self._on_status, merged=merged
+                settings,
+                self._pipelines,
+                catalog,
+                on_status=self._on_status,
+                merged=merged,
+                engine_depth=settings.admission.engine_depth
+                or BULK_DEPTH_PER_SEQ * settings.engine.max_num_seqs,
             )
         except Exception as exc:
             if merged is None:
@@ -384,11 +399,10 @@ class TieredBulkRun:
                 observed["merge_s"] = phase.merge_s
             if phase.agreement is not None:
                 observed["check_s"] = phase.agreement.seconds
-            names = [n for n in found.demand if _label_of(n, self._handle) in phase.adapters]
-            budget = sum(found.demand[n].token_budget for n in names)
-            if phase.output_tokens and budget:
-                for name in names:
-                    costs = costs.with_fill(name, phase.output_tokens / budget)
+        for name, demand in found.demand.items():
+            tokens = summary.tokens_by_adapter.get(_label_of(name, self._handle), 0)
+            if tokens and demand.token_budget:
+                costs = costs.with_fill(name, tokens / demand.token_budget)
         costs = costs.measured(**observed)
         save_costs(costs, self._costs_path)
 

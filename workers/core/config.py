@@ -353,6 +353,12 @@ class MergeSettings(_Strict):
     cache_max_age_days: float = Field(
         default=30.0, gt=0, description="Checkpoints unused this long are removed."
     )
+    max_num_seqs: int = Field(
+        default=512,
+        ge=1,
+        description="Sequences per step of a bulk run's merged engines: without LoRA a larger "
+        "batch pays (the LoRA path does not).",
+    )
     agreement_min_jobs: int = Field(
         default=32, ge=1, description="Jobs of each merged adapter also run on the LoRA path."
     )
