@@ -150,9 +150,9 @@ class VllmEngine:
         started = time.monotonic()
         self._shutdown_llm()
         self._llm = self._start_llm()
-        for lora_id, request in self._lora_requests.items():
-            if self.merged is not None:
-                break
+        # A merged engine's adapter is in its weights: nothing to register again.
+        lora_requests = self._lora_requests.items() if self.merged is None else ()
+        for lora_id, request in lora_requests:
             self._llm.llm_engine.add_lora(request)
             if lora_id in self._pinned:
                 self._llm.llm_engine.pin_lora(lora_id)
