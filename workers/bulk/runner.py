@@ -26,14 +26,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workers.bulk.jobfiles import count_rows, read_rows
+from workers.bulk.jobfiles import read_rows
 from workers.core.config import PipelineConfig
 from workers.core.contracts import ErrorInfo, Result, ResultStatus, Timings, Usage, adapter_label
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage
 from workers.core.prepare import PreparedJob, decode_job
 from workers.core.processing import Answered
-from workers.parquet.dataset import ParquetDatasetWriter, existing_job_ids
+from workers.parquet.dataset import ParquetDatasetWriter
 from workers.serving import Serving
 
 log = structlog.get_logger(__name__)
@@ -134,8 +134,10 @@ class BulkRunner:
         pipelines: dict[str, PipelineConfig],
         serving: Serving,
         options: BulkOptions,
-        selection: RowSelection | None = None,
+        selection: RowSelection,
     ) -> None:
+        """`selection`: the rows this engine serves; rows its run already wrote are left out
+        by whoever chose them (`workers.bulk.tiers.survey`)."""
         self._pipelines = pipelines
         self._serving = serving
         self._preparer = serving.preparer
@@ -158,10 +160,7 @@ class BulkRunner:
     def run(self, console: Console | None = None, gate: Gate | None = None) -> BulkSummary | None:
         """Serve the selected rows; None if `gate` failed (then nothing was written)."""
         started = time.monotonic()
-        done = existing_job_ids(self._options.output_dir, stem_marker=_run_marker(self.run_id))
-        selection = self._selection or RowSelection(
-            lambda _row: True, count_rows(self._options.input_path)
-        )
+        selection = self._selection
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -178,7 +177,7 @@ class BulkRunner:
                 shown = _Shown(progress, bar, started)
                 if gate is not None:
                     self._holding = True
-                    self._serve(lambda row: row in gate.rows, done, shown)
+                    self._serve(lambda row: row in gate.rows, shown)
                     self._holding = False
                     if not gate.passes(self._held):
                         return None
@@ -186,23 +185,19 @@ class BulkRunner:
                     selection = RowSelection(
                         lambda row: row not in gate.rows and wanted(row), selection.total
                     )
-                self._serve(selection.wanted, done, shown)
+                self._serve(selection.wanted, shown)
                 self._write(final=True)
         finally:
             self._loop.stop(timeout_s=30)
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
-    def _serve(self, wanted: Callable[[int], bool], done: set[str], shown: _Shown) -> None:
+    def _serve(self, wanted: Callable[[int], bool], shown: _Shown) -> None:
         """Every wanted row of the input through the engine, until all are finished."""
         for row, raw in enumerate(read_rows(self._options.input_path)):
             if not wanted(row):
                 continue
             self.summary.rows += 1
-            if done and job_id_of(raw, row) in done:  # parse only when resuming
-                self.summary.skipped += 1
-                shown.advance()
-                continue
             shown.advance(self._accept(row, raw))
             # Read ahead while the engine runs, within bounds.
             while self._loop.unfinished() >= self._options.read_ahead:

@@ -190,7 +190,10 @@ class TieredBulkRun:
             set(self._catalog.by_name),
             done,
         )
-        plan = plan_run(found.demand, self._mode, self._costs, self._cached_adapters(found))
+        # Which checkpoints are cached matters only to a plan that may merge; asking hashes the
+        # base model once, which `never` need not pay for.
+        cached = set() if self._mode is MergeMode.NEVER else self._cached_adapters(found)
+        plan = plan_run(found.demand, self._mode, self._costs, cached)
         log.info(
             "bulk_plan",
             mode=self._mode.value,
