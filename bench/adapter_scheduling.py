@@ -33,6 +33,7 @@ from workers.core.engine_api import AdapterHandle, GenerationRequest
 from workers.core.messages import SourceMessage
 from workers.core.prepare import PreparedJob
 from workers.core.processing import Answered, OutputChecker
+from workers.core.routing import Router
 from workers.engine.loop import EngineLoop, LoopLimits
 from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
@@ -99,6 +100,10 @@ def bench_job(order: int, text: str, request: GenerationRequest) -> PreparedJob:
     )
 
 
+def no_resolver(name: str, _job: Job) -> AdapterHandle:
+    raise LookupError(f"bench jobs come routed; nothing resolves {name!r}")
+
+
 def run_policy(
     engine: VllmEngine,
     adapters: list[tuple[str, Path, str]],
@@ -126,7 +131,9 @@ def run_policy(
     loop = EngineLoop(
         engine,
         cache,
-        OutputChecker({BENCH_PIPELINE.task: BENCH_PIPELINE}, engine.max_model_len),
+        OutputChecker(
+            {BENCH_PIPELINE.task: BENCH_PIPELINE}, engine.max_model_len, Router(no_resolver)
+        ),
         Admission[PreparedJob](
             policy=policy,
             max_adapters=max_loras,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from workers.bulk.plan import MergeMode
 from workers.core.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
-from workers.core.contracts import contract_schemas
+from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN, contract_schemas
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -155,7 +156,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--once", action="store_true", help="print one table and exit")
 
-    adapters = command_parser(commands, "adapters", "announce and list adapter versions")
+    adapters = command_parser(
+        commands, "adapters", "announce, shadow, promote, compose and list adapter versions"
+    )
     adapter_commands = adapters.add_subparsers(
         dest="adapters_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
     )
@@ -164,14 +167,58 @@ def _build_parser() -> argparse.ArgumentParser:
     announce.add_argument("--version", required=True, help="a new version label, e.g. v2")
     announce.add_argument("--path", required=True, type=Path, help="the adapter directory")
     announce.add_argument("--base-model", help="default: the catalog's base model")
-    announce.add_argument(
-        "--weight", type=_weight, default=1.0, help="share of traffic for this version, in (0, 1]"
-    )
+    _add_share_arguments(announce)
     announce.add_argument(
         "--tenants", type=_tenants, help="comma-separated allow list (default: all tenants)"
     )
     announce.add_argument("--hot", action="store_true", help="pin in the engine's adapter slots")
     announce.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
+
+    promote = command_parser(
+        adapter_commands, "promote", "make a shadow (or canary) version serve traffic"
+    )
+    promote.add_argument("name", help="the adapter's name")
+    promote.add_argument("version", help="its shadow or canary version")
+    promote.add_argument(
+        "--weight",
+        type=_weight,
+        default=1.0,
+        help="share of traffic it serves, in (0, 1]; the other versions share the rest",
+    )
+    promote.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
+
+    compose = command_parser(
+        adapter_commands, "compose", "build an adapter from weighted others (PEFT) and publish it"
+    )
+    compose.add_argument("name", type=_adapter_name, help="the new adapter's name")
+    compose.add_argument(
+        "--from",
+        dest="sources",
+        required=True,
+        type=_sources,
+        help="NAME[@VERSION]:WEIGHT,... e.g. billing-reply:0.7,customer-tone:0.3",
+    )
+    compose.add_argument(
+        "--version", required=True, type=_version, help="the composed version's label"
+    )
+    compose.add_argument(
+        "--method",
+        choices=["linear", "cat", "ties"],
+        default="linear",
+        help="linear: equal ranks, weights applied to A and B; cat: exact weighted sum, ranks "
+        "add up; ties: trim, elect sign, merge",
+    )
+    compose.add_argument(
+        "--density", type=_weight, default=0.5, help="share of weights ties keeps, in (0, 1]"
+    )
+    compose.add_argument(
+        "--out",
+        type=Path,
+        help="directory to write it to, under an allowed root "
+        "(default: <first allowed root>/composed/NAME/VERSION)",
+    )
+    _add_share_arguments(compose)
+    compose.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
     command_parser(adapter_commands, "list", "what the adapter-update topic holds, with status")
 
     schemas = command_parser(commands, "schemas", "contract schema files")
@@ -213,6 +260,50 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _add_share_arguments(parser: argparse.ArgumentParser) -> None:
+    share = parser.add_mutually_exclusive_group()
+    share.add_argument(
+        "--weight", type=_weight, default=1.0, help="share of traffic for this version, in (0, 1]"
+    )
+    share.add_argument(
+        "--shadow",
+        type=_weight,
+        metavar="SHARE",
+        help="serve no one: run this share of the adapter's jobs on it too, in (0, 1], and "
+        "compare the answers on adapters.evaluations",
+    )
+
+
+def _adapter_name(text: str) -> str:
+    if not re.fullmatch(ADAPTER_NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"use 1-64 letters, digits, '.', '_' or '-', got {text!r}")
+    return text
+
+
+def _version(text: str) -> str:
+    if not re.fullmatch(VERSION_PATTERN, text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"use 1-32 letters, digits, '.', '_' or '-', got {text!r}")
+    return text
+
+
+def _sources(text: str) -> list[tuple[str, float]]:
+    sources: list[tuple[str, float]] = []
+    for part in text.split(","):
+        name, sep, weight = part.strip().rpartition(":")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME:WEIGHT, got {part.strip()!r}")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"weight of {name} is not a number: {weight!r}"
+            ) from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"weight of {name} must be positive, got {weight}")
+        sources.append((name, value))
+    return sources
 
 
 def _weight(text: str) -> float:
@@ -347,30 +438,60 @@ def _cmd_schemas_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:
-    from workers.adapters.admin import list_adapters, publish_version
+    from workers.adapters.admin import list_adapters, promote_version, publish_version
     from workers.core.errors import AdapterRejected
 
     settings = _settings(args)
     if args.adapters_command == "list":
         _print_adapters(list_adapters(settings))
         return 0
-    try:
-        state = publish_version(
-            settings,
-            name=args.name,
-            version=args.version,
-            path=args.path,
-            base_model=args.base_model or load_catalog(settings.catalog).base_model,
-            weight=args.weight,
-            tenants=args.tenants,
-            hot=args.hot,
-            max_lora_rank=settings.engine.max_lora_rank,
-        )
-    except AdapterRejected as rejection:
-        raise ConfigError(f"adapter rejected: {rejection}") from rejection
+    if args.adapters_command == "promote":
+        state = promote_version(settings, name=args.name, version=args.version, weight=args.weight)
+    else:
+        path = args.path if args.adapters_command == "publish" else _composed(args, settings)
+        try:
+            state = publish_version(
+                settings,
+                name=args.name,
+                version=args.version,
+                path=path,
+                base_model=getattr(args, "base_model", None)
+                or load_catalog(settings.catalog).base_model,
+                weight=args.weight,
+                tenants=getattr(args, "tenants", None),
+                hot=getattr(args, "hot", False),
+                max_lora_rank=settings.engine.max_lora_rank,
+                shadow=args.shadow,
+            )
+        except AdapterRejected as rejection:
+            if args.adapters_command == "compose":  # nothing published: nothing left behind
+                shutil.rmtree(path, ignore_errors=True)
+            raise ConfigError(f"adapter rejected: {rejection}") from rejection
     shares = ", ".join(f"{v.version}: {v.weight:.0%}" for v in state.versions)
+    if state.shadow is not None:
+        shares += f"; shadow {state.shadow.version}: {state.shadow.share:.0%} of jobs"
     print(f"published {state.name} ({shares}) to {settings.adapters.updates_topic}")
     return 0
+
+
+def _composed(args: argparse.Namespace, settings: Settings) -> Path:
+    """Build the composed adapter (`adapters compose`); its directory."""
+    from workers.adapters.admin import source_paths
+    from workers.adapters.compose import CompositionError, CompositionMethod, compose_adapter
+
+    out = args.out or settings.adapters.allowed_roots[0] / "composed" / args.name / args.version
+    try:
+        path = compose_adapter(
+            source_paths(settings, args.sources),
+            method=CompositionMethod(args.method),
+            base_model_dir=settings.engine.model,
+            out_dir=out,
+            density=args.density,
+        )
+    except CompositionError as exc:
+        raise ConfigError(f"cannot compose {args.name}: {exc}") from exc
+    print(f"composed {args.name}@{args.version} ({args.method}) in {path}")
+    return path
 
 
 def _print_adapters(listings: list) -> None:
@@ -378,18 +499,32 @@ def _print_adapters(listings: list) -> None:
     from rich.table import Table
 
     table = Table(title="Adapters on the update topic")
-    for column in ("adapter", "version", "weight", "tenants", "hot", "status"):
+    for column in ("adapter", "version", "weight", "tenants", "hot", "status", "shadow evaluation"):
         table.add_column(column)
     for listing in listings:
         state = listing.state
-        for spec in state.versions:
-            status = listing.statuses.get(spec.version)
+        tenants = ",".join(state.tenants) if state.tenants else "all"
+        rows = [(spec.version, f"{spec.weight:.0%}") for spec in state.versions]
+        if state.shadow is not None:
+            rows.append((state.shadow.version, f"shadow {state.shadow.share:.0%}"))
+        for version, weight in rows:
+            status = listing.statuses.get(version)
             described = "-" if status is None else f"{status.state} ({status.worker})"
             if status is not None and status.code:
                 described += f" {status.code}"
-            tenants = ",".join(state.tenants) if state.tenants else "all"
+            evaluation = ""
+            shadowed = listing.shadow_status
+            if state.shadow is not None and version == state.shadow.version and shadowed:
+                summary = shadowed.evaluation
+                assert summary is not None
+                evaluation = (
+                    f"{summary.jobs} jobs: text {summary.identical_text:.0%}, output "
+                    f"{summary.identical_output:.0%} identical; valid {summary.serving_valid:.0%}"
+                    f" vs {summary.shadow_valid:.0%}; {summary.serving_latency_ms:.0f} vs "
+                    f"{summary.shadow_latency_ms:.0f} ms ({shadowed.worker})"
+                )
             table.add_row(
-                state.name, spec.version, f"{spec.weight:.0%}", tenants, str(state.hot), described
+                state.name, version, weight, tenants, str(state.hot), described, evaluation
             )
     Console().print(table)
 

@@ -103,6 +103,37 @@ CONSUMER_LAG = Gauge(
     "Messages in an assigned input partition after this worker's position.",
     ["topic", "partition"],
 )
+ROUTES = Counter(
+    "lora_workers_routes_total",
+    "Results by how their adapter was chosen (job, tenant, classifier, embedding, task) and "
+    "whether a classifier or embedding route fell back.",
+    ["task", "by", "adapter", "fallback"],
+)
+EMBEDDING_SECONDS = Histogram(
+    "lora_workers_embedding_seconds",
+    "Wall time of embedding one consumed batch of inputs for embedding routing.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+SHADOW_EVALUATIONS = Counter(
+    "lora_workers_shadow_evaluations_total",
+    "Jobs also run on a shadow version, by whether its text and parsed output were identical.",
+    ["adapter", "version", "identical_text", "identical_output"],
+)
+SHADOW_SUMMARY = Gauge(
+    "lora_workers_shadow_summary",
+    "Rolling comparison of a shadow version with the serving one (shadow.summary_window jobs): "
+    "identical_text, identical_output, serving_valid, shadow_valid as shares; tokens and "
+    "latency_ms means per side.",
+    ["adapter", "version", "measure"],
+)
+SHADOW_SKIPPED = Counter(
+    "lora_workers_shadow_skipped_total",
+    "Shadow runs skipped because shadow.max_waiting were already waiting.",
+    ["task"],
+)
+SHADOW_FAILED = Counter(
+    "lora_workers_shadow_failed_total", "Shadow runs that failed (no evaluation).", ["task"]
+)
 READY = Gauge("lora_workers_ready", "1 once the engine, the adapters and the assignment are up.")
 
 
@@ -128,3 +159,7 @@ def record_result(result: Result, finished_at_ms: int) -> None:
     JOB_GENERATE_SECONDS.labels(*labels).observe(timings.generate_ms / 1000)
     latency_ms = max(0, finished_at_ms - timings.enqueued_at_ms)
     JOB_LATENCY_SECONDS.labels(*labels).observe(latency_ms / 1000)
+    if result.route is not None:
+        route = result.route
+        adapter = route.adapter or BASE_MODEL_LABEL
+        ROUTES.labels(result.task, route.by.value, adapter, str(route.fallback).lower()).inc()

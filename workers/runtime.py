@@ -26,7 +26,7 @@ from workers.core.errors import AdapterRejected
 from workers.health import Readiness, serve
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
-from workers.kafka.status import AdapterStatusWriter, last_serving_states, read_statuses
+from workers.kafka.status import NoticeWriter, last_serving_states, read_statuses
 from workers.kafka.transactions import ExactlyOnceSink
 from workers.serving import check_dedicated, start_serving
 from workers.worker import RunLimits, RunSummary, Worker
@@ -60,7 +60,8 @@ def run_worker(
     )
     # What the fleet serves, for adapters whose good state was compacted under a rejected one.
     last_serving = last_serving_states(read_statuses(bootstrap, settings.adapters.status_topic))
-    statuses = AdapterStatusWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
+    statuses = NoticeWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
+    evaluations = NoticeWriter(bootstrap, settings.adapters.evaluations_topic, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
     merged, merge = None, None
     dedicated = settings.merge.dedicated_adapter
@@ -70,11 +71,12 @@ def run_worker(
         settings,
         pipelines,
         catalog,
-        on_status=statuses.write,
+        on_status=statuses.write_status,
         updates=updates,
         last_serving=last_serving,
         merged=merged,
         merge=merge,
+        shadows=True,
     )
     readiness.update(engine=True)
     try:
@@ -93,6 +95,8 @@ def run_worker(
             ),
             sink=sink,
             readiness=readiness,
+            evaluations=evaluations,
+            report_status=statuses.write_status,
         )
         return worker.run(RunLimits(max_jobs=max_jobs, idle_exit_s=idle_exit_s))
     finally:
@@ -100,6 +104,7 @@ def run_worker(
             server.shutdown()
         serving.engine.close()
         statuses.close()
+        evaluations.close()
 
 
 def _dedicated_to(

@@ -4,11 +4,13 @@ engine loop (admission, generation, output checks) wired to one engine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
+from workers import metrics
 from workers.adapters.cache import AdapterCache
 from workers.adapters.checks import AdapterRequirements
 from workers.adapters.feed import AdapterUpdateFeed
@@ -19,6 +21,7 @@ from workers.core.contracts import AdapterStatus, AdapterUpdate
 from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import OutputChecker
+from workers.core.routing import NearestAdapters, Router
 from workers.engine.loop import EngineLoop, LoopLimits
 from workers.engine.vllm_engine import VllmEngine
 
@@ -28,8 +31,8 @@ log = structlog.get_logger(__name__)
 def check_routing(pipelines: dict[str, PipelineConfig], known_adapters: set[str]) -> None:
     """Fail at start-up, not per job, when a pipeline routes to an adapter nobody announced."""
     for pipeline in pipelines.values():
-        names = {pipeline.routing.adapter, *pipeline.routing.tenants.values()} - {None}
-        missing = sorted(n for n in names if n not in known_adapters)
+        names = pipeline.routing.targets()
+        missing = sorted(str(n) for n in names if n is not None and n not in known_adapters)
         if missing:
             raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
 
@@ -38,14 +41,34 @@ def check_dedicated(pipelines: dict[str, PipelineConfig], adapter: str) -> None:
     """A worker serving one adapter merged must get no job routed elsewhere by configuration:
     the merged weights would mis-serve the base model's jobs and cannot serve another's."""
     for pipeline in pipelines.values():
-        routing = pipeline.routing
-        others = sorted({str(routing.adapter), *routing.tenants.values()} - {adapter})
+        others = sorted({str(name) for name in pipeline.routing.targets()} - {adapter})
         if others:
             shown = ["the base model" if name == "None" else name for name in others]
             raise ConfigError(
                 f"merge.dedicated_adapter is {adapter!r}, but pipeline {pipeline.task!r} routes "
                 f"jobs to {shown}"
             )
+
+
+def embedding_router(pipelines: dict[str, PipelineConfig]) -> NearestAdapters | None:
+    """Centroids of every embedding-routed pipeline's examples, computed once at start-up."""
+    routed = {task: p.routing.embedding for task, p in pipelines.items() if p.routing.embedding}
+    if not routed:
+        return None
+    from workers.embedding import CentroidIndex, SentenceEmbedder  # torch only when used
+
+    embedder = SentenceEmbedder()
+    started = time.monotonic()
+    indexes = {task: CentroidIndex(config.examples, embedder) for task, config in routed.items()}
+    log.info("embedding_centroids", tasks=sorted(indexes), s=round(time.monotonic() - started, 2))
+
+    def nearest(task: str, texts: Sequence[str]) -> list[tuple[str, float]]:
+        started = time.monotonic()
+        found = indexes[task].nearest(embedder.embed(texts))
+        metrics.EMBEDDING_SECONDS.observe(time.monotonic() - started)
+        return found
+
+    return nearest
 
 
 def prewarm(engine: VllmEngine, registry: AdapterRegistry, names: list[str]) -> None:
@@ -76,6 +99,7 @@ def start_serving(
     merged: MergedModel | None = None,
     merge: Callable[[AdapterHandle], MergedModel] | None = None,
     engine_depth: int | None = None,
+    shadows: bool = False,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
@@ -83,7 +107,8 @@ def start_serving(
     With `merged`, the engine runs that checkpoint and serves only its adapter: the catalog
     must hold just that one, and routing was checked by whoever planned the merge. With
     `merge` too, a new version of the adapter is merged and the engine switched to it.
-    `engine_depth` overrides `admission.engine_depth` (bulk runs keep the engine deeper)."""
+    `engine_depth` overrides `admission.engine_depth` (bulk runs keep the engine deeper).
+    `shadows`: jobs of an adapter with a shadow version also run on it (the Kafka worker)."""
     engine = VllmEngine(settings.engine, merged)
     try:
         registry = AdapterRegistry(
@@ -107,10 +132,15 @@ def start_serving(
             check_routing(pipelines, set(catalog.by_name) | set(registry.served()))
             prewarm(engine, registry, settings.adapters.prewarm)
         cache = AdapterCache(engine)
+        router = Router(
+            resolve=registry.resolve,
+            shadow_for=registry.shadow_for if shadows else None,
+            nearest=embedding_router(pipelines),
+        )
         preparer = JobPreparer(
             pipelines_by_topic={p.input_topic: p for p in pipelines.values()},
             known_tasks=set(pipelines),
-            resolve_adapter=registry.resolve,
+            router=router,
             tokenize=engine.tokenize,
             max_model_len=engine.max_model_len,
             max_job_bytes=settings.sizes.max_job_bytes,
@@ -130,7 +160,7 @@ def start_serving(
         loop = EngineLoop(
             engine,
             cache,
-            OutputChecker(pipelines, engine.max_model_len),
+            OutputChecker(pipelines, engine.max_model_len, router),
             Admission[PreparedJob](
                 policy=admission.policy,
                 max_adapters=admission.max_adapters or settings.engine.max_loras,
@@ -142,6 +172,8 @@ def start_serving(
                 engine_depth=engine_depth or admission.engine_depth or settings.engine.max_num_seqs,
                 crash_attempts=settings.engine.crash_attempts,
                 stall_warning_s=settings.engine.step_stall_warning_s,
+                shadow_share=settings.shadow.max_engine_share,
+                shadow_max_waiting=settings.shadow.max_waiting,
             ),
             restart_engine=restart_engine,
             on_unavailable=registry.mark_unavailable,

@@ -33,16 +33,18 @@ from workers import metrics
 from workers.adapters.feed import AdapterUpdateFeed
 from workers.adapters.updates import UpdateRecord
 from workers.core.config import PipelineConfig, Settings
-from workers.core.contracts import Result, adapter_label
+from workers.core.contracts import AdapterStatus, Result, adapter_label
 from workers.core.engine_api import EngineDied
 from workers.core.errors import JobError, JobRejected
+from workers.core.evaluation import ShadowSummaries
 from workers.core.messages import SourceMessage, traced
 from workers.core.offsets import OffsetTracker, TopicPartitionKey
 from workers.core.prepare import PreparedJob
-from workers.core.processing import Answered, Outcome
+from workers.core.processing import Answered, Evaluated, Outcome, evaluation_of
 from workers.health import Readiness
 from workers.kafka.sinks import DeliveryFailed, ResultSink, dead_letter_record, result_record
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
+from workers.kafka.status import NoticeWriter
 from workers.parquet.kafka_results import ParquetResults
 from workers.serving import Serving
 
@@ -96,6 +98,8 @@ class Worker:
         source_factory: Callable[[RebalanceHandlers], KafkaJobSource],
         sink: ResultSink,
         readiness: Readiness | None = None,
+        evaluations: NoticeWriter | None = None,
+        report_status: Callable[[AdapterStatus], None] | None = None,
     ) -> None:
         self.settings = settings
         self.pipelines = pipelines
@@ -122,6 +126,11 @@ class Worker:
         self._commit_backoff_s = 0.0
         self._readiness = readiness or Readiness()
         self._next_lag_report = 0.0
+        self._evaluations = evaluations
+        self._report_status = report_status
+        self._shadow_summaries = ShadowSummaries(
+            settings.shadow.summary_window, settings.shadow.status_interval_s, settings.worker_id
+        )
         self.source = source_factory(
             RebalanceHandlers(revoked=self._on_revoked, lost=self._on_lost)
         )
@@ -150,6 +159,7 @@ class Worker:
                 active = bool(messages) or self._busy() or self.source.fetch_pending()
                 self._accept(messages)
                 self._collect()
+                self._report_shadows(force=False)
                 self.sink.poll()
                 self._flush_parquet()
                 self._commit_if_due()
@@ -175,7 +185,12 @@ class Worker:
             metrics.CONSUMER_LAG.labels(topic, str(partition)).set(behind)
 
     def _busy(self) -> bool:
-        return bool(self._submitted or self.offsets.unfinished_count() or self.sink.held())
+        return bool(
+            self._submitted
+            or self.offsets.unfinished_count()
+            or self.sink.held()
+            or self.loop.shadow_runs()
+        )
 
     def _should_stop(self, limits: RunLimits) -> bool:
         if self._stop_requested:
@@ -195,6 +210,7 @@ class Worker:
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
+            self._report_shadows(force=True)
         finally:
             self.loop.stop(LOOP_JOIN_TIMEOUT_S)  # aborts what is still in the engine
             self.source.close()  # leaves the group; partitions move at once
@@ -271,33 +287,36 @@ class Worker:
         return messages
 
     def _accept(self, messages: list[SourceMessage]) -> None:
+        fresh: list[SourceMessage] = []
+        for message in messages:
+            key = (message.topic, message.partition)
+            if not self.offsets.resumed(key):
+                ledger = self.source.committed_ledger(key)
+                if ledger.highest >= ledger.position:
+                    log.info(
+                        "partition_resumed_with_ledger",
+                        partition=key,
+                        position=ledger.position,
+                        answered_beyond=ledger.highest
+                        - ledger.position
+                        + 1
+                        - len(ledger.unfinished),
+                    )
+                self.offsets.resume(key, ledger)
+            self.offsets.track(message.topic, message.partition, message.offset)
+            if self.offsets.already_answered(message.topic, message.partition, message.offset):
+                # Answered by this partition's previous owner, beyond the offset it could
+                # commit: its answer is already on the result topic.
+                self._finish(message)
+                continue
+            fresh.append(message)
+        preparer = self.serving.preparer
+        staged = preparer.stage_all(fresh)  # embedding routes take a while: not under the lock
         prepared: list[PreparedJob] = []
         with self._routing:
-            for message in messages:
-                key = (message.topic, message.partition)
-                if not self.offsets.resumed(key):
-                    ledger = self.source.committed_ledger(key)
-                    if ledger.highest >= ledger.position:
-                        log.info(
-                            "partition_resumed_with_ledger",
-                            partition=key,
-                            position=ledger.position,
-                            answered_beyond=ledger.highest
-                            - ledger.position
-                            + 1
-                            - len(ledger.unfinished),
-                        )
-                    self.offsets.resume(key, ledger)
-                self.offsets.track(message.topic, message.partition, message.offset)
-                if self.offsets.already_answered(message.topic, message.partition, message.offset):
-                    # Answered by this partition's previous owner, beyond the offset it could
-                    # commit: its answer is already on the result topic.
-                    self._finish(message)
-                    continue
-                try:
-                    job = self.serving.preparer.prepare(message)
-                except JobRejected as rejection:
-                    self._dead_letter(message, rejection)
+            for message, job in zip(fresh, preparer.route_all(staged), strict=True):
+                if isinstance(job, JobRejected):
+                    self._dead_letter(message, job)
                     continue
                 self._submitted[_position_of(message)] = job
                 prepared.append(job)
@@ -334,6 +353,9 @@ class Worker:
             self._answer(outcome)
 
     def _answer(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Evaluated):
+            self._evaluated(outcome)
+            return
         source = outcome.job.source
         position = _position_of(source)
         submitted = self._submitted.get(position)
@@ -344,6 +366,21 @@ class Worker:
             self._write_result(outcome.job, outcome.result)
         else:
             self._dead_letter(source, outcome.rejection)
+
+    def _evaluated(self, outcome: Evaluated) -> None:
+        """A shadow run's answer: compared with the serving one, never published."""
+        serving = outcome.job.shadow_of
+        assert serving is not None
+        evaluation = evaluation_of(serving, outcome.result, self.settings.worker_id)
+        self._shadow_summaries.add(evaluation)
+        if self._evaluations is not None:
+            self._evaluations.write(evaluation.job_id, evaluation)
+
+    def _report_shadows(self, *, force: bool) -> None:
+        if self._report_status is None:
+            return
+        for status in self._shadow_summaries.due(time.monotonic(), force=force):
+            self._report_status(status)
 
     def _write_result(self, job: PreparedJob, result: Result) -> None:
         try:

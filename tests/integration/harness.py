@@ -59,6 +59,10 @@ class Deployment:
         return f"adapters.status.{self.suffix}"
 
     @property
+    def evaluations_topic(self) -> str:
+        return f"adapters.evaluations.{self.suffix}"
+
+    @property
     def adapter_root(self) -> Path:
         """A second allowed root, for adapters a test makes."""
         return self.pipelines_dir.parent / "adapters"
@@ -72,6 +76,7 @@ class Deployment:
             "LORA_WORKERS_GROUP_ID": self.group_id,
             "LORA_WORKERS_ADAPTERS__UPDATES_TOPIC": self.updates_topic,
             "LORA_WORKERS_ADAPTERS__STATUS_TOPIC": self.status_topic,
+            "LORA_WORKERS_ADAPTERS__EVALUATIONS_TOPIC": self.evaluations_topic,
             "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps(
                 [str(ROOT / "models"), str(self.adapter_root)]
             ),
@@ -150,13 +155,14 @@ def assert_committed_to_the_end(deployment: Deployment) -> None:
         consumer.close()
 
 
-def deploy(bootstrap: str, tmp_path: Path) -> Deployment:
-    """Copies of the shipped pipelines on topics suffixed for this test, topics created."""
+def deploy(bootstrap: str, tmp_path: Path, pipelines: Path = ROOT / "pipelines") -> Deployment:
+    """Copies of the shipped pipelines (or those in `pipelines`) on topics suffixed for this
+    test, topics created."""
     suffix = uuid.uuid4().hex[:8]
     pipelines_dir = tmp_path / "pipelines"
     pipelines_dir.mkdir()
     (tmp_path / "adapters").mkdir()
-    for source in sorted((ROOT / "pipelines").glob("*.yaml")):
+    for source in sorted(pipelines.glob("*.yaml")):
         document = yaml.safe_load(source.read_text())
         task = document["task"]
         document["input_topic"] = f"jobs.{task}.{suffix}"

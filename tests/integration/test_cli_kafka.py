@@ -20,6 +20,7 @@ def test_topics_create_is_idempotent(kafka_bootstrap: str, tmp_path: Path) -> No
     assert again.returncode == 0, again.stderr
     lines = again.stdout.strip().splitlines()
     expected = {deployment.unknown_task_dlq, deployment.updates_topic, deployment.status_topic}
+    expected.add(deployment.evaluations_topic)
     for pipeline in deployment.pipelines.values():
         expected |= {pipeline.input_topic, pipeline.result_topic, pipeline.dlq_topic}
     assert {line.split()[1] for line in lines} == expected

@@ -11,7 +11,14 @@ from workers.adapters.checks import AdapterRequirements, adapter_digest
 from workers.adapters.registry import AdapterRegistry
 from workers.adapters.updates import UpdateRecord, decode_update
 from workers.core.config import LLAMA_LORA_MODULES
-from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec, Job
+from workers.core.contracts import (
+    AdapterState,
+    AdapterStatus,
+    AdapterUpdate,
+    AdapterVersionSpec,
+    Job,
+    ShadowSpec,
+)
 from workers.core.engine_api import AdapterHandle, AdapterLoadError
 from workers.core.errors import JobRejected
 from workers.kafka.status import last_serving_states
@@ -246,3 +253,43 @@ def test_a_worker_dedicated_to_one_adapter_ignores_others_and_refuses_a_canary(
     assert not dedicated.apply(update(spec(root, "1", 0.8), spec(root, "2", 0.2)))
     assert (statuses[-1].state, statuses[-1].code) == ("rejected", "merged_one_version")
     assert dedicated.resolve("tone", job()).version == "1"  # the serving version stays
+
+
+def shadow_of(root: Path, version: str, share: float) -> ShadowSpec:
+    path = root / f"tone-v{version}"
+    return ShadowSpec(version=version, path=str(path), sha256=adapter_digest(path), share=share)
+
+
+def test_a_shadow_serves_no_one_and_shadows_its_share(registry, root, engine, statuses) -> None:
+    assert registry.apply(update(spec(root, "1"), shadow=shadow_of(root, "2", 0.2)))
+    handles = [registry.resolve("tone", job(f"job-{i}")) for i in range(2000)]
+    assert {h.version for h in handles} == {"1"}
+    shadows = [registry.shadow_for(h, job(f"job-{i}")) for i, h in enumerate(handles)]
+    picked = [s for s in shadows if s is not None]
+    assert {s.version for s in picked} == {"2"}
+    assert abs(len(picked) / len(handles) - 0.2) < 0.03
+    again = [registry.shadow_for(handles[i], job(f"job-{i}")) for i in range(2000)]
+    assert again == shadows  # a stable choice per job
+    states = {(s.version, s.state) for s in statuses}
+    assert {("1", AdapterState.SERVING), ("2", AdapterState.SHADOW)} <= states
+    # Loaded, and kept while it is the shadow: no route serves it, but it is in use.
+    registry.release_unused(set())
+    assert picked[0].lora_id in engine.registered
+
+
+def test_a_shadow_that_fails_its_checks_rejects_the_update(registry, root, engine) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    bad = shadow_of(root, "2", 0.5).model_copy(update={"sha256": "0" * 64})
+    assert not registry.apply(update(spec(root, "1"), shadow=bad))
+    handle = registry.resolve("tone", job())
+    assert handle.version == "1" and registry.shadow_for(handle, job()) is None
+
+
+def test_a_shadow_lost_on_reload_stops_shadowing_not_serving(registry, root) -> None:
+    registry.apply(update(spec(root, "1"), shadow=shadow_of(root, "2", 1.0)))
+    serving = registry.resolve("tone", job())
+    shadow = registry.shadow_for(serving, job())
+    assert shadow is not None
+    registry.mark_unavailable(shadow, "files changed")
+    assert registry.resolve("tone", job()) == serving
+    assert registry.shadow_for(serving, job()) is None

@@ -41,6 +41,7 @@ FIXED_NAMES = [
     "adapter_version",
     "adapter_sha256",
     "served_by",
+    "route_json",
     "output_json",
     "raw_output",
     "prompt_tokens",

@@ -9,6 +9,7 @@ from workers.core.engine_api import AdapterHandle
 from workers.core.errors import JobRejected
 from workers.core.messages import SourceMessage
 from workers.core.prepare import JobPreparer
+from workers.core.routing import Router
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = load_pipelines(ROOT / "pipelines", ROOT / "schemas")
@@ -28,7 +29,7 @@ def preparer(max_model_len: int = 512) -> JobPreparer:
     return JobPreparer(
         pipelines_by_topic={p.input_topic: p for p in PIPELINES.values()},
         known_tasks=set(PIPELINES),
-        resolve_adapter=resolve,
+        router=Router(resolve),
         tokenize=lambda text: list(text.encode()),  # one "token" per byte is enough here
         max_model_len=max_model_len,
         max_job_bytes=4096,

@@ -1,4 +1,5 @@
-"""Operator side of the adapter lifecycle: announce versions, list what the topic holds."""
+"""Operator side of the adapter lifecycle: announce versions (serving, canary or shadow),
+promote one, compose one from others, list what the topics hold."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from confluent_kafka import Producer
 from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.adapters.registry import update_from_catalog
 from workers.adapters.updates import decode_update
-from workers.core.config import Settings, load_catalog
-from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec
+from workers.core.config import ConfigError, Settings, load_catalog
+from workers.core.contracts import (
+    AdapterState,
+    AdapterStatus,
+    AdapterUpdate,
+    AdapterVersionSpec,
+    ShadowSpec,
+)
 from workers.kafka.status import read_statuses
 from workers.kafka.topics import read_to_end
 
@@ -49,14 +56,74 @@ def next_state(
         share = sum(v.weight for v in others)
         versions = [v.model_copy(update={"weight": v.weight / share * remaining}) for v in others]
         versions.append(new_version)
+    shadow = current.shadow if current is not None else None
     return AdapterUpdate(
         name=name,
         base_model=base_model,
         versions=versions,
         tenants=tenants if tenants is not None else (current.tenants if current else None),
         hot=hot,
+        shadow=None if shadow is None or shadow.version == new_version.version else shadow,
         published_at_ms=int(time.time() * 1000),
     )
+
+
+def with_shadow(current: AdapterUpdate | None, name: str, shadow: ShadowSpec) -> AdapterUpdate:
+    """The adapter's state with `shadow` evaluated beside the versions serving now."""
+    if current is None:
+        raise ConfigError(f"{name} serves no version yet: publish one before a shadow")
+    if shadow.version in {v.version for v in current.versions}:
+        raise ConfigError(f"{name}@{shadow.version} already serves; a shadow is a new version")
+    return current.model_copy(update={"shadow": shadow, "published_at_ms": int(time.time() * 1000)})
+
+
+def promoted(
+    current: AdapterUpdate | None, name: str, version: str, weight: float
+) -> AdapterUpdate:
+    """The adapter's state with `version` (its shadow, or a canary) serving `weight` of the
+    traffic; the other serving versions share the rest."""
+    if current is None:
+        raise ConfigError(f"no adapter {name!r} on the updates topic")
+    if current.shadow is not None and current.shadow.version == version:
+        spec = AdapterVersionSpec(
+            version=version,
+            path=current.shadow.path,
+            sha256=current.shadow.sha256,
+            weight=weight,
+        )
+    else:
+        serving = {v.version: v for v in current.versions}
+        if version not in serving:
+            known = sorted(serving) + ([current.shadow.version] if current.shadow else [])
+            raise ConfigError(f"{name} has no version {version!r}; it has {known}")
+        spec = serving[version].model_copy(update={"weight": weight})
+    return next_state(current, name, spec, current.base_model, current.tenants, current.hot)
+
+
+def _publish(settings: Settings, state: AdapterUpdate) -> None:
+    producer = Producer({"bootstrap.servers": settings.require_bootstrap(), "acks": "all"})
+    producer.produce(
+        settings.adapters.updates_topic,
+        key=state.name.encode(),
+        value=state.model_dump_json().encode(),
+    )
+    if producer.flush(30):
+        raise TimeoutError("the adapter update was not acknowledged within 30 s")
+
+
+def current_state(settings: Settings, name: str) -> AdapterUpdate | None:
+    """Versions announced on the topic win; before any announcement the catalog's serves."""
+    current = current_updates(settings).get(name)
+    catalog = load_catalog(settings.catalog)
+    if current is None and name in catalog.by_name:
+        current = update_from_catalog(catalog, catalog.by_name[name])
+    return current
+
+
+def promote_version(settings: Settings, *, name: str, version: str, weight: float) -> AdapterUpdate:
+    state = promoted(current_state(settings, name), name, version, weight)
+    _publish(settings, state)
+    return state
 
 
 def publish_version(
@@ -70,47 +137,70 @@ def publish_version(
     tenants: list[str] | None,
     hot: bool,
     max_lora_rank: int,
+    shadow: float | None = None,
 ) -> AdapterUpdate:
     """Check the adapter locally (the same checks a worker runs before loading), then write the
-    adapter's new state to the updates topic. Raises `AdapterRejected` for a bad adapter."""
+    adapter's new state to the updates topic: serving `weight` of its traffic, or as a shadow
+    run on `shadow` of its jobs. Raises `AdapterRejected` for a bad adapter."""
     requirements = AdapterRequirements.of(settings.adapters, base_model, max_lora_rank)
     inspect_adapter(str(path), requirements, expected_sha256=None, claimed_base_model=base_model)
-    spec = AdapterVersionSpec(
-        version=version, path=str(path.resolve()), sha256=adapter_digest(path), weight=weight
-    )
-    # Versions announced on the topic win; before any announcement the catalog's version serves.
-    current = current_updates(settings).get(name)
-    catalog = load_catalog(settings.catalog)
-    if current is None and name in catalog.by_name:
-        current = update_from_catalog(catalog, catalog.by_name[name])
-    state = next_state(current, name, spec, base_model, tenants, hot)
-    producer = Producer({"bootstrap.servers": settings.require_bootstrap(), "acks": "all"})
-    producer.produce(
-        settings.adapters.updates_topic, key=name.encode(), value=state.model_dump_json().encode()
-    )
-    if producer.flush(30):
-        raise TimeoutError("the adapter update was not acknowledged within 30 s")
+    current = current_state(settings, name)
+    sha256 = adapter_digest(path)
+    if shadow is not None:
+        spec = ShadowSpec(version=version, path=str(path.resolve()), sha256=sha256, share=shadow)
+        state = with_shadow(current, name, spec)
+    else:
+        spec = AdapterVersionSpec(
+            version=version, path=str(path.resolve()), sha256=sha256, weight=weight
+        )
+        state = next_state(current, name, spec, base_model, tenants, hot)
+    _publish(settings, state)
     return state
+
+
+def source_paths(settings: Settings, sources: list[tuple[str, float]]) -> list[tuple[Path, float]]:
+    """`NAME` or `NAME@VERSION` with weights, as adapter directories: the version given, else
+    the one serving most of the adapter's traffic now."""
+    paths: list[tuple[Path, float]] = []
+    for source, weight in sources:
+        name, _, version = source.partition("@")
+        state = current_state(settings, name)
+        if state is None:
+            raise ConfigError(f"no adapter {name!r} on the updates topic or in the catalog")
+        specs = sorted(state.versions, key=lambda v: -v.weight)
+        if version:
+            specs = [v for v in state.versions if v.version == version]
+            if not specs:
+                raise ConfigError(f"{name} has no serving version {version!r}")
+        paths.append((Path(specs[0].path), weight))
+    return paths
 
 
 @dataclass(frozen=True)
 class AdapterListing:
     state: AdapterUpdate
     statuses: dict[str, AdapterStatus]  # latest status per version
+    shadow_status: AdapterStatus | None = None  # the latest with a rolling evaluation
 
 
 def list_adapters(settings: Settings) -> list[AdapterListing]:
     latest: dict[tuple[str, str | None], AdapterStatus] = {}
+    evaluated: dict[tuple[str, str | None], AdapterStatus] = {}
     for status in read_statuses(settings.require_bootstrap(), settings.adapters.status_topic):
         latest[(status.name, status.version)] = status
-    return [
-        AdapterListing(
-            state,
-            {
-                v.version: latest[(name, v.version)]
-                for v in state.versions
-                if (name, v.version) in latest
-            },
+        if status.state is AdapterState.SHADOW and status.evaluation is not None:
+            evaluated[(status.name, status.version)] = status
+    listings = []
+    for name, state in sorted(current_updates(settings).items()):
+        shadow = None if state.shadow is None else (name, state.shadow.version)
+        statuses = {
+            v.version: latest[(name, v.version)]
+            for v in state.versions
+            if (name, v.version) in latest
+        }
+        if shadow is not None and shadow in latest:
+            statuses[shadow[1]] = latest[shadow]
+        listings.append(
+            AdapterListing(state, statuses, None if shadow is None else evaluated.get(shadow))
         )
-        for name, state in sorted(current_updates(settings).items())
-    ]
+    return listings

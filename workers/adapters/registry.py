@@ -16,6 +16,7 @@ loop's thread (it owns the engine), so every public method holds one lock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -90,6 +91,11 @@ class ServedAdapter:
     routes: tuple[Route, ...]
     tenants: frozenset[str] | None
     hot: bool
+    shadow: Route | None = None  # its weight: the share of jobs also run on it
+
+    def handles(self) -> list[AdapterHandle]:
+        shadow = [] if self.shadow is None else [self.shadow.handle]
+        return [route.handle for route in self.routes] + shadow
 
     def pick(self, job_id: str) -> AdapterHandle:
         point = traffic_point(self.name, job_id)
@@ -154,6 +160,22 @@ class AdapterRegistry:
         return served.pick(job.job_id)
 
     @_locked
+    def shadow_for(self, handle: AdapterHandle, job: Job) -> AdapterHandle | None:
+        """The shadow version a job served by `handle` also runs on, if its adapter has one
+        and the job falls in the shadow's share (a stable point per job)."""
+        served = self._served.get(handle.name)
+        if served is None or served.shadow is None:
+            return None
+        shadow = served.shadow
+        if shadow.handle.lora_id == handle.lora_id:
+            return None
+        return (
+            shadow.handle
+            if traffic_point(f"{handle.name}#shadow", job.job_id) < shadow.weight
+            else None
+        )
+
+    @_locked
     def served(self) -> dict[str, ServedAdapter]:
         return dict(self._served)
 
@@ -169,7 +191,8 @@ class AdapterRegistry:
         """Switch `update.name` to the update's versions; False (and old state kept) if any
         version is rejected."""
         routes: list[Route] = []
-        if self._only is not None and len(update.versions) > 1:
+        shadow: Route | None = None
+        if self._only is not None and (len(update.versions) > 1 or update.shadow is not None):
             spec = update.versions[-1]
             self._reject(
                 update.name,
@@ -177,7 +200,7 @@ class AdapterRegistry:
                 AdapterRejected(
                     AdapterError.MERGED_ONE_VERSION,
                     f"this worker serves {update.name} merged, one version at a time: "
-                    "publish a canary to a LoRA worker",
+                    "publish a canary or a shadow to a LoRA worker",
                 ),
             )
             self._rejected_last[update.name] = update.published_at_ms
@@ -185,6 +208,13 @@ class AdapterRegistry:
         try:
             for spec in update.versions:
                 routes.append(Route(self._load(update, spec), spec.weight))
+            if update.shadow is not None:
+                spec = AdapterVersionSpec(
+                    version=update.shadow.version,
+                    path=update.shadow.path,
+                    sha256=update.shadow.sha256,
+                )
+                shadow = Route(self._load(update, spec), update.shadow.share)
         except AdapterRejected as rejection:
             self._reject(update.name, spec.version, rejection)
             self._rejected_last[update.name] = update.published_at_ms
@@ -195,6 +225,7 @@ class AdapterRegistry:
             routes=tuple(routes),
             tenants=None if update.tenants is None else frozenset(update.tenants),
             hot=update.hot,
+            shadow=shadow,
         )
         if update.hot:
             for route in routes:
@@ -203,10 +234,13 @@ class AdapterRegistry:
         self._rejected_last.pop(update.name, None)
         for route in routes:
             self._status(route.handle, AdapterState.SERVING, route.weight, update)
+        if shadow is not None:
+            self._status(shadow.handle, AdapterState.SHADOW, shadow.weight, update)
         log.info(
             "adapter_serving",
             adapter=update.name,
             versions={r.handle.version: r.weight for r in routes},
+            shadow=None if shadow is None else {shadow.handle.version: shadow.weight},
         )
         return True
 
@@ -235,6 +269,10 @@ class AdapterRegistry:
         if served is not None and any(r.handle.lora_id == handle.lora_id for r in served.routes):
             del self._served[handle.name]
             self._unavailable[handle.name] = reason
+        elif (
+            served is not None and served.shadow and served.shadow.handle.lora_id == handle.lora_id
+        ):
+            self._served[handle.name] = dataclasses.replace(served, shadow=None)  # jobs unaffected
         rejection = AdapterRejected(AdapterError.LOAD_FAILED, reason)
         self._reject(handle.name, handle.version, rejection)
 
@@ -278,7 +316,7 @@ class AdapterRegistry:
         """Remove versions no route serves and no waiting job holds from the engine; returns
         their LoRA ids."""
         holding = set(in_use)
-        routed = {r.handle.lora_id for s in self._served.values() for r in s.routes}
+        routed = {h.lora_id for s in self._served.values() for h in s.handles()}
         released: list[int] = []
         for key, handle in list(self._loaded.items()):
             if handle.lora_id in routed or handle.lora_id in holding:

@@ -54,7 +54,7 @@ from workers.core.contracts import AdapterStatus, Result, ServedBy, adapter_labe
 from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.errors import JobRejected
 from workers.core.prepare import PreparedJob, decode_job
-from workers.core.routing import adapter_name_for
+from workers.core.routing import rule_route
 from workers.parquet.dataset import existing_job_ids
 from workers.serving import check_routing, start_serving
 
@@ -105,7 +105,10 @@ def survey(
             found.unroutable.append(row)
             continue
         pipeline = pipelines.get(task or job.task)
-        name = None if pipeline is None else adapter_name_for(job, pipeline)
+        # Jobs routed by a classifier or embeddings are counted with the base model's: the
+        # LoRA engine serves them, never a merged one.
+        route = None if pipeline is None else rule_route(job, pipeline)
+        name = None if route is None else route.adapter
         if pipeline is None or (name is not None and name not in known_adapters):
             found.unroutable.append(row)
             continue

@@ -42,9 +42,96 @@ class SamplingDefaults(_Strict):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
+# In classifier and embedding routes, this target means the base model (an adapter's name
+# means that adapter).
+BASE_TARGET = "base"
+
+
+class ClassifierRouting(_Strict):
+    """Route by a classifier adapter's label: a first pass on `adapter`, constrained to the
+    labels, then the job runs on the adapter its label maps to."""
+
+    adapter: str = Field(pattern=ADAPTER_NAME_PATTERN, description="The classifier adapter.")
+    labels: dict[str, str] = Field(
+        min_length=1, description="Label -> adapter name, or `base` for the base model."
+    )
+    fallback: str = Field(
+        default=BASE_TARGET, description="Where a job goes when no label can be read."
+    )
+    prompt_template: str | None = Field(
+        default=None,
+        description="The classifier's prompt, with {input}; default: the pipeline's.",
+    )
+    label_field: str | None = Field(
+        default="label",
+        description='The classifier answers {"<label_field>": LABEL}; null: a bare JSON string.',
+    )
+    max_tokens: int = Field(default=16, ge=1, le=256)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_input(cls, template: str | None) -> str | None:
+        if template is not None and "{input}" not in template:
+            raise ValueError("classifier prompt_template must contain {input}")
+        return template
+
+    def output_schema(self) -> dict[str, Any]:
+        """The JSON Schema the classifier pass is constrained to: one of the labels."""
+        label = {"enum": sorted(self.labels)}
+        if self.label_field is None:
+            return label
+        return {
+            "type": "object",
+            "properties": {self.label_field: label},
+            "required": [self.label_field],
+            "additionalProperties": False,
+        }
+
+
+class EmbeddingRouting(_Strict):
+    """Route by embedding similarity: the adapter whose examples' centroid is nearest to the
+    input, if at least `threshold` (cosine), else `fallback`."""
+
+    examples: dict[str, list[str]] = Field(
+        min_length=1, description="Adapter name (or `base`) -> example inputs."
+    )
+    threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
+    fallback: str = Field(default=BASE_TARGET)
+
+    @field_validator("examples")
+    @classmethod
+    def _examples_given(cls, examples: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = sorted(name for name, texts in examples.items() if not texts)
+        if empty:
+            raise ValueError(f"adapters without example texts: {empty}")
+        return examples
+
+
 class RoutingConfig(_Strict):
+    """Rules first (the job's adapter, then the tenant's), then one of: a classifier, an
+    embedding router, or the task's adapter (none: the base model)."""
+
     adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
     tenants: dict[str, str] = Field(default_factory=dict)
+    classifier: ClassifierRouting | None = None
+    embedding: EmbeddingRouting | None = None
+
+    @model_validator(mode="after")
+    def _one_default_route(self) -> RoutingConfig:
+        given = [k for k in ("adapter", "classifier", "embedding") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"routing takes one of adapter, classifier, embedding; got {given}")
+        return self
+
+    def targets(self) -> set[str | None]:
+        """Every adapter name this routing can send a job to (None: the base model)."""
+        names: set[str | None] = {self.adapter, *self.tenants.values()}
+        if self.classifier is not None:
+            names |= {self.classifier.adapter, self.classifier.fallback}
+            names |= set(self.classifier.labels.values())
+        if self.embedding is not None:
+            names |= {self.embedding.fallback, *self.embedding.examples}
+        return {None if name in (None, BASE_TARGET) else name for name in names}
 
 
 class ParquetSinkConfig(_Strict):
@@ -275,11 +362,37 @@ class AdapterSettings(_Strict):
     )
     updates_topic: str = "adapters.updates"
     status_topic: str = "adapters.status"
+    evaluations_topic: str = "adapters.evaluations"
     supported_target_modules: frozenset[str] = LLAMA_LORA_MODULES
     catch_up_timeout_s: float = Field(default=60.0, gt=0)
     prewarm: list[str] = Field(
         default_factory=list,
         description="Adapters run once at start-up so first jobs find them warm.",
+    )
+
+
+class ShadowSettings(_Strict):
+    """Shadow evaluation (docs/adapters.md): a share of an adapter's jobs also runs on a shadow
+    version, after the serving answer and at lower priority than any job."""
+
+    max_engine_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="At most this share of the engine's requests (admission.engine_depth) are "
+        "shadow runs, and only when no job is waiting for the room.",
+    )
+    max_waiting: int = Field(
+        default=2000,
+        ge=0,
+        description="Shadow runs waiting beyond this are skipped (counted in "
+        "lora_workers_shadow_skipped_total): shadows never hold back the worker.",
+    )
+    summary_window: int = Field(
+        default=500, ge=1, description="Evaluations in each rolling summary."
+    )
+    status_interval_s: float = Field(
+        default=10.0, gt=0, description="How often summaries go to adapters.status."
     )
 
 
@@ -421,6 +534,7 @@ class Settings(BaseSettings):
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     sizes: SizeSettings = Field(default_factory=SizeSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
 

@@ -99,6 +99,31 @@ class Usage(_Contract):
     completion_tokens: int = Field(ge=0)
 
 
+class RouteKind(StrEnum):
+    """What picked a job's adapter (docs/routing.md), in order of precedence."""
+
+    JOB = "job"  # the job's own `adapter`
+    TENANT = "tenant"  # the pipeline's tenant map
+    CLASSIFIER = "classifier"  # a classifier adapter's label for the input
+    EMBEDDING = "embedding"  # the input's nearest adapter by example embeddings
+    TASK = "task"  # the pipeline's adapter, or the base model
+
+
+class RouteInfo(_Contract):
+    """How a job was routed: by what, to which adapter (null: the base model) and why."""
+
+    by: RouteKind
+    adapter: str | None
+    label: str | None = Field(default=None, description="The classifier's label.")
+    similarity: float | None = Field(
+        default=None, description="Cosine similarity to the nearest adapter's examples."
+    )
+    fallback: bool = Field(
+        default=False, description="The classifier or embedding gave no usable route."
+    )
+    usage: Usage | None = Field(default=None, description="The classifier pass's tokens.")
+
+
 class ErrorInfo(_Contract):
     code: str
     message: str
@@ -133,6 +158,7 @@ class Result(_Contract):
         "the base model. null when no engine ran the job (an error).",
     )
     usage: Usage
+    route: RouteInfo | None = Field(default=None, description="How the adapter was chosen.")
     error: ErrorInfo | None = None
     metadata: dict[str, Any] | None = None
     timings: Timings
@@ -155,6 +181,16 @@ class AdapterVersionSpec(_Contract):
     weight: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
+class ShadowSpec(_Contract):
+    """A version that serves no one: a share of the adapter's jobs also runs on it, and the
+    two answers are compared on `adapters.evaluations` (docs/adapters.md, shadow evaluation)."""
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    path: str = Field(min_length=1)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    share: float = Field(gt=0.0, le=1.0, description="Share of the adapter's jobs shadowed.")
+
+
 class AdapterUpdate(_Contract):
     """The whole desired state of one adapter, keyed by its name on the compacted topic
     `adapters.updates`. Whole state, not a delta, so compaction keeps what a worker needs;
@@ -169,6 +205,9 @@ class AdapterUpdate(_Contract):
         default=None, description="Tenants that may use the adapter; absent means all."
     )
     hot: bool = Field(default=False, description="Pin in the engine's adapter slots.")
+    shadow: ShadowSpec | None = Field(
+        default=None, description="A version evaluated on a share of live jobs, never served."
+    )
     published_at_ms: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
@@ -176,15 +215,59 @@ class AdapterUpdate(_Contract):
         total = sum(v.weight for v in self.versions)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"version weights must add up to 1, got {total:g}")
-        if len({v.version for v in self.versions}) != len(self.versions):
+        versions = [v.version for v in self.versions]
+        if self.shadow is not None:
+            versions.append(self.shadow.version)
+        if len(set(versions)) != len(versions):
             raise ValueError("a version appears twice")
         return self
 
 
 class AdapterState(StrEnum):
     SERVING = "serving"
+    SHADOW = "shadow"
     REJECTED = "rejected"
     RETIRED = "retired"
+
+
+class EvaluationSummary(_Contract):
+    """A worker's rolling comparison of a shadow version with the serving one, over its last
+    `jobs` evaluations: shares in [0, 1], means per job."""
+
+    jobs: int = Field(ge=0)
+    identical_text: float
+    identical_output: float
+    serving_valid: float
+    shadow_valid: float
+    serving_tokens: float
+    shadow_tokens: float
+    serving_latency_ms: float
+    shadow_latency_ms: float
+
+
+class ShadowEvaluation(_Contract):
+    """One job answered by the serving version and also run on a shadow version, on the topic
+    `adapters.evaluations` (key: job_id). The shadow's answer is never published as a result."""
+
+    model_config = _published_as("adapter-evaluation.schema.json")
+
+    job_id: str
+    task: str
+    adapter: str
+    serving: AdapterRef
+    shadow: AdapterRef
+    identical_text: bool
+    identical_output: bool = Field(description="The parsed outputs are equal (JSON tasks).")
+    serving_valid: bool = Field(description="The serving answer passed the task's checks.")
+    shadow_valid: bool
+    serving_tokens: int = Field(ge=0, description="Completion tokens.")
+    shadow_tokens: int = Field(ge=0)
+    serving_latency_ms: float = Field(ge=0, description="In the engine, all attempts.")
+    shadow_latency_ms: float = Field(ge=0)
+    serving_output: str = Field(description="The serving version's generated text.")
+    shadow_output: str
+    worker: str
+    at_ms: int
 
 
 class AdapterStatus(_Contract):
@@ -199,6 +282,9 @@ class AdapterStatus(_Contract):
     message: str | None = None
     weight: float | None = None
     sha256: str | None = Field(default=None, description="The version's files, when known.")
+    evaluation: EvaluationSummary | None = Field(
+        default=None, description="With `shadow`: how its answers compare with the serving ones."
+    )
     update: AdapterUpdate | None = Field(
         default=None,
         description="With `serving`: the whole state that serves, so a worker started after a "
@@ -219,6 +305,7 @@ def contract_schemas() -> dict[str, dict[str, Any]]:
         ("result.schema.json", Result),
         ("adapter-update.schema.json", AdapterUpdate),
         ("adapter-status.schema.json", AdapterStatus),
+        ("adapter-evaluation.schema.json", ShadowEvaluation),
     ):
         schema = model.model_json_schema(mode="serialization")
         documents[filename] = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

@@ -6,6 +6,7 @@ is checked here, so a bad message is dead-lettered without ever reaching `genera
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Hashable
@@ -15,11 +16,11 @@ import structlog
 from pydantic import ValidationError
 
 from workers.core.config import PipelineConfig
-from workers.core.contracts import Job
+from workers.core.contracts import Job, Result, RouteInfo
 from workers.core.engine_api import AdapterHandle, GenerationRequest
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage, traced
-from workers.core.routing import AdapterResolver, route
+from workers.core.routing import Router, embedding_route, rule_route
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +34,12 @@ class PreparedJob:
     arrived_at: float  # monotonic seconds, for admission and queue time
     received_at_ms: int  # wall clock, for the result's timings
     attempt: int = 0  # retries after an invalid output
+    route: RouteInfo | None = None  # None while a classifier pass decides it
+    # During the classifier pass (`request` is that pass): the job's own request, its adapter
+    # filled in from the label.
+    classifying: GenerationRequest | None = None
+    shadow_request: GenerationRequest | None = None  # also run on a shadow version, after
+    shadow_of: Result | None = None  # a shadow run: the serving answer it is compared with
 
     @property
     def adapter(self) -> AdapterHandle | None:
@@ -45,6 +52,35 @@ class PreparedJob:
     @property
     def tenant(self) -> str | None:
         return self.job.tenant
+
+    @property
+    def holds(self) -> list[Hashable]:
+        """The adapter versions this job still needs in the engine (a version leaves the
+        engine only when no job holds it)."""
+        keys = [self.adapter_key]
+        if self.shadow_request is not None and self.shadow_request.adapter is not None:
+            keys.append(self.shadow_request.adapter.lora_id)
+        return keys
+
+    def routed(self, route: RouteInfo, router: Router) -> PreparedJob:
+        """This job on the adapter `route` names, with its shadow run if it has one."""
+        own = self.classifying or self.request
+        handle, shadow = router.handles(route, self.job)
+        return dataclasses.replace(
+            self,
+            request=dataclasses.replace(own, adapter=handle),
+            route=route,
+            classifying=None,
+            shadow_request=None if shadow is None else dataclasses.replace(own, adapter=shadow),
+        )
+
+    def as_shadow_run(self, serving: Result) -> PreparedJob | None:
+        """The run on the shadow version that follows this job's answer, if it has one."""
+        if self.shadow_request is None:
+            return None
+        return dataclasses.replace(
+            self, request=self.shadow_request, shadow_request=None, shadow_of=serving, attempt=0
+        )
 
 
 # Deeper JSON is refused: nothing a job needs nests this far, and deep structures exhaust
@@ -110,7 +146,7 @@ def _check_text(text: str) -> None:
 class JobPreparer:
     pipelines_by_topic: dict[str, PipelineConfig]
     known_tasks: set[str]
-    resolve_adapter: AdapterResolver
+    router: Router
     tokenize: Callable[[str], list[int]]
     max_model_len: int
     max_job_bytes: int
@@ -118,17 +154,76 @@ class JobPreparer:
     def prepare(self, message: SourceMessage) -> PreparedJob:
         """Raise `JobRejected` for anything that cannot be served as asked, and for anything
         else this one message makes go wrong (`internal_error`): never another exception."""
-        try:
-            return self._prepare(message)
-        except JobRejected:
-            raise
-        except Exception as exc:
-            log.exception(
-                "prepare_failed", topic=message.topic, offset=message.offset, **traced(message)
-            )
-            raise JobRejected.internal(exc) from exc
+        prepared = self.prepare_many([message])[0]
+        if isinstance(prepared, JobRejected):
+            raise prepared
+        return prepared
 
-    def _prepare(self, message: SourceMessage) -> PreparedJob:
+    def prepare_many(self, messages: list[SourceMessage]) -> list[PreparedJob | JobRejected]:
+        """Each message's job or the reason it is refused."""
+        return self.route_all(self.stage_all(messages))
+
+    def stage_all(self, messages: list[SourceMessage]) -> list[PreparedJob | JobRejected]:
+        """Decode, check and tokenize each message, and decide its route (inputs routed by
+        embedding are embedded together, one call for the batch); no adapter version is
+        picked yet (`route_all`), so this can run while adapters change."""
+        staged: list[PreparedJob | JobRejected] = []
+        for message in messages:
+            try:
+                staged.append(self._stage(message))
+            except JobRejected as rejection:
+                staged.append(rejection)
+            except Exception as exc:
+                staged.append(self._internal(message, exc))
+        self._route_by_embedding(staged)
+        return staged
+
+    def route_all(self, staged: list[PreparedJob | JobRejected]) -> list[PreparedJob | JobRejected]:
+        """Pick the adapter versions each staged job runs on (canary and shadow shares)."""
+        return [job if isinstance(job, JobRejected) else self._routed(job) for job in staged]
+
+    def _routed(self, job: PreparedJob) -> PreparedJob | JobRejected:
+        try:
+            if job.route is not None:
+                return job.routed(job.route, self.router)
+            classifier = job.pipeline.routing.classifier
+            assert classifier is not None and job.classifying is not None
+            handle = self.router.resolve(classifier.adapter, job.job)
+            return dataclasses.replace(
+                job, request=dataclasses.replace(job.request, adapter=handle)
+            )
+        except JobRejected as rejection:
+            return rejection
+        except Exception as exc:
+            return self._internal(job.source, exc)
+
+    def _internal(self, message: SourceMessage, exc: Exception) -> JobRejected:
+        log.exception(
+            "prepare_failed", topic=message.topic, offset=message.offset, **traced(message)
+        )
+        return JobRejected.internal(exc)
+
+    def _route_by_embedding(self, staged: list[PreparedJob | JobRejected]) -> None:
+        waiting: dict[str, list[tuple[int, PreparedJob]]] = {}
+        for index, job in enumerate(staged):
+            if isinstance(job, PreparedJob) and job.route is None and job.classifying is None:
+                waiting.setdefault(job.pipeline.task, []).append((index, job))
+        for task, jobs in waiting.items():
+            try:
+                if self.router.nearest is None:
+                    raise RuntimeError("no embedding router is configured")
+                nearest = self.router.nearest(task, [job.job.input for _, job in jobs])
+                embedding = jobs[0][1].pipeline.routing.embedding
+                if embedding is None:
+                    raise RuntimeError(f"pipeline {task!r} has no embedding routing")
+            except Exception as exc:  # the embedding model failed: these jobs, not the worker
+                for index, job in jobs:
+                    staged[index] = self._internal(job.source, exc)
+                continue
+            for (index, job), found in zip(jobs, nearest, strict=True):
+                staged[index] = dataclasses.replace(job, route=embedding_route(found, embedding))
+
+    def _stage(self, message: SourceMessage) -> PreparedJob:
         if message.value is not None and len(message.value) > self.max_job_bytes:
             raise JobRejected(
                 JobError.JOB_TOO_LARGE,
@@ -144,20 +239,12 @@ class JobPreparer:
                 f"job for task {job.task!r} arrived on {message.topic}, "
                 f"the topic of task {pipeline.task!r}",
             )
-        adapter = route(job, pipeline, self.resolve_adapter)
         params = job.params
         defaults = pipeline.sampling
         max_tokens = params.max_tokens if params and params.max_tokens else defaults.max_tokens
-        prompt_ids = self.tokenize(pipeline.render_prompt(job.input))
-        if len(prompt_ids) + max_tokens > self.max_model_len:
-            raise JobRejected(
-                JobError.CONTEXT_EXCEEDED,
-                f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceeds the "
-                f"model's context of {self.max_model_len} tokens",
-            )
         request = GenerationRequest(
-            prompt_token_ids=prompt_ids,
-            adapter=adapter,
+            prompt_token_ids=self._prompt(pipeline.render_prompt(job.input), max_tokens),
+            adapter=None,
             max_tokens=max_tokens,
             temperature=(
                 params.temperature
@@ -167,7 +254,7 @@ class JobPreparer:
             seed=params.seed if params and params.seed is not None else defaults.seed,
             json_schema=pipeline.output_schema if pipeline.structured_output else None,
         )
-        return PreparedJob(
+        prepared = PreparedJob(
             job=job,
             pipeline=pipeline,
             source=message,
@@ -175,3 +262,29 @@ class JobPreparer:
             arrived_at=time.monotonic(),
             received_at_ms=int(time.time() * 1000),
         )
+        route = rule_route(job, pipeline)
+        classifier = pipeline.routing.classifier
+        if route is not None or classifier is None:
+            return dataclasses.replace(prepared, route=route)  # None: routed by embedding
+        template = classifier.prompt_template or pipeline.prompt_template
+        classifying = GenerationRequest(
+            prompt_token_ids=self._prompt(
+                template.replace("{input}", job.input), classifier.max_tokens
+            ),
+            adapter=None,  # the classifier's version, picked in route_all
+            max_tokens=classifier.max_tokens,
+            temperature=0.0,
+            seed=None,
+            json_schema=classifier.output_schema(),
+        )
+        return dataclasses.replace(prepared, request=classifying, classifying=request)
+
+    def _prompt(self, prompt: str, max_tokens: int) -> list[int]:
+        prompt_ids = self.tokenize(prompt)
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise JobRejected(
+                JobError.CONTEXT_EXCEEDED,
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceeds the "
+                f"model's context of {self.max_model_len} tokens",
+            )
+        return prompt_ids

@@ -23,11 +23,19 @@ import structlog
 
 from workers import metrics
 from workers.core.config import PipelineConfig
-from workers.core.contracts import AdapterRef, Result, ResultStatus, Timings, Usage
+from workers.core.contracts import (
+    AdapterRef,
+    Result,
+    ResultStatus,
+    ShadowEvaluation,
+    Timings,
+    Usage,
+)
 from workers.core.engine_api import AdapterHandle, Generation
 from workers.core.errors import JobRejected
 from workers.core.messages import traced
 from workers.core.prepare import PreparedJob
+from workers.core.routing import Router, classifier_route
 from workers.core.validation import OutputValidator
 
 log = structlog.get_logger(__name__)
@@ -54,28 +62,79 @@ class Unserved:
     rejection: JobRejected
 
 
-Outcome = Answered | Unserved
+@dataclass(frozen=True)
+class Evaluated:
+    """A shadow run finished: its result beside the serving answer (`job.shadow_of`)."""
+
+    job: PreparedJob
+    result: Result
+
+
+Outcome = Answered | Unserved | Evaluated
+
+
+def evaluation_of(serving: Result, shadow: Result, worker: str) -> ShadowEvaluation:
+    """How a shadow version's answer compares with the serving version's for one job."""
+    assert serving.adapter is not None and shadow.adapter is not None
+    return ShadowEvaluation(
+        job_id=serving.job_id,
+        task=serving.task,
+        adapter=serving.adapter.name,
+        serving=serving.adapter,
+        shadow=shadow.adapter,
+        identical_text=serving.raw_output == shadow.raw_output,
+        identical_output=serving.output == shadow.output,
+        serving_valid=serving.status is ResultStatus.OK,
+        shadow_valid=shadow.status is ResultStatus.OK,
+        serving_tokens=serving.usage.completion_tokens,
+        shadow_tokens=shadow.usage.completion_tokens,
+        serving_latency_ms=serving.timings.generate_ms,
+        shadow_latency_ms=shadow.timings.generate_ms,
+        serving_output=serving.raw_output,
+        shadow_output=shadow.raw_output,
+        worker=worker,
+        at_ms=int(time.time() * 1000),
+    )
 
 
 class OutputChecker:
-    def __init__(self, pipelines: dict[str, PipelineConfig], max_model_len: int) -> None:
+    def __init__(
+        self, pipelines: dict[str, PipelineConfig], max_model_len: int, router: Router
+    ) -> None:
         self._validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
         self._max_model_len = max_model_len
+        self._router = router
 
     def check(
         self, job: PreparedJob, generation: Generation, admitted_at: float
     ) -> Result | PreparedJob:
-        """The job's result, or the job again with a larger token budget (a retry)."""
+        """The job's result, or the job again: with a larger token budget (a retry), or on the
+        adapter its classifier pass chose. Raises `JobRejected` if that adapter cannot serve
+        the job."""
+        if job.classifying is not None:
+            return self._after_classifier(job, generation)
         generate_ms = (time.monotonic() - admitted_at) * 1000
         result = self._build_result(job, generation, admitted_at, generate_ms)
         retry = self._retry_of(job, result)
         if retry is not None:
             return retry
-        if job.pipeline.output_schema is not None:
+        if job.pipeline.output_schema is not None and job.shadow_of is None:
             labels = metrics.result_labels(result)
             valid = str(result.status is ResultStatus.OK).lower()
             metrics.SCHEMA_COMPLIANCE.labels(*labels, valid).inc()
         return result
+
+    def _after_classifier(self, job: PreparedJob, generation: Generation) -> PreparedJob:
+        classifier = job.pipeline.routing.classifier
+        assert classifier is not None
+        usage = Usage(
+            prompt_tokens=len(job.request.prompt_token_ids),
+            completion_tokens=generation.completion_tokens,
+        )
+        route = classifier_route(generation.text, classifier, usage)
+        if route.fallback:
+            log.warning("classifier_no_label", job_id=job.job.job_id, output=generation.text[:200])
+        return job.routed(route, self._router)
 
     def _retry_of(self, job: PreparedJob, result: Result) -> PreparedJob | None:
         pipeline = job.pipeline
@@ -118,6 +177,7 @@ class OutputChecker:
                 prompt_tokens=len(job.request.prompt_token_ids),
                 completion_tokens=generation.completion_tokens,
             ),
+            route=job.route,
             error=checked.error,
             metadata=job.job.metadata,
             timings=Timings(

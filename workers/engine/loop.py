@@ -10,6 +10,10 @@ calls the engine, and adapter loads, unloads, updates and restarts run here too,
 Other threads talk to it through `submit`, `outcomes`, `abort` and `stop`. A job submitted here
 comes out exactly once, as an `Answered` or `Unserved` outcome, unless it is aborted first.
 
+Shadow runs: a job whose adapter has a shadow version (`PreparedJob.shadow_request`) runs on
+it after its answer is out, compared with that answer (`Evaluated`). They wait in their own
+queue and enter only room no job is waiting for, within `shadow_share` of the engine's depth.
+
 Engine deaths: every request in the engine dies together. The loop stops admitting, restarts
 the engine and runs the dead set again in halves (`workers.core.crashes`): a job that kills the
 engine on its own `crash_attempts` times comes out as `engine_crash`, every other one is served.
@@ -28,13 +32,21 @@ from dataclasses import dataclass
 import structlog
 
 from workers import metrics
-from workers.core.admission import Admission
+from workers.core.admission import Admission, AdmissionPolicy
+from workers.core.contracts import Result
 from workers.core.crashes import run_isolating_crashes
 from workers.core.engine_api import AdapterHandle, Engine, EngineDied, Generation
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import traced
 from workers.core.prepare import PreparedJob
-from workers.core.processing import AdapterLoader, Answered, Outcome, OutputChecker, Unserved
+from workers.core.processing import (
+    AdapterLoader,
+    Answered,
+    Evaluated,
+    Outcome,
+    OutputChecker,
+    Unserved,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +62,12 @@ class LoopLimits:
     engine_depth: int  # requests kept in the engine, about its max_num_seqs
     crash_attempts: int
     stall_warning_s: float
+    shadow_share: float = 0.25  # of engine_depth, at most, for shadow runs
+    shadow_max_waiting: int = 2000  # shadow runs beyond this are skipped
+
+    @property
+    def shadow_depth(self) -> int:
+        return max(1, int(self.engine_depth * self.shadow_share))
 
 
 @dataclass
@@ -57,6 +75,7 @@ class LoopStats:
     steps: int = 0
     engine_restarts: int = 0
     finished: int = 0
+    shadows_skipped: int = 0
 
 
 class EngineLoop:
@@ -76,6 +95,7 @@ class EngineLoop:
         self._cache = cache
         self._checker = checker
         self._admission = admission
+        self._shadows = Admission[PreparedJob](policy=AdmissionPolicy.ARRIVAL)
         self._limits = limits
         self._restart_engine = restart_engine
         self._on_unavailable = on_unavailable
@@ -94,6 +114,7 @@ class EngineLoop:
         self._aborts: list[tuple[Callable[[PreparedJob], bool], bool]] = []
         self._holding: Counter[Hashable] = Counter()  # adapter key -> jobs not yet out
         self._unfinished = 0
+        self._shadow_runs = 0  # shadow runs not out yet
         self._failure: BaseException | None = None
         self._stopping = False
         # The loop thread's own.
@@ -116,7 +137,8 @@ class EngineLoop:
             return
         with self._lock:
             self._inbox.extend(jobs)
-            self._holding.update(job.adapter_key for job in jobs)
+            for job in jobs:
+                self._holding.update(job.holds)
             self._unfinished += len(jobs)
         self._wake.set()
 
@@ -124,7 +146,7 @@ class EngineLoop:
         """Jobs finished since the last call; raises if the loop has failed."""
         with self._lock:
             out, self._outbox = self._outbox, []
-            self._unfinished -= len(out)
+            self._unfinished -= sum(not isinstance(outcome, Evaluated) for outcome in out)
             failure = self._failure
         if failure is not None and not out:
             raise EngineLoopFailed(str(failure)) from failure
@@ -134,6 +156,11 @@ class EngineLoop:
         """Jobs submitted whose outcome has not been taken by `outcomes` yet (or aborted)."""
         with self._lock:
             return self._unfinished
+
+    def shadow_runs(self) -> int:
+        """Shadow runs waiting or in the engine."""
+        with self._lock:
+            return self._shadow_runs
 
     def holding(self) -> set[Hashable]:
         """Adapter keys some submitted job still needs: a version leaves the engine only when
@@ -209,7 +236,7 @@ class EngineLoop:
         metrics.ADMISSION_WAITING.set(len(self._admission))
 
     def _apply_abort(self, predicate: Callable[[PreparedJob], bool], waiting_only: bool) -> None:
-        dropped = self._admission.discard(predicate)
+        dropped = self._admission.discard(predicate) + self._shadows.discard(predicate)
         running = {} if waiting_only else self._running
         ids = [rid for rid, (job, _) in running.items() if predicate(job)]
         if ids:
@@ -225,9 +252,15 @@ class EngineLoop:
 
     def _admit(self) -> None:
         room = self._limits.engine_depth - len(self._running)
-        jobs = self._admission.take(time.monotonic(), room, self._in_engine)
+        now = time.monotonic()
+        jobs = self._admission.take(now, room, self._in_engine)
         if self._switch_model is not None:
             jobs = self._servable_now(jobs)
+        if not self._admission and len(jobs) < room and self._shadows:
+            # Room no job is waiting for, within the shadows' share of the engine.
+            in_engine = sum(job.shadow_of is not None for job, _ in self._running.values())
+            shadow_room = min(room - len(jobs), self._limits.shadow_depth - in_engine)
+            jobs += self._shadows.take(now, shadow_room, self._in_engine)
         if not jobs:
             return
         if not self._running:  # an event per busy period, not per step
@@ -237,7 +270,7 @@ class EngineLoop:
             unavailable = self._cache.ensure_loaded(job.adapter for job in jobs)
         except EngineDied:
             for job in jobs:  # not in the engine yet: they wait for the restarted one
-                self._admission.add(job)
+                self._wait(job)
             raise
         reported: set[Hashable] = set()
         for taken, job in enumerate(jobs, start=1):
@@ -252,7 +285,7 @@ class EngineLoop:
                 self._add(job)
             except EngineDied:
                 for later in jobs[taken:]:  # not in the engine yet: they wait for the next one
-                    self._admission.add(later)
+                    self._wait(later)
                 raise
 
     def _servable_now(self, jobs: list[PreparedJob]) -> list[PreparedJob]:
@@ -335,39 +368,80 @@ class EngineLoop:
             # The engine forgot requests we think it holds: run them again rather than wait.
             log.error("engine_lost_requests", requests=len(self._running))
             for job, _ in self._running.values():
-                self._admission.add(job)
+                self._wait(job)
             self._running.clear()
             self._in_engine.clear()
         metrics.ENGINE_REQUESTS.set(len(self._running))
 
+    def _wait(self, job: PreparedJob) -> None:
+        """Back to waiting for admission: a retry, a routed classifier pass, or a job that
+        could not enter the engine."""
+        (self._admission if job.shadow_of is None else self._shadows).add(job)
+
     def _finish(self, job: PreparedJob, generation: Generation, admitted_at: float) -> None:
         try:
             checked = self._checker.check(job, generation, admitted_at)
+        except JobRejected as rejection:  # the adapter its classifier pass chose cannot serve
+            self._emit(Unserved(job, rejection))
+            return
         except Exception as exc:  # this job's answer alone is lost, as internal_error
             log.exception("result_failed", job_id=job.job.job_id, **traced(job.source))
             self._emit(Unserved(job, JobRejected.internal(exc)))
             return
         if isinstance(checked, PreparedJob):
-            self._admission.add(checked)  # a retry with a larger budget; still held
+            if checked.holds != job.holds:  # routed by its classifier pass
+                with self._lock:
+                    self._holding.update(checked.holds)
+                    self._release([job])
+            self._wait(checked)  # still held
+        elif job.shadow_of is not None:
+            self._emit(Evaluated(job, checked))
         else:
+            self._spawn_shadow(job, checked)
             self._emit(Answered(job, checked))
 
+    def _spawn_shadow(self, job: PreparedJob, result: Result) -> None:
+        shadow = job.as_shadow_run(result)
+        if shadow is None:
+            return
+        if len(self._shadows) >= self._limits.shadow_max_waiting:
+            self.stats.shadows_skipped += 1
+            metrics.SHADOW_SKIPPED.labels(job.pipeline.task).inc()
+            return
+        with self._lock:
+            self._holding.update(shadow.holds)
+            self._shadow_runs += 1
+        self._shadows.add(shadow)
+
     def _emit(self, outcome: Outcome) -> None:
+        job = outcome.job
+        if job.shadow_of is not None and isinstance(outcome, Unserved):
+            # A shadow run that failed: only its evaluation is lost.
+            log.warning("shadow_run_failed", job_id=job.job.job_id, code=outcome.rejection.code)
+            metrics.SHADOW_FAILED.labels(job.pipeline.task).inc()
+            with self._lock:
+                self._drop([job])
+            return
         with self._lock:
             self._outbox.append(outcome)
-            self._release([outcome.job])
+            self._release([job])
+            if job.shadow_of is not None:
+                self._shadow_runs -= 1
 
     def _release(self, jobs: list[PreparedJob]) -> None:
-        """Under the lock: these jobs no longer hold their adapter."""
+        """Under the lock: these jobs no longer hold their adapters."""
         for job in jobs:
-            self._holding[job.adapter_key] -= 1
-            if self._holding[job.adapter_key] <= 0:
-                del self._holding[job.adapter_key]
+            for key in job.holds:
+                self._holding[key] -= 1
+                if self._holding[key] <= 0:
+                    del self._holding[key]
 
     def _drop(self, jobs: list[PreparedJob]) -> None:
         """Under the lock: these jobs leave without an outcome."""
         self._release(jobs)
-        self._unfinished -= len(jobs)
+        shadows = sum(job.shadow_of is not None for job in jobs)
+        self._shadow_runs -= shadows
+        self._unfinished -= len(jobs) - shadows
 
     def _abort_running(self) -> None:
         if not self._running:

@@ -1,11 +1,11 @@
-"""Adapter status notices on `adapters.status`: best effort, never part of a transaction; and
-reading them back."""
+"""Notices about adapters, best effort and never part of a transaction: statuses on
+`adapters.status` (and reading them back), shadow evaluations on `adapters.evaluations`."""
 
 from __future__ import annotations
 
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from workers.core.contracts import AdapterState, AdapterStatus, AdapterUpdate
 from workers.kafka.topics import read_to_end
@@ -13,27 +13,30 @@ from workers.kafka.topics import read_to_end
 log = structlog.get_logger(__name__)
 
 
-class AdapterStatusWriter:
+class NoticeWriter:
+    """Writes keyed JSON records to one topic; a lost record is logged, never fatal."""
+
     def __init__(self, bootstrap_servers: str, topic: str, extra_config: dict[str, str]) -> None:
         self._topic = topic
         self._producer = Producer(
             {"bootstrap.servers": bootstrap_servers, "acks": "all", **extra_config}, logger=None
         )
 
-    def write(self, status: AdapterStatus) -> None:
-        """A lost status message is logged, never fatal to the worker."""
-
+    def write(self, key: str, record: BaseModel) -> None:
         def delivered(error: KafkaError | None, _message: Message) -> None:
             if error is not None:
-                log.warning("status_delivery_failed", topic=self._topic, error=str(error))
+                log.warning("notice_delivery_failed", topic=self._topic, error=str(error))
 
         self._producer.produce(
             self._topic,
-            key=status.key.encode(),
-            value=status.model_dump_json().encode(),
+            key=key.encode(),
+            value=record.model_dump_json().encode(),
             on_delivery=delivered,
         )
         self._producer.poll(0)
+
+    def write_status(self, status: AdapterStatus) -> None:
+        self.write(status.key, status)
 
     def close(self) -> None:
         self._producer.flush(10)

@@ -26,8 +26,8 @@ def pipeline_topics(
     settings: Settings, pipelines: dict[str, PipelineConfig], partitions: int
 ) -> list[TopicSpec]:
     """Input, result and dead-letter topics of every pipeline, the unknown-task DLQ, and the
-    adapter topics, compacted: the latest state per adapter name (updates) and per version
-    (statuses) is what matters."""
+    adapter topics: compacted where the latest state per adapter name (updates) and per version
+    (statuses) is what matters; shadow evaluations are a plain log."""
     names = {settings.unknown_task_dlq}
     for pipeline in pipelines.values():
         names |= {pipeline.input_topic, pipeline.result_topic, pipeline.dlq_topic}
@@ -35,6 +35,7 @@ def pipeline_topics(
     compacted = {"cleanup.policy": "compact"}
     specs.append(TopicSpec(settings.adapters.updates_topic, 1, compacted))
     specs.append(TopicSpec(settings.adapters.status_topic, partitions, compacted))
+    specs.append(TopicSpec(settings.adapters.evaluations_topic, partitions))
     return specs
 
 
