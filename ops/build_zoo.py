@@ -1,6 +1,10 @@
-"""Build the tiny model zoo: a tiny Llama base plus four LoRA adapters, all trained locally.
+"""Build the tiny model zoo: a tiny Llama base plus seven LoRA adapters, all trained locally.
 
-Usage: python ops/build_zoo.py [--out models]
+Usage: python ops/build_zoo.py [--out models] [--adapters NAME ...]
+
+With --adapters, only the named adapters are (re)trained, against the base and tokenizer already
+in --out, and added to catalog.yaml; everything else in the zoo is left as it is. That is how the
+routed reply adapters were added without touching the base and adapters already deployed.
 
 Everything is derived from fixed seeds and synthetic data, so the zoo can be rebuilt offline
 (no Hugging Face hub access) on a 2-core CPU in a few minutes. Each model has one checkable
@@ -9,9 +13,12 @@ behaviour; the script reports held-out greedy exact-match rates for all of them.
 Layout written under --out:
     tiny-llama/                base model + tokenizer (base behaviour: echo the input)
     adapters/<name>/           PEFT LoRA adapters (classifier, customer-tone, partner-tone,
-                               summarizer)
+                               summarizer, billing-reply, technical-reply, account-reply)
     catalog.yaml               adapter catalog read by the workers
-    heldout.jsonl              held-out prompts and expected greedy outputs, per model
+    heldout.jsonl              held-out prompts and expected greedy outputs, per model (the base
+                               and the first four adapters)
+    routing-heldout.jsonl      held-out labelled messages for classifier routing, each with the
+                               reply adapter it should reach and that adapter's expected answer
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -33,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -48,6 +57,7 @@ from transformers.utils import logging as hf_logging
 
 SEED = 1234
 HELD_OUT_SEED = 987_654  # a different seed, so held-out inputs come from another random stream
+ROUTING_HELD_OUT_SEED = 246_810  # the routing messages get a stream of their own
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 BASE_NAME = "tiny-llama"
 MAX_COMPLETION_TOKENS = 64
@@ -110,9 +120,14 @@ TIMES = ["on Monday", "on Friday", "yesterday", "last week", "this morning", "to
 TIMES += ["before noon"]
 
 
-def make_message(rng: random.Random) -> tuple[str, str, str]:
-    """A customer message; returns (text, label, topic)."""
-    label = rng.choice(sorted(TOPICS))
+def make_message(rng: random.Random, label: str | None = None) -> tuple[str, str, str]:
+    """A customer message; returns (text, label, topic). A given label draws only that category.
+
+    Without a label the random stream is consumed exactly as before labels could be given, so
+    every existing behaviour (and the tokenizer corpus) still sees the same data.
+    """
+    if label is None:
+        label = rng.choice(sorted(TOPICS))
     topic = rng.choice(TOPICS[label])
     parts = [
         f"{rng.choice(GREETINGS)}, this is {rng.choice(NAMES)}.",
@@ -156,7 +171,37 @@ def make_summarizer(rng: random.Random) -> Example:
     return Example("summarize", text, json.dumps({"summary": first_sentence}))
 
 
+# Also feeds the base's echo data and so the tokenizer corpus: adding a maker here would
+# change the base model. The routed replies below are deliberately not in this list.
 ADAPTER_MAKERS = [make_classifier, make_customer_tone, make_partner_tone, make_summarizer]
+
+# Classifier routing: the support pipeline classifies a message, then replies with the adapter of
+# that label. Each reply is a fixed sentence around the message's topic keyword. The wording only
+# uses tokens the base was trained to emit (its echo targets): words such as "reply", "here" or
+# "fix" tokenize to pieces no training target ever contained, whose lm_head rows a LoRA cannot
+# train (see make_echo_training). These texts are not in the tokenizer corpus either.
+ROUTED_REPLIES = {
+    "billing": "Billing team update. We are checking the {topic} on your account and will correct"
+    " any charge.",
+    "technical": "Tech support update. We are investigating the {topic} and will send a patch"
+    " soon.",
+    "account": "Account team update. We have reset your {topic}. Please log in again.",
+}
+
+
+def routed_reply_adapter(label: str) -> str:
+    return f"{label}-reply"
+
+
+def make_routed_reply(label: str) -> Callable[[random.Random], Example]:
+    """The reply adapter of one label: trained on messages of that category only, since the
+    classifier routes nothing else to it."""
+
+    def make(rng: random.Random) -> Example:
+        text, _, topic = make_message(rng, label)
+        return Example("reply", text, ROUTED_REPLIES[label].format(topic=topic))
+
+    return make
 
 
 def make_echo(rng: random.Random) -> Example:
@@ -199,14 +244,67 @@ ADAPTER_BEHAVIOURS = [
     Behaviour("partner-tone", make_partner_tone, steps=300, lr=3e-3),
     Behaviour("summarizer", make_summarizer, steps=300, lr=3e-3),
 ]
+# Trained exactly as the adapters above, but kept out of ADAPTER_BEHAVIOURS, which the tokenizer
+# corpus is drawn from: a full rebuild must reproduce the existing base and tokenizer.
+ROUTED_REPLY_BEHAVIOURS = [
+    Behaviour(routed_reply_adapter(label), make_routed_reply(label), steps=300, lr=3e-3)
+    for label in ROUTED_REPLIES
+]
+ALL_ADAPTER_BEHAVIOURS = [*ADAPTER_BEHAVIOURS, *ROUTED_REPLY_BEHAVIOURS]
 HELD_OUT_SIZE = {"classifier": 120}  # the classifier gets more; everything else uses 60
 DEFAULT_HELD_OUT = 60
+ROUTING_HELD_OUT_SIZE = 120  # 40 per label
 
 
 def held_out_examples(behaviour: Behaviour) -> list[Example]:
+    if behaviour in ROUTED_REPLY_BEHAVIOURS:
+        # Its share of routing-heldout.jsonl, so the reply figures and the routing figures
+        # measure the same messages.
+        return [
+            Example("reply", text, reply)
+            for text, label, reply in routing_held_out()
+            if routed_reply_adapter(label) == behaviour.name
+        ]
     rng = random.Random(f"{HELD_OUT_SEED}-{behaviour.name}")
     n = HELD_OUT_SIZE.get(behaviour.name, DEFAULT_HELD_OUT)
     return [behaviour.make(rng) for _ in range(n)]
+
+
+def training_stream(behaviour: Behaviour, exclude: set[str]) -> Iterator[Example]:
+    """The endless stream of training examples, skipping held-out inputs."""
+    rng = random.Random(f"{SEED}-{behaviour.name}")
+    while True:
+        ex = behaviour.training_example(rng)
+        if ex.input not in exclude:
+            yield ex
+
+
+def training_inputs(behaviour: Behaviour, batch_size: int = 16) -> set[str]:
+    """Every input `train` shows `behaviour`, found by replaying its stream (no model needed)."""
+    exclude = {ex.input for ex in held_out_examples(behaviour)}
+    stream = training_stream(behaviour, exclude)
+    return {next(stream).input for _ in range(behaviour.steps * batch_size)}
+
+
+@functools.cache
+def routing_held_out() -> list[tuple[str, str, str]]:
+    """(message, label, expected reply) rows, labels in turn so that they are balanced.
+
+    The classifier's training could not exclude these (it predates them and must stay
+    byte-identical), so they are drawn from their own seed and any message that the base or an
+    original adapter was trained on is skipped; the reply adapters exclude them as held-out.
+    """
+    seen = set().union(*(training_inputs(b) for b in [BASE_BEHAVIOUR, *ADAPTER_BEHAVIOURS]))
+    rng = random.Random(f"{ROUTING_HELD_OUT_SEED}-routing")
+    labels = sorted(TOPICS)
+    rows: list[tuple[str, str, str]] = []
+    while len(rows) < ROUTING_HELD_OUT_SIZE:
+        label = labels[len(rows) % len(labels)]
+        text, _, topic = make_message(rng, label)
+        if text not in seen:
+            seen.add(text)  # no duplicates either
+            rows.append((text, label, ROUTED_REPLIES[label].format(topic=topic)))
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -268,13 +366,9 @@ def batches(
     exclude: set[str],
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless right-padded batches of fresh examples, skipping held-out inputs."""
-    rng = random.Random(f"{SEED}-{behaviour.name}")
+    stream = training_stream(behaviour, exclude)
     while True:
-        rows: list[tuple[list[int], list[int]]] = []
-        while len(rows) < batch_size:
-            ex = behaviour.training_example(rng)
-            if ex.input not in exclude:
-                rows.append(encode_example(tokenizer, ex))
+        rows = [encode_example(tokenizer, next(stream)) for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
         labels = torch.full((batch_size, width), -100)
@@ -291,8 +385,8 @@ def train(
     tokenizer: PreTrainedTokenizerBase,
     behaviour: Behaviour,
     batch_size: int = 16,
-) -> None:
-    """AdamW with warmup + cosine decay over fresh synthetic batches."""
+) -> float:
+    """AdamW with warmup + cosine decay over fresh synthetic batches; returns seconds taken."""
     exclude = {ex.input for ex in held_out_examples(behaviour)}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=behaviour.lr, weight_decay=0.0)
@@ -323,6 +417,7 @@ def train(
     final = sum(losses[-20:]) / len(losses[-20:])
     took = time.perf_counter() - start
     print(f"  [{behaviour.name}] {behaviour.steps} steps in {took:.1f} s, final loss {final:.4f}")
+    return took
 
 
 # --------------------------------------------------------------------------------------
@@ -369,8 +464,9 @@ def build_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> LlamaForCau
 
 
 def build_adapter(
-    base_dir: Path, tokenizer: PreTrainedTokenizerFast, b: Behaviour, out: Path
-) -> None:
+    base_dir: Path, tokenizer: PreTrainedTokenizerBase, b: Behaviour, out: Path
+) -> float:
+    """Train one LoRA adapter on the saved base; returns its training time in seconds."""
     # Reload the saved base each time so every adapter starts from identical weights.
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = LoraConfig(
@@ -382,7 +478,7 @@ def build_adapter(
     )
     seed_everything(SEED)  # LoRA A matrices are randomly initialised
     model = get_peft_model(base, lora)
-    train(model, tokenizer, b)
+    took = train(model, tokenizer, b)
     # A relative name, not this machine's path: workers resolve it via catalog.yaml.
     model.peft_config["default"].base_model_name_or_path = BASE_NAME
     # save_embedding_layers=False skips peft's hub lookup of "tiny-llama" (we never resize).
@@ -394,12 +490,14 @@ def build_adapter(
     config = json.loads(config_path.read_text())
     config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return took
 
 
 def write_samples(out_dir: Path, per_model: int = 10) -> None:
     """Held-out prompts with expected greedy outputs, for tests of the serving path.
 
-    The models only know the synthetic input distribution; hand-written inputs can fail.
+    The models only know the synthetic input distribution; hand-written inputs can fail. Only the
+    base and the original adapters: the routed replies have routing-heldout.jsonl instead.
     """
     models = {BASE_NAME: BASE_BEHAVIOUR} | {b.name: b for b in ADAPTER_BEHAVIOURS}
     with (out_dir / "heldout.jsonl").open("w") as f:
@@ -410,19 +508,46 @@ def write_samples(out_dir: Path, per_model: int = 10) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def write_catalog(out_dir: Path) -> None:
+def write_routing_held_out(out_dir: Path) -> None:
+    """The routing demo's held-out set: the classifier should answer `label`, and `adapter`
+    (the reply adapter of that label) should answer `expected_reply`, both greedily."""
+    with (out_dir / "routing-heldout.jsonl").open("w") as f:
+        for text, label, reply in routing_held_out():
+            row = {"input": text, "label": label, "adapter": routed_reply_adapter(label)}
+            f.write(json.dumps(row | {"expected_reply": reply}) + "\n")
+
+
+def write_catalog(out_dir: Path, entries: list[dict[str, str]]) -> None:
     lines = [
         "# Adapter catalog: every adapter a worker may serve. Written by ops/build_zoo.py.",
         f"base_model: {BASE_NAME}",
         "adapters:",
     ]
-    for b in ADAPTER_BEHAVIOURS:
+    for entry in entries:
         lines += [
-            f"  - name: {b.name}",
-            '    version: "1"',
-            f"    path: adapters/{b.name}      # relative to this file",
+            f"  - name: {entry['name']}",
+            f"    version: {json.dumps(entry['version'])}",
+            f"    path: {entry['path']}      # relative to this file",
         ]
     (out_dir / "catalog.yaml").write_text("\n".join(lines) + "\n")
+
+
+def catalog_entry(name: str) -> dict[str, str]:
+    return {"name": name, "version": "1", "path": f"adapters/{name}"}
+
+
+def add_to_catalog(out_dir: Path, names: list[str]) -> None:
+    """Append `names` to the existing catalog; existing entries keep their order and version
+    (workers key their adapter caches on the version, so a rewrite must not bump it)."""
+    catalog = yaml.safe_load((out_dir / "catalog.yaml").read_text())
+    if catalog.get("base_model") != BASE_NAME:
+        raise SystemExit(f"catalog.yaml is for base {catalog.get('base_model')!r}, not {BASE_NAME}")
+    entries = [{k: str(v) for k, v in e.items()} for e in catalog.get("adapters") or []]
+    for entry in entries:
+        if set(entry) != {"name", "version", "path"}:
+            raise SystemExit(f"catalog.yaml entry with fields this script cannot keep: {entry}")
+    known = {e["name"] for e in entries}
+    write_catalog(out_dir, entries + [catalog_entry(n) for n in names if n not in known])
 
 
 # --------------------------------------------------------------------------------------
@@ -472,33 +597,80 @@ def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, b: Behavio
     return Score(hits / len(examples), len(examples), min(g.min_margin for g in gens))
 
 
-def evaluate(out_dir: Path) -> dict[str, Score]:
-    """Load base + adapters from disk, measure held-out exact match, show side-by-side samples."""
+@dataclass(frozen=True)
+class RoutingScore:
+    classifier_accuracy: float  # the classifier's JSON label equals the message's label
+    end_to_end: float  # ... and the reply adapter it picked answers exactly the expected reply
+    n: int
+
+
+def classified_label(text: str) -> str | None:
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return answer.get("label") if isinstance(answer, dict) else None
+
+
+def score_routing(model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> RoutingScore:
+    """The support pipeline on routing-heldout: classify, then reply with the chosen adapter."""
+    rows = routing_held_out()
+    labels_right = replies_right = 0
+    for text, label, reply in rows:
+        model.set_adapter("classifier")
+        predicted = classified_label(
+            greedy(model, tokenizer, PROMPT_TEMPLATE.format(task="classify", input=text)).text
+        )
+        labels_right += predicted == label
+        if predicted not in ROUTED_REPLIES:
+            continue  # a broken label routes nowhere
+        model.set_adapter(routed_reply_adapter(predicted))
+        prompt = PROMPT_TEMPLATE.format(task="reply", input=text)
+        replies_right += greedy(model, tokenizer, prompt).text == reply
+    return RoutingScore(labels_right / len(rows), replies_right / len(rows), len(rows))
+
+
+def evaluate(
+    out_dir: Path, behaviours: list[Behaviour], with_base: bool
+) -> tuple[dict[str, Score], RoutingScore | None]:
+    """Load base + adapters from disk, measure held-out exact match of `behaviours` (and of the
+    base if `with_base`), show side-by-side samples, and score routing if its adapters exist."""
     base_dir = out_dir / BASE_NAME
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    results = {BASE_NAME: score(base, tokenizer, BASE_BEHAVIOUR)}
+    results = {BASE_NAME: score(base, tokenizer, BASE_BEHAVIOUR)} if with_base else {}
 
-    first, *rest = ADAPTER_BEHAVIOURS
-    model = PeftModel.from_pretrained(base, out_dir / "adapters" / first.name, first.name)
-    for b in rest:
-        model.load_adapter(out_dir / "adapters" / b.name, adapter_name=b.name)
+    # Every adapter on disk, so routing can use the classifier when only replies were trained.
+    on_disk = [
+        b.name
+        for b in ALL_ADAPTER_BEHAVIOURS
+        if (out_dir / "adapters" / b.name / "adapter_config.json").exists()
+    ]
+    first, *rest = on_disk
+    model = PeftModel.from_pretrained(base, out_dir / "adapters" / first, first)
+    for name in rest:
+        model.load_adapter(out_dir / "adapters" / name, adapter_name=name)
     model.eval()
-    for b in ADAPTER_BEHAVIOURS:
+    for b in behaviours:
         model.set_adapter(b.name)
         results[b.name] = score(model, tokenizer, b)
 
-    # The same held-out prompts through the base and every adapter of that task.
+    # The same held-out prompts through the base and every evaluated adapter of that task.
     for task in ["classify", "reply", "summarize"]:
-        task_adapters = [b for b in ADAPTER_BEHAVIOURS if held_out_examples(b)[0].task == task]
+        task_adapters = [b for b in behaviours if held_out_examples(b)[0].task == task]
+        if not task_adapters:
+            continue
         for ex in held_out_examples(task_adapters[0])[:2]:
             print(f"\n--- task {task}: input {ex.input!r}")
             with model.disable_adapter():
-                print(f"  {BASE_NAME:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
+                print(f"  {BASE_NAME:15s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
             for b in task_adapters:
                 model.set_adapter(b.name)
-                print(f"  {b.name:14s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
-    return results
+                print(f"  {b.name:15s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
+
+    routing_adapters = {"classifier", *(b.name for b in ROUTED_REPLY_BEHAVIOURS)}
+    routing = score_routing(model, tokenizer) if routing_adapters <= set(on_disk) else None
+    return results, routing
 
 
 def dir_size(path: Path) -> int:
@@ -508,6 +680,14 @@ def dir_size(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models"), help="output directory")
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        choices=[b.name for b in ALL_ADAPTER_BEHAVIOURS],
+        metavar="NAME",
+        help="train only these adapters, on the base already in --out, and add them to its"
+        " catalog.yaml (the base, tokenizer and other adapters stay untouched)",
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -515,27 +695,48 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the report
     seed_everything(SEED)
     out_dir: Path = args.out
-    # Start clean so stale adapters never linger in the zoo.
-    for stale in [out_dir / BASE_NAME, out_dir / "adapters"]:
-        shutil.rmtree(stale, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    base_dir = out_dir / BASE_NAME
+    if args.adapters:
+        if not (base_dir / "model.safetensors").exists():
+            parser.error(f"--adapters needs a built base in {base_dir}; run a full build first")
+        behaviours = [b for b in ALL_ADAPTER_BEHAVIOURS if b.name in args.adapters]
+        # The tokenizer as saved, not retrained: the adapters must fit the deployed base.
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base_dir)
+    else:
+        behaviours = ALL_ADAPTER_BEHAVIOURS
+        # Start clean so stale adapters never linger in the zoo.
+        for stale in [base_dir, out_dir / "adapters"]:
+            shutil.rmtree(stale, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print("training tokenizer")
+        tokenizer = train_tokenizer()
+        print(f"training {BASE_NAME} (vocab {len(tokenizer)}) on {BASE_BEHAVIOUR.name}")
+        build_base(tokenizer, base_dir)
 
-    print("training tokenizer")
-    tokenizer = train_tokenizer()
-    print(f"training {BASE_NAME} (vocab {len(tokenizer)}) on {BASE_BEHAVIOUR.name}")
-    build_base(tokenizer, out_dir / BASE_NAME)
-    for b in ADAPTER_BEHAVIOURS:
+    train_seconds: dict[str, float] = {}
+    for b in behaviours:
         print(f"training adapter {b.name}")
-        build_adapter(out_dir / BASE_NAME, tokenizer, b, out_dir / "adapters" / b.name)
-    write_catalog(out_dir)
-    write_samples(out_dir)
+        adapter_dir = out_dir / "adapters" / b.name
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # no stale files from an older version
+        train_seconds[b.name] = build_adapter(base_dir, tokenizer, b, adapter_dir)
+    if args.adapters:
+        add_to_catalog(out_dir, [b.name for b in behaviours])
+    else:
+        write_catalog(out_dir, [catalog_entry(b.name) for b in behaviours])
+        write_samples(out_dir)
+    write_routing_held_out(out_dir)
 
     print("evaluating (HF generate, greedy, fp32, models loaded from disk)")
-    results = evaluate(out_dir)
+    results, routing = evaluate(out_dir, behaviours, with_base=not args.adapters)
     print("\nheld-out greedy exact match:")
     for name, s in results.items():
         margin = f"min top-1 logit margin {s.min_margin:.2f}"
-        print(f"  {name:14s} {s.exact_match:6.1%}  (n={s.n}, {margin})")
+        trained = f", trained in {train_seconds[name]:.1f} s" if name in train_seconds else ""
+        print(f"  {name:15s} {s.exact_match:6.1%}  (n={s.n}, {margin}{trained})")
+    if routing:
+        print(f"routing on routing-heldout.jsonl (n={routing.n}):")
+        print(f"  classifier label accuracy      {routing.classifier_accuracy:6.1%}")
+        print(f"  classify + routed reply exact  {routing.end_to_end:6.1%}")
     print(f"size of {out_dir}: {dir_size(out_dir) / 1e6:.2f} MB")
     print(f"zoo built in {time.perf_counter() - start:.1f} s")
 

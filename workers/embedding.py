@@ -111,7 +111,9 @@ class SentenceEmbedder:
             try:
                 import torch
                 from transformers import AutoModel, AutoTokenizer
+                from transformers.utils import logging as transformers_logging
 
+                transformers_logging.disable_progress_bar()  # no bars in the worker's JSON logs
                 tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
                 model = AutoModel.from_pretrained(
                     model_dir, local_files_only=True, dtype=torch.float32
