@@ -55,13 +55,8 @@ def embedding_router(pipelines: dict[str, PipelineConfig]) -> NearestAdapters | 
     routed = {task: p.routing.embedding for task, p in pipelines.items() if p.routing.embedding}
     if not routed:
         return None
-    import torch
-
     from workers.embedding import CentroidIndex, SentenceEmbedder  # torch only when used
 
-    # vLLM's engine core is a process of its own; beside it, this process's embedding runs
-    # 2-3x faster on one torch thread than on two (bench/embedding_cost.py, 2 cores).
-    torch.set_num_threads(1)
     embedder = SentenceEmbedder()
     started = time.monotonic()
     indexes = {task: CentroidIndex(config.examples, embedder) for task, config in routed.items()}

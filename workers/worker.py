@@ -56,6 +56,7 @@ POLL_WHILE_GENERATING_S = 0.01  # how soon a finished job's answer is written
 FLUSH_TIMEOUT_S = 60.0
 UPDATES_INTERVAL_S = 0.1
 LOOP_JOIN_TIMEOUT_S = 30.0
+PREPARE_CHUNK = 64  # messages staged, routed and submitted at a time
 
 
 @dataclass(frozen=True)
@@ -310,11 +311,16 @@ class Worker:
                 self._finish(message)
                 continue
             fresh.append(message)
+        # In chunks, so the engine starts on the first jobs while later ones are embedded.
+        for start in range(0, len(fresh), PREPARE_CHUNK):
+            self._prepare(fresh[start : start + PREPARE_CHUNK])
+
+    def _prepare(self, messages: list[SourceMessage]) -> None:
         preparer = self.serving.preparer
-        staged = preparer.stage_all(fresh)  # embedding routes take a while: not under the lock
+        staged = preparer.stage_all(messages)  # embedding routes take a while: not locked
         prepared: list[PreparedJob] = []
         with self._routing:
-            for message, job in zip(fresh, preparer.route_all(staged), strict=True):
+            for message, job in zip(messages, preparer.route_all(staged), strict=True):
                 if isinstance(job, JobRejected):
                     self._dead_letter(message, job)
                     continue

@@ -38,6 +38,7 @@ from workers.serving import Serving
 
 log = structlog.get_logger(__name__)
 
+ACCEPT_CHUNK = 64  # rows prepared together (one embedding call for those routed by embedding)
 COLLECT_WAIT_S = 0.005
 
 
@@ -194,44 +195,60 @@ class BulkRunner:
 
     def _serve(self, wanted: Callable[[int], bool], shown: _Shown) -> None:
         """Every wanted row of the input through the engine, until all are finished."""
-        for row, raw in enumerate(read_rows(self._options.input_path)):
-            if not wanted(row):
-                continue
+        chunk: list[tuple[int, bytes]] = []
+        rows = (pair for pair in enumerate(read_rows(self._options.input_path)) if wanted(pair[0]))
+        for row, raw in rows:
             self.summary.rows += 1
-            shown.advance(self._accept(row, raw))
+            chunk.append((row, raw))
+            if len(chunk) < ACCEPT_CHUNK:
+                continue
+            shown.advance(self._accept(chunk))
+            chunk = []
             # Read ahead while the engine runs, within bounds.
             while self._loop.unfinished() >= self._options.read_ahead:
                 shown.advance(self._collect(wait=True))
             shown.advance(self._collect(wait=False))
             shown.show_rate(self.summary)
+        shown.advance(self._accept(chunk))
         while self._loop.unfinished():
             shown.advance(self._collect(wait=True))
             shown.show_rate(self.summary)
 
-    def _accept(self, row: int, raw: bytes) -> int:
-        """Submit the row's job; returns 1 if the row is already finished (an error row)."""
-        try:
-            task = self._task_of(raw)
-        except JobRejected as rejection:
-            # Kept, with its reason, under its own task's partition (or task=unknown).
-            task = _field(raw, "task") or "unknown"
-            self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
-            return 1
-        message = SourceMessage(
-            topic=self._pipelines[task].input_topic or "",
-            partition=0,
-            offset=row,
-            key=None,
-            value=raw,
-            headers=[],
-            timestamp_ms=int(time.time() * 1000),
-        )
-        try:
-            self._loop.submit([self._preparer.prepare(message)])
-        except JobRejected as rejection:
-            self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
-            return 1
-        return 0
+    def _accept(self, rows: list[tuple[int, bytes]]) -> int:
+        """Submit the rows' jobs (inputs routed by embedding embedded together); returns how
+        many rows are already finished (error rows)."""
+        finished = 0
+        messages: list[tuple[str, SourceMessage]] = []
+        for row, raw in rows:
+            try:
+                task = self._task_of(raw)
+            except JobRejected as rejection:
+                # Kept, with its reason, under its own task's partition (or task=unknown).
+                task = _field(raw, "task") or "unknown"
+                self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
+                finished += 1
+                continue
+            message = SourceMessage(
+                topic=self._pipelines[task].input_topic or "",
+                partition=0,
+                offset=row,
+                key=None,
+                value=raw,
+                headers=[],
+                timestamp_ms=int(time.time() * 1000),
+            )
+            messages.append((task, message))
+        prepared = self._preparer.prepare_many([message for _, message in messages])
+        jobs: list[PreparedJob] = []
+        for (task, message), job in zip(messages, prepared, strict=True):
+            if isinstance(job, JobRejected):
+                job_id = job_id_of(message.value or b"", message.offset)
+                self._keep(message.offset, self._error_result(job_id, task, job))
+                finished += 1
+            else:
+                jobs.append(job)
+        self._loop.submit(jobs)
+        return finished
 
     def _task_of(self, raw: bytes) -> str:
         if self._default_task is not None:
