@@ -133,7 +133,10 @@ class Timings(_Contract):
     """Milliseconds since the Unix epoch, and durations in milliseconds."""
 
     enqueued_at_ms: int = Field(description="Kafka timestamp of the job message.")
-    received_at_ms: int = Field(description="When the worker consumed the job.")
+    received_at_ms: int = Field(
+        description="When the worker consumed and routed the job (after embedding its input, "
+        "for embedding routes)."
+    )
     completed_at_ms: int = Field(description="When the result was built.")
     queue_ms: float = Field(ge=0, description="Consumed until handed to the engine.")
     generate_ms: float = Field(ge=0, description="Wall time of the engine call holding the job.")

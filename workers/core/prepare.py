@@ -32,7 +32,7 @@ class PreparedJob:
     source: SourceMessage
     request: GenerationRequest
     arrived_at: float  # monotonic seconds, for admission and queue time
-    received_at_ms: int  # wall clock, for the result's timings
+    received_at_ms: int  # wall clock when routed, for the result's timings
     attempt: int = 0  # retries after an invalid output
     route: RouteInfo | None = None  # None while a classifier pass decides it
     # During the classifier pass (`request` is that pass): the job's own request, its adapter
@@ -185,13 +185,17 @@ class JobPreparer:
     def _routed(self, job: PreparedJob) -> PreparedJob | JobRejected:
         try:
             if job.route is not None:
-                return job.routed(job.route, self.router)
-            classifier = job.pipeline.routing.classifier
-            assert classifier is not None and job.classifying is not None
-            handle = self.router.resolve(classifier.adapter, job.job)
-            return dataclasses.replace(
-                job, request=dataclasses.replace(job.request, adapter=handle)
-            )
+                routed = job.routed(job.route, self.router)
+            else:
+                classifier = job.pipeline.routing.classifier
+                assert classifier is not None and job.classifying is not None
+                handle = self.router.resolve(classifier.adapter, job.job)
+                routed = dataclasses.replace(
+                    job, request=dataclasses.replace(job.request, adapter=handle)
+                )
+            # The version is picked now: a job received before an adapter update is served
+            # by the version before it, one received after by the new one.
+            return dataclasses.replace(routed, received_at_ms=int(time.time() * 1000))
         except JobRejected as rejection:
             return rejection
         except Exception as exc:
