@@ -216,13 +216,13 @@ class VllmEngine:
         if self.merged is not None:
             self._merged_handles.pop(adapter.lora_id, None)
             return
-        with _death_as_engine_died(f"unloading {adapter.engine_name}"):
+        with _death_as_engine_died(f"unloading {adapter.engine_name}", self._llm):
             self._llm.llm_engine.remove_lora(adapter.lora_id)
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
         if self.merged is not None:
             return  # always resident
-        with _death_as_engine_died(f"pinning {adapter.engine_name}"):
+        with _death_as_engine_died(f"pinning {adapter.engine_name}", self._llm):
             self._llm.llm_engine.pin_lora(adapter.lora_id)
         self._pinned.add(adapter.lora_id)
 
@@ -231,13 +231,13 @@ class VllmEngine:
         if self.merged is not None:
             merged = self.merged
             return {i for i, handle in self._merged_handles.items() if merged.serves(handle)}
-        with _death_as_engine_died("listing adapters"):
+        with _death_as_engine_died("listing adapters", self._llm):
             return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One blocking `LLM.generate` call over the whole batch (benchmarks, prewarm)."""
         self._inject_fault(requests)
-        with _death_as_engine_died(f"during a batch of {len(requests)}"):
+        with _death_as_engine_died(f"during a batch of {len(requests)}", self._llm):
             outputs = self._llm.generate(
                 [_prompt(r) for r in requests],
                 [_sampling_params(r) for r in requests],
@@ -253,22 +253,22 @@ class VllmEngine:
         params = _sampling_params(request)
         params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate does: no partials
         lora = self._registered(request.adapter)
-        with _death_as_engine_died(f"adding request {request_id}"):
+        with _death_as_engine_died(f"adding request {request_id}", self._llm):
             self._llm.llm_engine.add_request(
                 request_id, _prompt(request), params, lora_request=lora
             )
 
     def step(self) -> list[tuple[str, Generation]]:
-        with _death_as_engine_died("during a step"):
+        with _death_as_engine_died("during a step", self._llm):
             outputs = self._llm.llm_engine.step()
         return [(out.request_id, self._generation(out)) for out in outputs if out.finished]
 
     def abort_requests(self, request_ids: Sequence[str]) -> None:
-        with _death_as_engine_died(f"aborting {len(request_ids)} requests"):
+        with _death_as_engine_died(f"aborting {len(request_ids)} requests", self._llm):
             self._llm.llm_engine.abort_request(list(request_ids))
 
     def has_unfinished_requests(self) -> bool:
-        with _death_as_engine_died("asking for unfinished requests"):
+        with _death_as_engine_died("asking for unfinished requests", self._llm):
             return self._llm.llm_engine.has_unfinished_requests()
 
     def _inject_fault(self, requests: Sequence[GenerationRequest]) -> None:
@@ -355,13 +355,36 @@ def _sampling_params(request: GenerationRequest) -> SamplingParams:
 
 
 @contextmanager
-def _death_as_engine_died(doing: str) -> Iterator[None]:
+def _death_as_engine_died(doing: str, llm: LLM) -> Iterator[None]:
     from vllm.v1.engine.exceptions import EngineDeadError
 
     try:
         yield
     except EngineDeadError as exc:
         raise EngineDied(f"vLLM engine died {doing}") from exc
+    except Exception as exc:
+        # A call racing the engine-core's death fails on its closed socket (seen: ZMQError
+        # "Socket operation on non-socket" from add_request) before vLLM says it died.
+        if _engine_core_dead(llm):
+            raise EngineDied(f"vLLM engine died {doing}: {type(exc).__name__}") from exc
+        raise
+
+
+def _engine_core_dead(llm: LLM) -> bool:
+    """Whether the engine-core process of a multiprocess client is gone."""
+    import psutil
+
+    client = llm.llm_engine.engine_core
+    resources = getattr(client, "resources", None)
+    if resources is None:
+        return False  # in-process engine: its errors are its own
+    if getattr(resources, "engine_dead", False):
+        return True
+    try:
+        cores = [psutil.Process(pid) for pid in engine_core_pids()]
+        return not any(core.status() != psutil.STATUS_ZOMBIE for core in cores)
+    except psutil.Error:  # it vanished while we looked
+        return True
 
 
 def engine_core_pids(parent: int | None = None) -> list[int]:
