@@ -251,11 +251,15 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = deployment.start_worker(log_path=first_log, **settings)
     wait_for_event(first, first_log, "engine_running")
-    # A backlog the first worker takes at once and is still serving (about 50 s at 8 requests
-    # at a time here) when the second worker, which takes about 20 s to start, joins.
-    jobs += publish_jobs(deployment, 1800, seed=49, prefix="ab-late")
+    # A steady stream keeps the first worker's engine busy however long the second worker
+    # takes to start (20-60 s here), so requests are in it when the join revokes its partitions.
+    late = mixed_jobs(6000, seed=49, prefix="ab-late")
+    trickle = Trickle(kafka_bootstrap, job_records(deployment, late), per_second=25)
     second = deployment.start_worker(log_path=second_log, **settings)
     wait_for_event(first, first_log, "jobs_aborted", timeout_s=300)
+    trickle.stop()
+    trickle.join()
+    jobs += late[: trickle.sent]
     serve_to_the_end(deployment, jobs, [(first, first_log), (second, second_log)])
     aborted = [e for e in log_events(first_log.read_text()) if e["event"] == "jobs_aborted"]
     print(f"\naborted on revoke: {aborted}")
