@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -38,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: the model is lo
 
 import numpy as np  # noqa: E402
 
+from tests.integration.harness import load_zoo_generators  # noqa: E402
 from workers.embedding import CentroidIndex, SentenceEmbedder  # noqa: E402
 
 BATCH_SIZES = (1, 32, 256)
@@ -59,16 +59,6 @@ e.embed(["warm up"])
 t3 = time.perf_counter()
 print(t1 - t0, t2 - t1, t3 - t2)
 """
-
-
-def load_zoo() -> ModuleType:
-    """ops/build_zoo.py as a module (ops/ is no package); its generators give labelled data."""
-    spec = importlib.util.spec_from_file_location("build_zoo", ROOT / "ops" / "build_zoo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -282,7 +272,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    zoo = load_zoo()
+    zoo = load_zoo_generators()
     seed_a, seed_b = zoo.SEED, zoo.HELD_OUT_SEED
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "

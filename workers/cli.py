@@ -19,6 +19,7 @@ import structlog
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
+from workers.adapters.compose import CompositionMethod
 from workers.bulk.plan import MergeMode
 from workers.core.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
 from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN, contract_schemas
@@ -203,7 +204,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     compose.add_argument(
         "--method",
-        choices=["linear", "cat", "ties"],
+        choices=[method.value for method in CompositionMethod],
         default="linear",
         help="linear: equal ranks, weights applied to A and B; cat: exact weighted sum, ranks "
         "add up; ties: trim, elect sign, merge",
@@ -477,7 +478,7 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
 def _composed(args: argparse.Namespace, settings: Settings) -> Path:
     """Build the composed adapter (`adapters compose`); its directory."""
     from workers.adapters.admin import source_paths
-    from workers.adapters.compose import CompositionError, CompositionMethod, compose_adapter
+    from workers.adapters.compose import CompositionError, compose_adapter
 
     out = args.out or settings.adapters.allowed_roots[0] / "composed" / args.name / args.version
     try:

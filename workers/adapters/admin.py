@@ -111,9 +111,12 @@ def _publish(settings: Settings, state: AdapterUpdate) -> None:
         raise TimeoutError("the adapter update was not acknowledged within 30 s")
 
 
-def current_state(settings: Settings, name: str) -> AdapterUpdate | None:
-    """Versions announced on the topic win; before any announcement the catalog's serves."""
-    current = current_updates(settings).get(name)
+def current_state(
+    settings: Settings, name: str, announced: dict[str, AdapterUpdate] | None = None
+) -> AdapterUpdate | None:
+    """Versions announced on the topic win; before any announcement the catalog's serves.
+    `announced`: the topic's states, when the caller has read them already."""
+    current = (current_updates(settings) if announced is None else announced).get(name)
     catalog = load_catalog(settings.catalog)
     if current is None and name in catalog.by_name:
         current = update_from_catalog(catalog, catalog.by_name[name])
@@ -162,9 +165,10 @@ def source_paths(settings: Settings, sources: list[tuple[str, float]]) -> list[t
     """`NAME` or `NAME@VERSION` with weights, as adapter directories: the version given, else
     the one serving most of the adapter's traffic now."""
     paths: list[tuple[Path, float]] = []
+    announced = current_updates(settings)
     for source, weight in sources:
         name, _, version = source.partition("@")
-        state = current_state(settings, name)
+        state = current_state(settings, name, announced)
         if state is None:
             raise ConfigError(f"no adapter {name!r} on the updates topic or in the catalog")
         specs = sorted(state.versions, key=lambda v: -v.weight)

@@ -50,7 +50,7 @@ class ShadowSummaries:
     _changed: set[tuple[str, str]] = field(default_factory=set)
     _next_report: float = 0.0
 
-    def add(self, evaluation: ShadowEvaluation) -> EvaluationSummary:
+    def add(self, evaluation: ShadowEvaluation) -> None:
         key = (evaluation.adapter, evaluation.shadow.version)
         recent = self._recent.setdefault(key, deque(maxlen=self.window))
         recent.append(evaluation)
@@ -61,7 +61,6 @@ class ShadowSummaries:
         summary = summarize(list(recent))
         for measure, value in summary.model_dump(exclude={"jobs"}).items():
             metrics.SHADOW_SUMMARY.labels(*key, measure).set(value)
-        return summary
 
     def due(self, now: float, *, force: bool = False) -> list[AdapterStatus]:
         """Statuses for the versions with new evaluations, once per `interval_s`."""

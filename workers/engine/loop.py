@@ -75,7 +75,6 @@ class LoopStats:
     steps: int = 0
     engine_restarts: int = 0
     finished: int = 0
-    shadows_skipped: int = 0
 
 
 class EngineLoop:
@@ -405,7 +404,6 @@ class EngineLoop:
         if shadow is None:
             return
         if len(self._shadows) >= self._limits.shadow_max_waiting:
-            self.stats.shadows_skipped += 1
             metrics.SHADOW_SKIPPED.labels(job.pipeline.task).inc()
             return
         with self._lock:
