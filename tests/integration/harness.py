@@ -246,10 +246,8 @@ class Trickle:
         self._interval = 1 / per_second
         self._hold_after = hold_after
         self._released = threading.Event()
-        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.failures: list[str] = []
-        self.sent = 0  # records handed to the producer
         self._thread.start()
 
     def _run(self) -> None:
@@ -269,10 +267,7 @@ class Trickle:
         for sent, (topic, key, value, headers) in enumerate(self._records):
             if sent == self._hold_after:
                 self._released.wait(600)
-            if self._stopped.is_set():
-                break
             producer.produce(topic, key=key, value=value, headers=headers, on_delivery=delivered)
-            self.sent = sent + 1
             producer.poll(0)
             time.sleep(self._interval)
         if producer.flush(300) != 0:
@@ -280,10 +275,6 @@ class Trickle:
 
     def release(self) -> None:
         self._released.set()
-
-    def stop(self) -> None:
-        """Publish no more records (`sent` says how many were)."""
-        self._stopped.set()
 
     @property
     def running(self) -> bool:

@@ -237,10 +237,9 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
-    jobs = publish_jobs(deployment, 60, seed=48, prefix="ab")
-    # Eager assignment: the join revokes every partition of the first worker, so whatever its
-    # engine holds then belongs to a revoked partition (cooperative-sticky would move only some,
-    # perhaps none with a request in the engine).
+    # Eager assignment: any rebalance revokes every partition of the first worker, so whatever
+    # its engine holds then belongs to a revoked partition (cooperative-sticky would move only
+    # some, perhaps none with a request in the engine).
     settings = {
         **FAST,
         "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "8",
@@ -249,18 +248,21 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
         ),
     }
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    # Both workers start idle: an engine starting beside a busy one takes minutes on two cores,
+    # long enough for any stream to run dry. The rebalance is the second worker leaving.
     first = deployment.start_worker(log_path=first_log, **settings)
-    wait_for_event(first, first_log, "engine_running")
-    # A steady stream keeps the first worker's engine busy however long the second worker
-    # takes to start (20-60 s here), so requests are in it when the join revokes its partitions.
-    late = mixed_jobs(6000, seed=49, prefix="ab-late")
-    trickle = Trickle(kafka_bootstrap, job_records(deployment, late), per_second=25)
+    wait_for_event(first, first_log, "partitions_assigned")
     second = deployment.start_worker(log_path=second_log, **settings)
-    wait_for_event(first, first_log, "jobs_aborted", timeout_s=300)
-    trickle.stop()
-    trickle.join()
-    jobs += late[: trickle.sent]
-    serve_to_the_end(deployment, jobs, [(first, first_log), (second, second_log)])
+    wait_for_event(second, second_log, "partitions_assigned")
+    wait_for_event(first, first_log, "partitions_assigned", count=2)
+    # A backlog keeps the first worker's engine full (jobs waiting behind it), so it holds
+    # requests when it loses its partitions; a stream at a rate it keeps up with leaves gaps.
+    jobs = publish_jobs(deployment, 1800, seed=48, prefix="ab")
+    wait_for_event(first, first_log, "transaction_committed", count=3)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=120) == 0, second_log.read_text()[-3000:]
+    wait_for_event(first, first_log, "jobs_aborted", timeout_s=120)
+    serve_to_the_end(deployment, jobs, [(first, first_log)])
     aborted = [e for e in log_events(first_log.read_text()) if e["event"] == "jobs_aborted"]
     print(f"\naborted on revoke: {aborted}")
     assert any(e["in_engine"] > 0 for e in aborted), aborted
