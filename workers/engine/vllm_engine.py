@@ -186,7 +186,6 @@ class VllmEngine:
 
     def register_adapter(self, adapter: AdapterHandle) -> None:
         from vllm.lora.request import LoRARequest
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
         if self.merged is not None:
@@ -202,9 +201,10 @@ class VllmEngine:
             return
         # A bad adapter handed to generate() kills the engine; add_lora() fails cleanly instead.
         try:
-            added = self._llm.llm_engine.add_lora(request)
-        except EngineDeadError as exc:
-            raise EngineDied(f"vLLM engine died loading {adapter.engine_name}") from exc
+            with self._engine_call(f"loading {adapter.engine_name}"):
+                added = self._llm.llm_engine.add_lora(request)
+        except EngineDied:
+            raise
         except Exception as exc:
             raise AdapterLoadError(f"adapter {adapter.engine_name}: {exc}") from exc
         if not added:
@@ -216,13 +216,13 @@ class VllmEngine:
         if self.merged is not None:
             self._merged_handles.pop(adapter.lora_id, None)
             return
-        with _death_as_engine_died(f"unloading {adapter.engine_name}", self._llm):
+        with self._engine_call(f"unloading {adapter.engine_name}"):
             self._llm.llm_engine.remove_lora(adapter.lora_id)
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
         if self.merged is not None:
             return  # always resident
-        with _death_as_engine_died(f"pinning {adapter.engine_name}", self._llm):
+        with self._engine_call(f"pinning {adapter.engine_name}"):
             self._llm.llm_engine.pin_lora(adapter.lora_id)
         self._pinned.add(adapter.lora_id)
 
@@ -231,13 +231,13 @@ class VllmEngine:
         if self.merged is not None:
             merged = self.merged
             return {i for i, handle in self._merged_handles.items() if merged.serves(handle)}
-        with _death_as_engine_died("listing adapters", self._llm):
+        with self._engine_call("listing adapters"):
             return set(self._llm.llm_engine.list_loras()) - {IDENTITY_LORA_ID}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One blocking `LLM.generate` call over the whole batch (benchmarks, prewarm)."""
         self._inject_fault(requests)
-        with _death_as_engine_died(f"during a batch of {len(requests)}", self._llm):
+        with self._engine_call(f"during a batch of {len(requests)}"):
             outputs = self._llm.generate(
                 [_prompt(r) for r in requests],
                 [_sampling_params(r) for r in requests],
@@ -253,23 +253,39 @@ class VllmEngine:
         params = _sampling_params(request)
         params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate does: no partials
         lora = self._registered(request.adapter)
-        with _death_as_engine_died(f"adding request {request_id}", self._llm):
+        with self._engine_call(f"adding request {request_id}"):
             self._llm.llm_engine.add_request(
                 request_id, _prompt(request), params, lora_request=lora
             )
 
     def step(self) -> list[tuple[str, Generation]]:
-        with _death_as_engine_died("during a step", self._llm):
+        with self._engine_call("during a step"):
             outputs = self._llm.llm_engine.step()
         return [(out.request_id, self._generation(out)) for out in outputs if out.finished]
 
     def abort_requests(self, request_ids: Sequence[str]) -> None:
-        with _death_as_engine_died(f"aborting {len(request_ids)} requests", self._llm):
+        with self._engine_call(f"aborting {len(request_ids)} requests"):
             self._llm.llm_engine.abort_request(list(request_ids))
 
     def has_unfinished_requests(self) -> bool:
-        with _death_as_engine_died("asking for unfinished requests", self._llm):
+        with self._engine_call("asking for unfinished requests"):
             return self._llm.llm_engine.has_unfinished_requests()
+
+    @contextmanager
+    def _engine_call(self, doing: str) -> Iterator[None]:
+        """An engine call; what it raises because the engine-core died becomes `EngineDied`."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except EngineDeadError as exc:
+            raise EngineDied(f"vLLM engine died {doing}") from exc
+        except Exception as exc:
+            # A call racing the engine-core's death fails on its closed socket (seen: ZMQError
+            # "Socket operation on non-socket" from add_request) before vLLM says it died.
+            if _engine_core_dead(self._llm):
+                raise EngineDied(f"vLLM engine died {doing}: {type(exc).__name__}") from exc
+            raise
 
     def _inject_fault(self, requests: Sequence[GenerationRequest]) -> None:
         marker = self.settings.fault_injection_crash_marker
@@ -354,37 +370,13 @@ def _sampling_params(request: GenerationRequest) -> SamplingParams:
     )
 
 
-@contextmanager
-def _death_as_engine_died(doing: str, llm: LLM) -> Iterator[None]:
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    try:
-        yield
-    except EngineDeadError as exc:
-        raise EngineDied(f"vLLM engine died {doing}") from exc
-    except Exception as exc:
-        # A call racing the engine-core's death fails on its closed socket (seen: ZMQError
-        # "Socket operation on non-socket" from add_request) before vLLM says it died.
-        if _engine_core_dead(llm):
-            raise EngineDied(f"vLLM engine died {doing}: {type(exc).__name__}") from exc
-        raise
-
-
 def _engine_core_dead(llm: LLM) -> bool:
-    """Whether the engine-core process of a multiprocess client is gone."""
-    import psutil
-
-    client = llm.llm_engine.engine_core
-    resources = getattr(client, "resources", None)
+    """Whether this client's engine-core process is gone (a multiprocess client's)."""
+    resources = getattr(llm.llm_engine.engine_core, "resources", None)
     if resources is None:
         return False  # in-process engine: its errors are its own
-    if getattr(resources, "engine_dead", False):
-        return True
-    try:
-        cores = [psutil.Process(pid) for pid in engine_core_pids()]
-        return not any(core.status() != psutil.STATUS_ZOMBIE for core in cores)
-    except psutil.Error:  # it vanished while we looked
-        return True
+    finished = getattr(resources.engine_manager, "finished_procs", None)
+    return resources.engine_dead or (finished is not None and bool(finished()))
 
 
 def engine_core_pids(parent: int | None = None) -> list[int]:
