@@ -202,12 +202,14 @@ class Worker:
         # Stop fetching and give the jobs not yet in the engine back to the group; give those in
         # it until the deadline, then abort them; commit what is answered. What is not answered
         # stays uncommitted, so the group serves it again.
-        abandoned = 0
+        abandoned = not_started = 0
         try:
             self.source.pause_all()
             self.loop.abort(lambda _job: True, waiting_only=True)
             self._await_engine(self.settings.delivery.shutdown_deadline_s)
             abandoned = self.loop.running()  # aborted by the stop below
+            # Counted now: closing the source releases the partitions' jobs.
+            not_started = len(self._submitted) - abandoned
             self.sink.flush(FLUSH_TIMEOUT_S)
             self._flush_parquet(force=True)
             self._commit()
@@ -223,7 +225,7 @@ class Worker:
                 finished=self.summary.finished,
                 output_tokens=self.summary.output_tokens,
                 abandoned=abandoned,
-                not_started=len(self._submitted) - abandoned,
+                not_started=not_started,
                 engine_restarts=self.summary.engine_restarts,
                 adapter_cache=vars(self.serving.cache.stats),
             )
