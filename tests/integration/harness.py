@@ -23,7 +23,7 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from workers.core.config import PipelineConfig, load_pipelines
-from workers.kafka.topics import read_to_end
+from workers.kafka.topics import read_to_end, watermarks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,7 +149,7 @@ def assert_committed_to_the_end(deployment: Deployment) -> None:
             for n in range(3)
         ]
         for committed in consumer.committed(partitions, timeout=30):
-            _, high = consumer.get_watermark_offsets(committed, timeout=30)
+            _, high = watermarks(consumer, committed)
             assert committed.offset == high, committed
     finally:
         consumer.close()

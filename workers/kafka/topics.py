@@ -4,15 +4,64 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from workers.core.config import PipelineConfig, Settings
 
+log = structlog.get_logger(__name__)
+
 READ_IDLE_TIMEOUT_S = 30.0
+METADATA_ATTEMPTS = 8  # about 25 s of backoff in all
+METADATA_BACKOFF_MAX_S = 5.0
+
+T = TypeVar("T")
+
+# Metadata a broker is still settling (a topic just created, a leader moving, a partition whose
+# metadata the client has not cached yet): worth asking again, unlike a topic that is not there.
+_TRANSIENT_METADATA = {
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+}
+
+
+def transient_metadata_error(error: KafkaError) -> bool:
+    return error.retriable() or error.code() in _TRANSIENT_METADATA
+
+
+def with_metadata_retries(
+    call: Callable[[], T],
+    *,
+    attempts: int = METADATA_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """`call`, asked again with backoff (0.25 s doubling, at most 5 s) while it fails with a
+    transient metadata error, at most `attempts` times; other errors and the last one raise."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if attempt == attempts or not transient_metadata_error(error):
+                raise
+            log.info("kafka_metadata_retry", error=str(error), attempt=attempt)
+            sleep(min(0.25 * 2 ** (attempt - 1), METADATA_BACKOFF_MAX_S))
+    raise AssertionError("unreachable")
+
+
+def watermarks(consumer: Consumer, partition: TopicPartition) -> tuple[int, int]:
+    """The partition's (low, high) offsets from the broker, through transient metadata errors."""
+    return with_metadata_retries(lambda: consumer.get_watermark_offsets(partition, timeout=30))
 
 
 @dataclass(frozen=True)
@@ -68,6 +117,24 @@ def create_topics(
     return outcome
 
 
+def _partitions(consumer: Consumer, topics: list[str]) -> list[tuple[str, list[int]]]:
+    """Partition ids of each of `topics` that exists; raises on a transient topic error (a
+    leader not elected yet) so that the caller asks again rather than reading nothing."""
+    metadata = consumer.list_topics(timeout=30)
+    found: list[tuple[str, list[int]]] = []
+    for topic in topics:
+        described = metadata.topics.get(topic)
+        if described is None:
+            continue
+        if described.error is not None:
+            gone = described.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not gone and transient_metadata_error(described.error):
+                raise KafkaException(described.error)
+            continue
+        found.append((topic, sorted(described.partitions)))
+    return found
+
+
 def read_to_end(
     bootstrap_servers: str, topics: list[str], *, isolation: str = "read_committed"
 ) -> Iterator[Message]:
@@ -82,16 +149,11 @@ def read_to_end(
         logger=None,
     )
     try:
-        metadata = consumer.list_topics(timeout=30)
         assignment: list[TopicPartition] = []
         remaining: dict[tuple[str, int], int] = {}
-        for topic in topics:
-            if topic not in metadata.topics or metadata.topics[topic].error is not None:
-                continue
-            for partition in metadata.topics[topic].partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=30
-                )
+        for topic, partitions in with_metadata_retries(lambda: _partitions(consumer, topics)):
+            for partition in partitions:
+                low, high = watermarks(consumer, TopicPartition(topic, partition))
                 if high > low:
                     assignment.append(TopicPartition(topic, partition, low))
                     remaining[(topic, partition)] = high
@@ -101,7 +163,9 @@ def read_to_end(
             message = consumer.poll(1.0)
             if message is not None:
                 if message.error() is not None:
-                    raise KafkaException(message.error())
+                    if not transient_metadata_error(message.error()):
+                        raise KafkaException(message.error())
+                    continue  # the consumer recovers by itself; the idle deadline bounds it
                 idle_deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
                 yield message
             # Positions, not message offsets: transaction markers occupy offsets too.
