@@ -153,6 +153,7 @@ class Worker:
         )
         self.loop.start(between_steps=self._between_steps)
         try:
+            self.sink.start()
             while not self._should_stop(limits):
                 messages = self._consume()
                 # Waiting for a partition's committed offset is not idleness: its jobs are

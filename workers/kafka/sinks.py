@@ -185,6 +185,9 @@ class DeliveryFailed(Exception):
 
 
 class ResultSink(Protocol):
+    def start(self) -> None:
+        """Before the first message: be ready to write (transactions: fence a predecessor)."""
+
     def write(self, position: Position, record: OutputRecord, on_done: OnDone) -> None:
         """`on_done` once the record is as good as written: acknowledged, or held for the
         transaction that commits its offset."""
@@ -268,6 +271,9 @@ class AtLeastOnceSink:
         )
         self._fatal: str | None = None
         self._to_retry: list[tuple[float, Position, OutputRecord, OnDone]] = []
+
+    def start(self) -> None:
+        """Nothing to fence: each answer is written on its own."""
 
     def write(self, position: Position, record: OutputRecord, on_done: OnDone) -> None:
         def delivered(error: KafkaError | None, _message: Message) -> None:

@@ -14,13 +14,25 @@ Failures follow confluent-kafka's transactional API: a retriable error retries t
 abortable one aborts, a fatal one (e.g. fenced) gets a fresh producer. Held answers stay in
 memory through all of these, so an aborted transaction is simply tried again: nothing is
 re-generated and the consumer need not rewind.
+
+A commit whose outcome stays unknown (retriable errors past the deadline, or a fatal error during
+`commit_transaction`) may still have committed: the coordinator completes a transaction whose
+commit reached it. Nothing is sent again until the outcome is known: a fresh producer's
+`init_transactions` completes (or aborts) whatever the old one left, then the group's committed
+offsets and ledgers are read back and compared with the commit points that were sent. Equal:
+it committed, and its answers are dropped from memory. Different: it did not, and they are sent
+again in the next transaction.
+
+The producer is made, and `init_transactions` called, when the worker starts (`start`): a
+killed predecessor's open transaction would otherwise keep the group's committed offsets
+unstable, and the partitions unreadable, until its transaction timeout.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -47,6 +59,15 @@ RETRIES_PER_CALL = 3
 SEND_OFFSETS_DEADLINE_S = 30.0
 
 T = TypeVar("T")
+ProducerFactory = Callable[[dict[str, Any]], Producer]
+
+
+def _new_producer(config: dict[str, Any]) -> Producer:
+    return Producer(config, logger=None)
+
+
+class CommitInDoubt(Exception):
+    """`commit_transaction` ended without saying whether the transaction committed."""
 
 
 class ExactlyOnceSink:
@@ -57,8 +78,10 @@ class ExactlyOnceSink:
         transaction_timeout_ms: int,
         sizes: SizeSettings,
         extra_config: dict[str, str],
+        producer_factory: ProducerFactory = _new_producer,
     ) -> None:
-        self._config = {
+        self._new_producer = producer_factory
+        self._config: dict[str, Any] = {
             **producer_config(bootstrap_servers, sizes),
             # Stable per replica (see Settings.instance_id): the next producer with this id
             # aborts whatever a killed predecessor left open.
@@ -71,10 +94,22 @@ class ExactlyOnceSink:
         self._producer: Producer | None = None
         self._abandoned: list[Producer] = []
         self._held: dict[TopicPartitionKey, dict[int, OutputRecord]] = {}
+        # The commit points of a transaction whose outcome is not known yet: nothing is sent
+        # until it is.
+        self._in_doubt: dict[TopicPartitionKey, CommitPoint] | None = None
+
+    def start(self) -> None:
+        """Fence and finish a predecessor's open transaction now rather than at the first
+        commit. A broker that is away is not fatal here: the first commit tries again."""
+        try:
+            self._ready_producer()
+        except KafkaException as exc:
+            log.warning("transactional_producer_not_ready", error=str(exc.args[0]))
+            self._producer = None
 
     def _ready_producer(self) -> Producer:
         if self._producer is None:
-            producer = Producer(self._config, logger=None)
+            producer = self._new_producer(self._config)
             # Fences older producers with this transactional.id and aborts their open work.
             self._retrying(lambda: producer.init_transactions(CALL_TIMEOUT_S))
             self._producer = producer
@@ -94,21 +129,16 @@ class ExactlyOnceSink:
     def discard(self, partitions: set[TopicPartitionKey]) -> None:
         for key in partitions:
             self._held.pop(key, None)
+            if self._in_doubt is not None:
+                self._in_doubt.pop(key, None)  # the next owner reads what was committed
 
     def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
         """One transaction: the held answers the commit points cover, and the points. False
-        when it did not commit; the answers stay held for the next attempt."""
-
-        def covered(key: TopicPartitionKey, offset: int) -> bool:
-            point = points[key]
-            return offset < point.position or point.ledger.covers(offset)
-
-        answers = [
-            ((key[0], key[1], offset), record)
-            for key in points
-            for offset, record in self._held.get(key, {}).items()
-            if covered(key, offset)
-        ]
+        when it did not commit (or may not have: then nothing is sent until that is known);
+        the answers stay held for the next attempt."""
+        if self._in_doubt is not None and self._settle_doubt(source) is None:
+            return False
+        answers = self._covered_answers(points)
         failed: list[tuple[Position, KafkaError]] = []
         try:
             producer = self._ready_producer()
@@ -127,15 +157,66 @@ class ExactlyOnceSink:
                 self._abandon_producer()
                 return False
             self._commit_until_known(producer)
+        except CommitInDoubt as doubt:
+            log.error("transaction_outcome_unknown", error=str(doubt), partitions=len(points))
+            metrics.TRANSACTIONS.labels("in_doubt").inc()
+            self._in_doubt = dict(points)
+            self._abandon_producer()
+            # Settled now, or at the start of a later commit: nothing is sent before that.
+            return self._settle_doubt(source) is True
         except KafkaException as exc:
             self._recover(exc.args[0])
             self._replace_undeliverable(failed)
             return False
-        for (topic, partition, offset), _ in answers:
-            self._held[(topic, partition)].pop(offset, None)
+        self._drop(answers)
         metrics.TRANSACTIONS.labels("committed").inc()
         log.info("transaction_committed", records=len(answers), partitions=len(points))
         return True
+
+    def _covered_answers(
+        self, points: dict[TopicPartitionKey, CommitPoint]
+    ) -> list[tuple[Position, OutputRecord]]:
+        """The held answers that commit points cover: before the position or in the ledger."""
+
+        def covered(key: TopicPartitionKey, offset: int) -> bool:
+            point = points[key]
+            return offset < point.position or point.ledger.covers(offset)
+
+        return [
+            ((key[0], key[1], offset), record)
+            for key in points
+            for offset, record in self._held.get(key, {}).items()
+            if covered(key, offset)
+        ]
+
+    def _drop(self, answers: list[tuple[Position, OutputRecord]]) -> None:
+        for (topic, partition, offset), _ in answers:
+            self._held[(topic, partition)].pop(offset, None)
+
+    def _settle_doubt(self, source: KafkaJobSource) -> bool | None:
+        """Whether the in-doubt transaction committed; None while that is still unknown (the
+        broker away). A fresh producer's init_transactions first completes what the old
+        one left open, so the group's committed offsets are stable when read back."""
+        points = self._in_doubt
+        assert points is not None
+        try:
+            self._ready_producer()
+            committed = [(source.committed_ledger(key), point) for key, point in points.items()]
+        except KafkaException as exc:
+            log.warning("transaction_outcome_still_unknown", error=str(exc.args[0]))
+            self._replace_producer()
+            return None
+        self._in_doubt = None
+        # One transaction: its partitions' offsets all committed, or none did.
+        landed = bool(committed) and all(
+            ledger.position == point.position and ledger.metadata == point.ledger.metadata
+            for ledger, point in committed
+        )
+        if landed:
+            self._drop(self._covered_answers(points))
+            metrics.TRANSACTIONS.labels("committed").inc()
+        log.warning("transaction_outcome_settled", committed=landed, partitions=len(points))
+        return landed
 
     def _produce(
         self,
@@ -172,7 +253,8 @@ class ExactlyOnceSink:
 
     def _commit_until_known(self, producer: Producer) -> None:
         """librdkafka: a retriable commit error leaves the outcome unknown; commit again until it
-        is known. Abortable and fatal errors raise to `_recover`."""
+        is known. An abortable error raises to `_recover` (it did not commit); a fatal one, or
+        retriable ones past the deadline, leave the outcome unknown: CommitInDoubt."""
         deadline = time.monotonic() + self._commit_deadline_s
         attempt = 0
         while True:
@@ -181,9 +263,11 @@ class ExactlyOnceSink:
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
+                if error.txn_requires_abort() and not error.fatal():
+                    raise
                 attempt += 1
                 if not error.retriable() or time.monotonic() > deadline:
-                    raise
+                    raise CommitInDoubt(str(error)) from exc
                 log.info("transaction_commit_retry", error=str(error), attempt=attempt)
                 time.sleep(min(0.5 * attempt, 5.0))
 
