@@ -59,3 +59,12 @@ def test_summaries_roll_over_a_window_and_report_once_per_interval() -> None:
     (later,) = summaries.due(now=111.0)
     assert later.evaluation is not None and later.evaluation.identical_text == 0.75
     assert summarize([]).jobs == 0
+
+
+def test_outputs_are_compared_as_json_values_not_python_ones() -> None:
+    serving = result("1", '{"flag": true}', {"flag": True, "n": 1}, True, 4, 10.0)
+    for different in ({"flag": 1, "n": 1}, {"flag": True, "n": 1.0}, [True]):
+        shadow = result("2", "x", different, True, 4, 10.0)
+        assert not evaluation_of(serving, shadow, "w1").identical_output, different
+    reordered = result("2", "x", {"n": 1, "flag": True}, True, 4, 10.0)
+    assert evaluation_of(serving, reordered, "w1").identical_output

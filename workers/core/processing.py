@@ -14,6 +14,7 @@ never dropped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ class Evaluated:
 Outcome = Answered | Unserved | Evaluated
 
 
+def same_json(left: object, right: object) -> bool:
+    """Equal as JSON values: Python's `==` says `True == 1` and `1 == 1.0`; JSON does not."""
+    return json.dumps(left, sort_keys=True) == json.dumps(right, sort_keys=True)
+
+
 def evaluation_of(serving: Result, shadow: Result, worker: str) -> ShadowEvaluation:
     """How a shadow version's answer compares with the serving version's for one job."""
     assert serving.adapter is not None and shadow.adapter is not None
@@ -83,7 +89,7 @@ def evaluation_of(serving: Result, shadow: Result, worker: str) -> ShadowEvaluat
         serving=serving.adapter,
         shadow=shadow.adapter,
         identical_text=serving.raw_output == shadow.raw_output,
-        identical_output=serving.output == shadow.output,
+        identical_output=same_json(serving.output, shadow.output),
         serving_valid=serving.status is ResultStatus.OK,
         shadow_valid=shadow.status is ResultStatus.OK,
         serving_tokens=serving.usage.completion_tokens,

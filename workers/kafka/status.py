@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import BaseModel, ValidationError
 
 from workers.core.contracts import AdapterState, AdapterStatus, AdapterUpdate
 from workers.kafka.topics import read_to_end
 
 log = structlog.get_logger(__name__)
+
+ROOM_ATTEMPTS = 20
+ROOM_WAIT_S = 0.1
 
 
 class NoticeWriter:
@@ -27,13 +32,23 @@ class NoticeWriter:
             if error is not None:
                 log.warning("notice_delivery_failed", topic=self._topic, error=str(error))
 
-        self._producer.produce(
-            self._topic,
-            key=key.encode(),
-            value=record.model_dump_json().encode(),
-            on_delivery=delivered,
-        )
+        try:
+            self._produce_when_room(key.encode(), record.model_dump_json().encode(), delivered)
+        except (BufferError, KafkaException) as exc:  # best effort: never the caller's failure
+            log.warning("notice_dropped", topic=self._topic, key=key, error=str(exc))
         self._producer.poll(0)
+
+    def _produce_when_room(
+        self, key: bytes, value: bytes, delivered: Callable[[KafkaError | None, Message], None]
+    ) -> None:
+        """A full local queue (the broker away) is waited on briefly, then the notice dropped."""
+        for _ in range(ROOM_ATTEMPTS):
+            try:
+                self._producer.produce(self._topic, key=key, value=value, on_delivery=delivered)
+                return
+            except BufferError:
+                self._producer.poll(ROOM_WAIT_S)
+        raise BufferError(f"local queue still full after {ROOM_ATTEMPTS * ROOM_WAIT_S:.0f} s")
 
     def write_status(self, status: AdapterStatus) -> None:
         self.write(status.key, status)
