@@ -77,7 +77,7 @@ def test_a_tenant_back_from_idle_gets_no_saved_credit() -> None:
     admission: Admission[Item] = Admission()
     fill(admission, [("a", "steady", 100)])
     assert len(admission.take(now=1.0, room=60, in_engine={})) == 60  # steady alone
-    fill(admission, [("a", "late", 100)])
+    fill(admission, [("a", "late", 100)], start=1.0)
     taken = admission.take(now=1.0, room=20, in_engine={})
     # Level from its return on: turns alternate, it does not get the next 60 to catch up.
     assert Counter(i.tenant for i in taken) == {"steady": 10, "late": 10}
@@ -133,3 +133,52 @@ def test_every_job_is_admitted_exactly_once(
     while len(admission):
         taken += admission.take(now=1e9, room=7, in_engine={})
     assert sorted(map(id, taken)) == sorted(map(id, items))
+
+
+def test_a_heavy_tenant_back_from_idle_starts_level_with_a_light_one_back_first() -> None:
+    # Both go idle; the light tenant's total is far below the heavy one's. Whoever returns
+    # first, each starts at the current virtual time: turns alternate at once, and the heavy
+    # tenant does not wait (until overdue) for the light one to catch up its old total.
+    admission: Admission[Item] = Admission(max_wait_s=1000.0)
+    fill(admission, [("a", "heavy", 100)])
+    assert len(admission.take(now=1.0, room=100, in_engine={})) == 100
+    fill(admission, [("a", "light", 5)], start=1.0)
+    assert len(admission.take(now=2.0, room=5, in_engine={})) == 5
+    fill(admission, [("a", "light", 50)], start=3.0)
+    fill(admission, [("a", "heavy", 50)], start=4.0)
+    taken = admission.take(now=5.0, room=20, in_engine={})
+    counts = Counter(i.tenant for i in taken)
+    assert abs(counts["heavy"] - counts["light"]) <= 1, counts
+
+
+def test_overdue_jobs_are_taken_in_fair_order_among_themselves() -> None:
+    admission: Admission[Item] = Admission(max_wait_s=5.0)
+    fill(admission, [("a", "flood", 100)])
+    fill(admission, [("a", "quiet", 10)], start=1.0)
+    # Everything is overdue: the quiet tenant's jobs are not kept behind the flood's older ones.
+    taken = admission.take(now=10.0, room=20, in_engine={})
+    assert Counter(i.tenant for i in taken) == {"flood": 10, "quiet": 10}
+
+
+def test_overdue_jobs_still_go_before_those_not_overdue() -> None:
+    admission: Admission[Item] = Admission(max_wait_s=5.0)
+    fill(admission, [("a", "old", 5)])
+    fill(admission, [("a", "new", 100)], start=8.0)
+    taken = admission.take(now=9.0, room=5, in_engine={})
+    assert {i.tenant for i in taken} == {"old"}
+
+
+def test_slots_bound_the_distinct_adapters_in_the_engine() -> None:
+    # Shadow runs: arrival order, but a new adapter enters only while the engine has a free
+    # adapter slot (max_loras); the others wait rather than exceed it.
+    admission: Admission[Item] = Admission(policy=AdmissionPolicy.ARRIVAL)
+    for t, key in enumerate(["s1", "s2", "s1", "s3", "s2"]):
+        admission.add(Item(key, float(t)))
+    in_engine = {"a": 3, "b": 1, "gone": 0}
+    taken = admission.take(now=10.0, room=10, in_engine=in_engine, slots=3)
+    assert [i.adapter_key for i in taken] == ["s1", "s1"]
+    # An adapter already in the engine takes no new slot.
+    taken = admission.take(now=10.0, room=10, in_engine={**in_engine, "s2": 1}, slots=3)
+    assert [i.adapter_key for i in taken] == ["s2", "s2"]
+    assert admission.take(now=10.0, room=10, in_engine=in_engine, slots=2) == []
+    assert len(admission) == 1

@@ -10,8 +10,19 @@ grouped by adapter, and the policy picks:
   in the engine, then those in the engine's host cache, then larger groups. An adapter in the
   engine that is not chosen gets no new jobs: its requests drain and its slot frees.
   Among the chosen adapters' jobs, tenants take turns by weighted fair queueing, so a tenant
-  flooding a topic does not starve the others; overdue jobs go first, oldest first.
+  flooding a topic does not starve the others. Overdue jobs go first, in the same fair order
+  among themselves (a flood's old backlog does not push a quiet tenant's overdue jobs back).
 - `arrival`: plain arrival order (the baseline the benchmarks compare against).
+
+Fair queueing (start-time): each tenant has a virtual time, the service it has received in jobs
+divided by its weight; the waiting job of the tenant least served goes next, and the system's
+virtual time is the start of the job taken last. A tenant back from idling starts at
+max(its own virtual time, the system's): level with those being served, with no credit saved
+while it had nothing waiting, and no debt from service it had long ago.
+
+`take(..., slots=n)` bounds the distinct adapters in the engine (those with requests in it plus
+those taken) at `n` whatever the policy: the engine loop's shadow runs wait for a free adapter
+slot rather than exceed the engine's `max_loras`.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ class Admission(Generic[T]):
     _waiting_per_tenant: dict[str | None, int] = field(default_factory=dict)
     # Service received per tenant, in admitted jobs divided by weight (virtual time).
     _virtual: dict[str | None, float] = field(default_factory=dict)
+    _clock: float = 0.0  # the system's virtual time: the start of the job taken last
     _size: int = 0
 
     def __len__(self) -> int:
@@ -81,32 +93,43 @@ class Admission(Generic[T]):
     def add(self, item: T) -> None:
         tenant = item.tenant
         if not self._waiting_per_tenant.get(tenant):
-            # A tenant back after idling starts level with the busiest, never ahead by credit
-            # saved while it had nothing waiting (start-time fair queueing).
-            active = [self._virtual.get(t, 0.0) for t, n in self._waiting_per_tenant.items() if n]
-            floor = min(active, default=0.0)
-            self._virtual[tenant] = max(self._virtual.get(tenant, 0.0), floor)
+            # Back from idling: no credit saved while it had nothing waiting.
+            self._virtual[tenant] = max(self._virtual.get(tenant, 0.0), self._clock)
         self._waiting_per_tenant[tenant] = self._waiting_per_tenant.get(tenant, 0) + 1
         group = self._groups.setdefault(item.adapter_key, _Group())
         group.by_tenant.setdefault(tenant, deque()).append(item)
         group.size += 1
         self._size += 1
 
-    def take(self, now: float, room: int, in_engine: Mapping[Hashable, int]) -> list[T]:
+    def take(
+        self,
+        now: float,
+        room: int,
+        in_engine: Mapping[Hashable, int],
+        *,
+        slots: int | None = None,
+    ) -> list[T]:
         """Up to `room` jobs to add to the engine now. `in_engine` counts the engine's
-        unfinished requests per adapter key."""
+        unfinished requests per adapter key; with `slots`, the engine ends up with at most that
+        many distinct adapters (an adapter already in it takes no new slot)."""
         if room <= 0 or not self._size:
             return []
+        keys = (
+            list(self._groups)
+            if self.policy is AdmissionPolicy.ARRIVAL
+            else self._chosen_adapters(now, in_engine)
+        )
+        if slots is not None:
+            keys = _within_slots(keys, in_engine, slots)
         if self.policy is AdmissionPolicy.ARRIVAL:
-            return self._take_oldest(room, list(self._groups))
-        chosen = self._chosen_adapters(now, in_engine)
-        overdue_before = now - self.max_wait_s
-        taken = self._take_oldest(room, chosen, arrived_before=overdue_before)
-        while len(taken) < room:
-            item = self._take_fairly(chosen)
-            if item is None:
-                break
-            taken.append(item)
+            return self._take_oldest(room, keys)
+        taken: list[T] = []
+        for arrived_before in (now - self.max_wait_s, None):  # the overdue first
+            while len(taken) < room:
+                item = self._take_fairly(keys, arrived_before)
+                if item is None:
+                    break
+                taken.append(item)
         return taken
 
     def discard(self, predicate: Callable[[T], bool]) -> list[T]:
@@ -132,28 +155,20 @@ class Admission(Generic[T]):
         ranked = sorted(self._groups, key=rank)
         return ranked if self.max_adapters is None else ranked[: self.max_adapters]
 
-    def _take_oldest(
-        self, room: int, keys: list[Hashable], arrived_before: float | None = None
-    ) -> list[T]:
-        heads = [
-            queue
-            for key in keys
-            for queue in self._groups[key].by_tenant.values()
-            if arrived_before is None or queue[0].arrived_at < arrived_before
-        ]
+    def _take_oldest(self, room: int, keys: list[Hashable]) -> list[T]:
+        heads = [queue for key in keys for queue in self._groups[key].by_tenant.values()]
         taken: list[T] = []
         while len(taken) < room and heads:
             queue = min(heads, key=lambda q: q[0].arrived_at)
-            if arrived_before is not None and queue[0].arrived_at >= arrived_before:
-                break
             item = queue[0]
             self._remove(item)
             taken.append(item)
             heads = [q for q in heads if q]
         return taken
 
-    def _take_fairly(self, keys: list[Hashable]) -> T | None:
-        """The oldest waiting job, among the chosen adapters, of the tenant served least."""
+    def _take_fairly(self, keys: list[Hashable], arrived_before: float | None) -> T | None:
+        """The oldest waiting job, among the chosen adapters (and those that arrived before
+        `arrived_before`, if given), of the tenant served least."""
         best: T | None = None
         best_rank: tuple[float, float] | None = None
         for key in keys:
@@ -161,13 +176,17 @@ class Admission(Generic[T]):
             if group is None:
                 continue
             for tenant, queue in group.by_tenant.items():
+                if arrived_before is not None and queue[0].arrived_at >= arrived_before:
+                    continue  # a tenant's queue is in arrival order: none of it is overdue
                 rank = (self._virtual.get(tenant, 0.0), queue[0].arrived_at)
                 if best_rank is None or rank < best_rank:
                     best, best_rank = queue[0], rank
-        if best is None:
+        if best is None or best_rank is None:
             return None
+        start = best_rank[0]
+        self._clock = max(self._clock, start)
         weight = self.tenant_weights.get(best.tenant or "", 1.0)
-        self._virtual[best.tenant] = self._virtual.get(best.tenant, 0.0) + 1.0 / weight
+        self._virtual[best.tenant] = start + 1.0 / weight
         self._remove(best)
         return best
 
@@ -185,3 +204,19 @@ class Admission(Generic[T]):
             del self._groups[item.adapter_key]
         self._waiting_per_tenant[item.tenant] -= 1
         self._size -= 1
+
+
+def _within_slots(
+    keys: list[Hashable], in_engine: Mapping[Hashable, int], slots: int
+) -> list[Hashable]:
+    """The keys that fit in `slots` distinct adapters beside those in the engine, in order."""
+    present = {key for key, count in in_engine.items() if count > 0}
+    free = slots - len(present)
+    kept: list[Hashable] = []
+    for key in keys:
+        if key in present:
+            kept.append(key)
+        elif free > 0:
+            kept.append(key)
+            free -= 1
+    return kept
