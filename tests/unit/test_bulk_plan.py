@@ -1,4 +1,5 @@
-"""The merged tier's plan, sample and agreement arithmetic. Plain data only."""
+"""The merged tier's plan, sample and agreement arithmetic. Plain data only (the probes' engine
+is a fake that answers from a table)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.bulk.agreement import compare, sample_rows
+from workers.bulk.agreement import Probe, compare, greedy, run_probes, sample_rows
 from workers.bulk.plan import Costs, Demand, MergeMode, load_costs, plan_run, save_costs
 from workers.core.contracts import ServedBy
+from workers.core.engine_api import EngineDied, Generation, GenerationRequest
 
 # Round numbers: a start costs 10 s, LoRA makes 1,000 tok/s and merged 4,000 tok/s; every job
 # fills its whole 100-token budget.
@@ -37,16 +39,25 @@ def test_never_serves_everything_on_one_lora_engine() -> None:
 def test_auto_merges_the_dominant_adapter_and_keeps_the_rare_one_on_lora() -> None:
     plan = plan_run({"dominant": demand(4000), "rare": demand(20)}, MergeMode.AUTO, COSTS)
     assert plan.merged == ["dominant"]
-    assert [p.served_by for p in plan.phases] == [ServedBy.MERGED, ServedBy.LORA]
+    # The LoRA engine first: it answers the agreement check's probes, then serves the rest.
+    assert [p.served_by for p in plan.phases] == [ServedBy.LORA, ServedBy.MERGED]
     # merged: start 10 + merge 2 + check 3 + 400,000 tokens at 4,000/s; LoRA: 10 + 2 s
     assert plan.estimate_s == pytest.approx(10 + 2 + 3 + 100 + 10 + 2)
     assert plan.estimate_s <= min(plan.estimates[MergeMode.NEVER], plan.estimates[MergeMode.ALWAYS])
 
 
-def test_auto_counts_the_lora_engine_start_that_merging_saves() -> None:
-    # A run of one adapter: merging saves the LoRA engine's start, so even 300 jobs pay for it.
+def test_merging_never_saves_the_lora_engine_start_the_check_needs() -> None:
+    # A run of one adapter still starts the LoRA engine when it merges: the agreement check's
+    # probes run there. 300 jobs pay for both engines, 200 do not.
     alone = plan_run({"dominant": demand(300)}, MergeMode.AUTO, COSTS)
-    assert alone.merged == ["dominant"]  # 10+2+3+7.5 s merged vs 10+30 s on LoRA
+    assert alone.merged == ["dominant"]  # 10 + (10+2+3+7.5) s vs 10+30 s on LoRA alone
+    assert [(p.served_by, p.adapters) for p in alone.phases] == [
+        (ServedBy.LORA, ()),
+        (ServedBy.MERGED, ("dominant",)),
+    ]
+    assert alone.estimate_s == pytest.approx(10 + 10 + 2 + 3 + 7.5)
+    fewer = plan_run({"dominant": demand(200)}, MergeMode.AUTO, COSTS)
+    assert fewer.merged == []  # 10 + (10+2+3+5) s is no gain on 10+20 s
     pair = plan_run({"dominant": demand(100), "rare": demand(100)}, MergeMode.AUTO, COSTS)
     assert pair.merged == []  # two merged engines (2 x 17.5 s) cost more than LoRA (30 s)
 
@@ -61,7 +72,7 @@ def test_a_cached_checkpoint_makes_merging_cheaper() -> None:
 def test_always_merges_every_adapter_but_the_base_model_stays_on_lora() -> None:
     plan = plan_run({"a": demand(5), "b": demand(7), None: demand(3)}, MergeMode.ALWAYS, COSTS)
     assert sorted(plan.merged) == ["a", "b"]
-    assert plan.phases[-1].served_by is ServedBy.LORA and plan.phases[-1].adapters == (None,)
+    assert plan.phases[0].served_by is ServedBy.LORA and plan.phases[0].adapters == (None,)
 
 
 def test_measured_costs_blend_into_the_stored_ones_and_survive_a_round_trip(
@@ -96,14 +107,16 @@ def test_the_sample_is_at_least_32_jobs_or_one_percent(rows: int, expected: int)
         assert chosen[-1] >= rows * (expected - 1) / expected - 1
 
 
+def answers(*texts: str | None, schema: bool = True) -> dict[int, Probe]:
+    return {row: Probe(text, schema) for row, text in enumerate(texts)}
+
+
 def test_agreement_counts_identical_text_and_identical_parsed_output() -> None:
-    agreement = compare(
-        "classifier@1",
-        ['{"label": "billing"}', '{"label":"billing"}', '{"label": "bug"}', "free text"],
-        ['{"label": "billing"}', '{"label": "billing"}', '{"label": "other"}', "free text!"],
-        [True, True, True, False],
-        seconds=1.0,
-    )
+    merged = answers('{"label": "billing"}', '{"label":"billing"}', '{"label": "bug"}')
+    merged[3] = Probe("free text", False)
+    reference = answers('{"label": "billing"}', '{"label": "billing"}', '{"label": "other"}')
+    reference[3] = Probe("free text!", False)
+    agreement = compare("classifier@1", merged, reference, seconds=1.0)
     assert (agreement.identical_text, agreement.jobs) == (1, 4)
     assert (agreement.identical_output, agreement.parsed_jobs) == (2, 3)
     assert agreement.failure(min_text=0.2, min_output=0.6) is None
@@ -112,5 +125,64 @@ def test_agreement_counts_identical_text_and_identical_parsed_output() -> None:
 
 
 def test_unparsable_outputs_never_agree() -> None:
-    agreement = compare("a@1", ["{oops"], ["{oops"], [True], seconds=0.0)
+    agreement = compare("a@1", answers("{oops"), answers("{oops"), seconds=0.0)
     assert agreement.identical_text == 1 and agreement.identical_output == 0
+
+
+def test_a_check_that_compared_nothing_fails() -> None:
+    # Every probe refused before the engine on both sides: nothing compared, nothing agreed.
+    agreement = compare("a@1", {}, {}, seconds=0.0)
+    assert agreement.jobs == 0 and agreement.text_rate == 0.0
+    assert agreement.failure(min_text=0.0, min_output=0.0) == "compared 0 jobs, the check needs 1"
+
+
+def test_a_check_that_compared_fewer_than_its_minimum_fails() -> None:
+    same = answers('{"label": "bug"}', '{"label": "bug"}')
+    agreement = compare("a@1", same, same, seconds=0.0, required=32)
+    assert agreement.text_rate == 1.0
+    assert agreement.failure(0.9, 0.95) == "compared 2 jobs, the check needs 32"
+
+
+def test_a_crash_or_a_refusal_on_either_side_is_a_disagreement() -> None:
+    # A checkpoint that crashes on every probe (or whose engine refuses them) does not agree,
+    # even where the LoRA path failed the same way.
+    reference = answers('{"label": "bug"}', None, '{"label": "bug"}', None)
+    crashed = answers(None, None, None, None)
+    agreement = compare("a@1", crashed, reference, seconds=0.0)
+    assert (agreement.jobs, agreement.failed, agreement.identical_text) == (4, 4, 0)
+    assert agreement.identical_output == 0
+    assert agreement.failure(0.9, 0.95) == "identical text 0.0% < 90% (4 without an answer)"
+    # A probe refused before the engine on one side only is missing there: a disagreement too.
+    one_sided = compare("a@1", answers('{"label": "bug"}'), answers('{"label": "bug"}', "x"), 0.0)
+    assert (one_sided.jobs, one_sided.failed, one_sided.identical_text) == (2, 1, 1)
+
+
+class TableEngine:
+    """Answers each probe from a table of prompts; refuses or dies on the ones it is told to."""
+
+    def __init__(self, refuse: frozenset[int] = frozenset(), dies: bool = False) -> None:
+        self.refuse, self.dies = refuse, dies
+        self.batches: list[list[GenerationRequest]] = []
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        self.batches.append(requests)
+        if self.dies:
+            raise EngineDied("vLLM engine died during a batch")
+        if any(r.prompt_token_ids[0] in self.refuse for r in requests):
+            raise ValueError("the engine refused a request")
+        return [Generation(f"answer {r.prompt_token_ids[0]}", 2, "stop") for r in requests]
+
+
+def probe(token: int) -> GenerationRequest:
+    return greedy(GenerationRequest([token], None, 8, temperature=0.8, seed=3, json_schema={}))
+
+
+def test_probes_run_at_temperature_0_and_a_refused_one_fails_alone() -> None:
+    assert (probe(1).temperature, probe(1).seed, probe(1).json_schema) == (0.0, None, {})
+    requests = {row: probe(row) for row in (1, 2, 3)}
+    engine = TableEngine(refuse=frozenset({2}))
+    found, _ = run_probes(engine, requests, {row: True for row in requests})  # type: ignore[arg-type]
+    assert {row: p.text for row, p in found.items()} == {1: "answer 1", 2: None, 3: "answer 3"}
+    assert len(engine.batches) == 4  # the batch, then each probe alone to find the refused one
+    dead, _ = run_probes(TableEngine(dies=True), requests, {row: True for row in requests})  # type: ignore[arg-type]
+    assert {p.text for p in dead.values()} == {None}

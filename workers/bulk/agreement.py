@@ -1,33 +1,61 @@
-"""The agreement check of a merged adapter: a sample of its jobs also runs on the LoRA path, and
-the merged answers must match closely enough, or the adapter is served on LoRA after all.
+"""The agreement check of a merged adapter: probes run on the LoRA path as served and on the
+merged engine, and the merged answers must match closely enough, or the adapter is served on
+LoRA after all.
 
-The LoRA path's answers come from Hugging Face transformers with PEFT (the adapter applied
-unmerged, greedy decoding), which follows vLLM's LoRA path token for token, so the check costs no
-second vLLM engine start. Only greedy jobs are sampled: sampled ones differ by design.
+A probe is one of the adapter's jobs at temperature 0, with everything else the job would get:
+its prompt, max_tokens and, for a task with an output schema, the same schema-constrained
+decoding (the job's own `GenerationRequest`, so the same vLLM `SamplingParams`). Both sides run
+on vLLM: the LoRA side on an engine with the adapter loaded as LoRA, the merged side on the
+engine started on the merged checkpoint. Sampled jobs are probed at temperature 0 too, so an
+adapter whose jobs all sample is checked like any other.
+
+The gate fails closed: no compared probe, fewer than required, or a probe that crashed, was
+refused or errored on either side (a disagreement) all count against the merge.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TypeVar
 
-from workers.core.engine_api import AdapterHandle, GenerationRequest
+import structlog
+
+from workers.core.engine_api import Engine, EngineDied, GenerationRequest
+
+log = structlog.get_logger(__name__)
+
+K = TypeVar("K")  # what identifies a probe: an input row, a probe's index
+
+# How a generation may end and still be an answer; anything else ("abort", "error") is none.
+ANSWER_FINISH_REASONS = frozenset({"stop", "length"})
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe's answer on one side: None when it crashed, was refused or errored."""
+
+    text: str | None
+    has_schema: bool
 
 
 @dataclass(frozen=True)
 class Agreement:
     adapter: str  # name@version
-    jobs: int
+    jobs: int  # probes compared
     identical_text: int
-    parsed_jobs: int  # jobs of tasks with an output schema
+    parsed_jobs: int  # probes of tasks with an output schema
     identical_output: int  # of those, the same parsed JSON value on both sides
-    seconds: float
+    failed: int  # probes without an answer on one side or both (each a disagreement)
+    seconds: float  # both sides' probes
+    required: int = 1  # probes the check must compare to decide anything
 
     @property
     def text_rate(self) -> float:
-        return self.identical_text / self.jobs if self.jobs else 1.0
+        return self.identical_text / self.jobs if self.jobs else 0.0
 
     @property
     def output_rate(self) -> float | None:
@@ -35,8 +63,12 @@ class Agreement:
 
     def failure(self, min_text: float, min_output: float) -> str | None:
         """Why the merged adapter may not serve (None: it may)."""
+        needed = max(self.required, 1)
+        if self.jobs < needed:
+            return f"compared {self.jobs} jobs, the check needs {needed}"
         if self.text_rate < min_text:
-            return f"identical text {self.text_rate:.1%} < {min_text:.0%}"
+            failed = f" ({self.failed} without an answer)" if self.failed else ""
+            return f"identical text {self.text_rate:.1%} < {min_text:.0%}{failed}"
         if self.output_rate is not None and self.output_rate < min_output:
             return f"identical parsed output {self.output_rate:.1%} < {min_output:.0%}"
         return None
@@ -51,7 +83,9 @@ def sample_rows(rows: Sequence[int], min_jobs: int, fraction: float) -> list[int
     return [rows[int(i * step)] for i in range(wanted)]
 
 
-def _parsed(text: str) -> object:
+def _parsed(text: str | None) -> object:
+    if text is None:
+        return _UNPARSABLE
     try:
         return json.loads(text)
     except ValueError:
@@ -63,53 +97,76 @@ _UNPARSABLE = object()
 
 def compare(
     adapter: str,
-    merged_texts: Sequence[str],
-    reference_texts: Sequence[str],
-    has_schema: Sequence[bool],
+    merged: Mapping[K, Probe],
+    reference: Mapping[K, Probe],
     seconds: float,
+    required: int = 1,
 ) -> Agreement:
-    identical_text = sum(m == r for m, r in zip(merged_texts, reference_texts, strict=True))
-    parsed = [
-        (_parsed(m), _parsed(r))
-        for m, r, schema in zip(merged_texts, reference_texts, has_schema, strict=True)
-        if schema
-    ]
-    identical_output = sum(m is not _UNPARSABLE and m == r for m, r in parsed)
+    """The two sides' answers, probe by probe (keyed alike). A probe that has no answer on
+    either side, or is missing on one (refused before the engine on one path only), disagrees."""
+    keys = sorted(set(merged) | set(reference), key=repr)
+    identical_text = parsed_jobs = identical_output = failed = 0
+    for key in keys:
+        mine, theirs = merged.get(key), reference.get(key)
+        either = mine or theirs
+        assert either is not None
+        ours = mine.text if mine else None
+        others = theirs.text if theirs else None
+        if ours is None or others is None:
+            failed += 1
+        elif ours == others:
+            identical_text += 1
+        if either.has_schema:
+            parsed_jobs += 1
+            value = _parsed(ours)
+            identical_output += value is not _UNPARSABLE and value == _parsed(others)
     return Agreement(
-        adapter, len(merged_texts), identical_text, len(parsed), identical_output, seconds
+        adapter,
+        len(keys),
+        identical_text,
+        parsed_jobs,
+        identical_output,
+        failed,
+        seconds,
+        required,
     )
 
 
-class LoraReference:
-    """The LoRA path's greedy answers, from transformers + PEFT on the CPU."""
+def greedy(request: GenerationRequest) -> GenerationRequest:
+    """The probe of a job: its own request at temperature 0 (seed irrelevant then)."""
+    return dataclasses.replace(request, temperature=0.0, seed=None)
 
-    def __init__(self, base_model: Path, dtype: str) -> None:
-        self._base_model = base_model
-        self._dtype = dtype
 
-    def answers(self, adapter: AdapterHandle, requests: Sequence[GenerationRequest]) -> list[str]:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_probes(
+    engine: Engine, probes: Mapping[K, GenerationRequest], has_schema: Mapping[K, bool]
+) -> tuple[dict[K, Probe], float]:
+    """Each probe's answer on `engine` (one batch; if it is refused, one probe at a time, so
+    the refused ones are known), and how long that took."""
+    started = time.monotonic()
+    keys = list(probes)
+    texts: list[str | None] = [None] * len(keys)
+    try:
+        texts = _texts(engine, [probes[key] for key in keys])
+    except EngineDied as death:
+        log.warning("agreement_probe_engine_died", error=str(death))
+    except Exception as refused:
+        log.warning("agreement_probes_refused", error=str(refused))
+        for index, key in enumerate(keys):
+            try:
+                texts[index] = _texts(engine, [probes[key]])[0]
+            except EngineDied as death:
+                log.warning("agreement_probe_engine_died", error=str(death))
+                break  # the rest stay unanswered
+            except Exception as exc:
+                log.warning("agreement_probe_refused", probe=str(key), error=str(exc))
+    answers = {key: Probe(text, has_schema[key]) for key, text in zip(keys, texts, strict=True)}
+    return answers, time.monotonic() - started
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self._base_model))
-        base = AutoModelForCausalLM.from_pretrained(
-            str(self._base_model), dtype=getattr(torch, self._dtype)
-        )
-        model = PeftModel.from_pretrained(base, adapter.path).eval()
-        texts = []
-        with torch.inference_mode():
-            # One job at a time: padding a batch changes the arithmetic, and with it, now and
-            # then, a greedy token.
-            for request in requests:
-                prompt = torch.tensor([request.prompt_token_ids])
-                output = model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=request.max_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )
-                new_tokens = output[0, prompt.shape[1] :]
-                texts.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
-        return texts
+
+def _texts(engine: Engine, requests: list[GenerationRequest]) -> list[str | None]:
+    if not requests:
+        return []
+    return [
+        g.text if g.finish_reason in ANSWER_FINISH_REASONS else None
+        for g in engine.generate(requests)
+    ]

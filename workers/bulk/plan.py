@@ -3,9 +3,10 @@ Pure logic, no I/O but the small JSON file the measurements live in.
 
 An adapter served merged runs on an engine of its own, started on a checkpoint with the adapter
 folded into the base weights: several times the LoRA path's throughput, for the price of one
-more engine start, a merge (once; the checkpoint is cached) and the agreement check. The plan
-merges an adapter when its jobs save more than that, and serves everything else (the base model,
-rare adapters, adapters whose merge failed its check) on one multi-LoRA engine, last.
+more engine start, a merge (once; the checkpoint is cached) and the agreement check. The check
+compares with the LoRA path as served, so a plan that merges anything starts the multi-LoRA
+engine too, first: it answers the check's probes and serves everything else (the base model,
+rare adapters). The plan merges an adapter when its jobs save more than that.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class Demand:
 
 @dataclass(frozen=True)
 class Phase:
-    """One engine's part of the run: merged for one adapter, or LoRA for the rest."""
+    """One engine's part of the run: merged for one adapter, or LoRA for the rest (and the
+    agreement check's probes of every merged adapter: then it may serve no adapter at all)."""
 
     served_by: ServedBy
     adapters: tuple[str | None, ...]
@@ -126,8 +128,8 @@ def _merged_phase(name: str, demand: Demand, costs: Costs, cached: bool) -> Phas
     return Phase(ServedBy.MERGED, (name,), demand.jobs, seconds)
 
 
-def _lora_phase(rest: Mapping[str | None, Demand], costs: Costs) -> Phase | None:
-    if not rest:
+def _lora_phase(rest: Mapping[str | None, Demand], costs: Costs, probes: bool) -> Phase | None:
+    if not rest and not probes:
         return None
     tokens = sum(d.token_budget * costs.fill(name) for name, d in rest.items())
     seconds = costs.engine_start_s + tokens / costs.lora_tokens_per_s
@@ -140,8 +142,8 @@ def _plan_merging(
     merged: list[str], demand: Mapping[str | None, Demand], costs: Costs, cached: set[str]
 ) -> tuple[Phase, ...]:
     phases = [_merged_phase(name, demand[name], costs, name in cached) for name in merged]
-    lora = _lora_phase({n: d for n, d in demand.items() if n not in merged}, costs)
-    return (*phases, *([lora] if lora else []))
+    lora = _lora_phase({n: d for n, d in demand.items() if n not in merged}, costs, bool(merged))
+    return (*([lora] if lora else []), *phases)
 
 
 def plan_run(
@@ -150,10 +152,11 @@ def plan_run(
     costs: Costs,
     cached: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> RunPlan:
-    """The run's phases: merged adapters first, largest first, then one LoRA phase for the rest.
+    """The run's phases: one LoRA phase for the rest and the probes, then the merged adapters,
+    largest gain first.
 
     `auto` tries merging the k adapters that gain most, for every k, and keeps the cheapest
-    plan (the LoRA engine's start is saved only when nothing is left for it)."""
+    plan (merging never saves the LoRA engine's start: the agreement check needs it)."""
     demand = {name: d for name, d in demand.items() if d.jobs > 0}
     adapters = [name for name in demand if name is not None]
 

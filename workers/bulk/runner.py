@@ -68,6 +68,54 @@ def job_id_of(raw: bytes, row: int) -> str:
     return _field(raw, "job_id") or f"row-{row}"
 
 
+def task_of(raw: bytes, default_task: str | None, pipelines: dict[str, PipelineConfig]) -> str:
+    """The pipeline a row runs on; `JobRejected` if none."""
+    if default_task is not None:
+        return default_task
+    task = decode_job(raw).task  # rejects rows that are not JSON or not a job
+    if task not in pipelines:
+        raise JobRejected(JobError.UNKNOWN_TASK, f"no pipeline serves task {task!r}")
+    return task
+
+
+def _message(pipeline: PipelineConfig, row: int, raw: bytes) -> SourceMessage:
+    return SourceMessage(
+        topic=pipeline.input_topic or "",
+        partition=0,
+        offset=row,
+        key=None,
+        value=raw,
+        headers=[],
+        timestamp_ms=int(time.time() * 1000),
+    )
+
+
+def prepare_rows(
+    serving: Serving,
+    pipelines: dict[str, PipelineConfig],
+    default_task: str | None,
+    input_path: Path,
+    rows: set[int],
+) -> dict[int, PreparedJob]:
+    """These rows of the input as `serving`'s engine would get them (the agreement check's
+    probes); rows refused before the engine are left out."""
+    messages: list[SourceMessage] = []
+    for row, raw in enumerate(read_rows(input_path)):
+        if row in rows:
+            try:
+                messages.append(
+                    _message(pipelines[task_of(raw, default_task, pipelines)], row, raw)
+                )
+            except JobRejected:
+                continue
+    prepared = serving.preparer.prepare_many(messages)
+    return {
+        message.offset: job
+        for message, job in zip(messages, prepared, strict=True)
+        if isinstance(job, PreparedJob)
+    }
+
+
 @dataclass(frozen=True)
 class BulkOptions:
     """What one bulk run reads, writes and how (`lora-workers bulk` flags)."""
@@ -87,15 +135,6 @@ class RowSelection:
 
     wanted: Callable[[int], bool]
     total: int
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Serve these rows first and hold their results back; write anything only if `passes`
-    accepts what they got (the agreement check of a merged adapter)."""
-
-    rows: frozenset[int]
-    passes: Callable[[list[tuple[PreparedJob, Result]]], bool]
 
 
 @dataclass
@@ -155,11 +194,9 @@ class BulkRunner:
         self._pending: defaultdict[str, list[tuple[int, Result]]] = defaultdict(list)
         self.summary = BulkSummary(run_id=self.run_id)
         self._selection = selection
-        self._holding = False  # results kept back, unwritten, until a gate passes
-        self._held: list[tuple[PreparedJob, Result]] = []
 
-    def run(self, console: Console | None = None, gate: Gate | None = None) -> BulkSummary | None:
-        """Serve the selected rows; None if `gate` failed (then nothing was written)."""
+    def run(self, console: Console | None = None) -> BulkSummary:
+        """Serve the selected rows."""
         started = time.monotonic()
         selection = self._selection
         progress = Progress(
@@ -176,16 +213,6 @@ class BulkRunner:
                 label = self._default_task or ", ".join(sorted(self._pipelines))
                 bar = progress.add_task(label, total=selection.total, rate="")
                 shown = _Shown(progress, bar, started)
-                if gate is not None:
-                    self._holding = True
-                    self._serve(lambda row: row in gate.rows, shown)
-                    self._holding = False
-                    if not gate.passes(self._held):
-                        return None
-                    wanted = selection.wanted
-                    selection = RowSelection(
-                        lambda row: row not in gate.rows and wanted(row), selection.total
-                    )
                 self._serve(selection.wanted, shown)
                 self._write(final=True)
         finally:
@@ -221,23 +248,14 @@ class BulkRunner:
         messages: list[tuple[str, SourceMessage]] = []
         for row, raw in rows:
             try:
-                task = self._task_of(raw)
+                task = task_of(raw, self._default_task, self._pipelines)
             except JobRejected as rejection:
                 # Kept, with its reason, under its own task's partition (or task=unknown).
                 task = _field(raw, "task") or "unknown"
                 self._keep(row, self._error_result(job_id_of(raw, row), task, rejection))
                 finished += 1
                 continue
-            message = SourceMessage(
-                topic=self._pipelines[task].input_topic or "",
-                partition=0,
-                offset=row,
-                key=None,
-                value=raw,
-                headers=[],
-                timestamp_ms=int(time.time() * 1000),
-            )
-            messages.append((task, message))
+            messages.append((task, _message(self._pipelines[task], row, raw)))
         prepared = self._preparer.prepare_many([message for _, message in messages])
         jobs: list[PreparedJob] = []
         for (task, message), job in zip(messages, prepared, strict=True):
@@ -250,14 +268,6 @@ class BulkRunner:
         self._loop.submit(jobs)
         return finished
 
-    def _task_of(self, raw: bytes) -> str:
-        if self._default_task is not None:
-            return self._default_task
-        task = decode_job(raw).task  # rejects rows that are not JSON or not a job
-        if task not in self._pipelines:
-            raise JobRejected(JobError.UNKNOWN_TASK, f"no pipeline serves task {task!r}")
-        return task
-
     def _collect(self, *, wait: bool) -> int:
         """Keep the jobs the engine finished (a row that kills the engine on its own comes out
         as an engine_crash row) and write full files; returns how many."""
@@ -267,8 +277,6 @@ class BulkRunner:
         for outcome in outcomes:
             job = outcome.job
             if isinstance(outcome, Answered):
-                if self._holding:
-                    self._held.append((job, outcome.result))
                 self._keep(job.source.offset, outcome.result)
                 self.summary.output_tokens += outcome.result.usage.completion_tokens
             else:
@@ -296,8 +304,6 @@ class BulkRunner:
             self.summary.errors[result.error.code] += 1
 
     def _write(self, *, final: bool) -> None:
-        if self._holding:
-            return
         for task, pending in self._pending.items():
             while len(pending) >= self._options.rows_per_file or (final and pending):
                 chunk = sorted(pending[: self._options.rows_per_file], key=lambda item: item[0])

@@ -3,15 +3,19 @@ each on an engine of its own, one engine at a time; everything else on one multi
 
 1. Survey: route every row (without an engine) and count jobs and token budgets per adapter.
 2. Plan (`workers.bulk.plan`): `--merge never|always|auto`; auto from measured costs.
-3. Per merged adapter: the cached or freshly merged checkpoint (`workers.adapters.merged`), an
-   engine on it, and a gate: a sample of its greedy jobs runs first, its answers held back and
-   compared with the LoRA path's (`workers.bulk.agreement`); below the thresholds, the merged
-   engine is dropped unwritten and the adapter's jobs go to the LoRA engine, which says so.
-4. The LoRA engine for the rest, last.
+3. The LoRA engine first: it answers every merged adapter's probes (a sample of its jobs at
+   temperature 0, `workers.bulk.agreement`), then serves the rest of the run.
+4. Per merged adapter: the cached or freshly merged checkpoint (`workers.adapters.merged`), an
+   engine on it, and a gate before it serves anything: the same probes, compared with the LoRA
+   engine's answers; below the thresholds (or with nothing compared), the merged engine is
+   dropped unwritten and the adapter's jobs go to a LoRA engine started again at the end, which
+   says so.
 5. The costs measured on the way are stored for the next run's plan.
 
 Every row is served by exactly one engine; rows that do not route go to the first one, which
-writes them as error rows with their reason.
+writes them as error rows with their reason. One run at a time per run id and output
+(`workers.bulk.resume.run_lock`); rows an earlier start ended with a transient error are served
+again.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from rich.table import Table
 
 from workers.adapters.checks import AdapterRequirements, adapter_digest
 from workers.adapters.merged import MergedCheckpoints
-from workers.bulk.agreement import Agreement, LoraReference, compare, sample_rows
+from workers.bulk.agreement import Agreement, Probe, compare, greedy, run_probes, sample_rows
 from workers.bulk.jobfiles import read_rows
 from workers.bulk.plan import (
     Demand,
@@ -39,24 +43,25 @@ from workers.bulk.plan import (
     plan_run,
     save_costs,
 )
+from workers.bulk.resume import drop_transient_rows, run_lock
 from workers.bulk.runner import (
     BulkOptions,
     BulkRunner,
     BulkSummary,
-    Gate,
     RowSelection,
     _run_marker,
     default_run_id,
     job_id_of,
+    prepare_rows,
 )
 from workers.core.config import AdapterCatalog, PipelineConfig, Settings
-from workers.core.contracts import AdapterStatus, Result, ServedBy, adapter_label
+from workers.core.contracts import AdapterStatus, ServedBy, adapter_label
 from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.errors import JobRejected
-from workers.core.prepare import PreparedJob, decode_job
+from workers.core.prepare import decode_job
 from workers.core.routing import rule_route
 from workers.parquet.dataset import existing_job_ids
-from workers.serving import check_routing, start_serving
+from workers.serving import Serving, check_routing, start_serving
 
 log = structlog.get_logger(__name__)
 
@@ -70,15 +75,16 @@ class _EngineDidNotStart(Exception):
     """A merged engine failed to start: its adapter is served on LoRA instead."""
 
 
+# One engine's answers to one merged adapter's probes, by input row, and how long they took.
+Answers = tuple[dict[int, Probe], float]
+
+
 @dataclass
 class Survey:
     """Every row's route, from the jobs alone."""
 
     demand: dict[str | None, Demand] = field(default_factory=dict)
     rows: defaultdict[str | None, list[int]] = field(default_factory=lambda: defaultdict(list))
-    greedy_rows: defaultdict[str | None, list[int]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
     unroutable: list[int] = field(default_factory=list)  # not a job, unknown task or adapter
     rows_read: int = 0
     skipped: int = 0  # already written by an earlier start of the run
@@ -114,14 +120,9 @@ def survey(
             continue
         params = job.params
         max_tokens = (params and params.max_tokens) or pipeline.sampling.max_tokens
-        temperature = pipeline.sampling.temperature
-        if params and params.temperature is not None:
-            temperature = params.temperature
         jobs[name] += 1
         budgets[name] += max_tokens
         found.rows[name].append(row)
-        if temperature == 0:
-            found.greedy_rows[name].append(row)
     found.demand = {name: Demand(jobs[name], budgets[name]) for name in jobs}
     return found
 
@@ -139,6 +140,7 @@ class PhaseReport:
     output_tokens: int = 0
     agreement: Agreement | None = None
     fallback: str | None = None  # why a merged phase was given up (its jobs went to LoRA)
+    probes_for: list[str] = field(default_factory=list)  # a LoRA phase: whose probes it answered
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,6 +151,7 @@ class PhaseReport:
 class TieredSummary(BulkSummary):
     plan: RunPlan | None = None
     phases: list[PhaseReport] = field(default_factory=list)
+    retried: int = 0  # rows an earlier start ended with a transient error, served again
 
 
 class TieredBulkRun:
@@ -182,10 +185,16 @@ class TieredBulkRun:
         self._handles: dict[str, AdapterHandle] = {}
 
     def run(self) -> TieredSummary:
-        started = time.monotonic()
         check_routing(self._pipelines, set(self._catalog.by_name))
         run_id = self._options.run_id or default_run_id(self._options.input_path)
-        done = existing_job_ids(self._options.output_dir, stem_marker=_run_marker(run_id))
+        with run_lock(self._options.output_dir, run_id):
+            return self._run(run_id)
+
+    def _run(self, run_id: str) -> TieredSummary:
+        started = time.monotonic()
+        marker = _run_marker(run_id)
+        retried = drop_transient_rows(self._options.output_dir, marker)
+        done = existing_job_ids(self._options.output_dir, stem_marker=marker)
         found = survey(
             self._options.input_path,
             self._pipelines,
@@ -203,39 +212,82 @@ class TieredBulkRun:
             merged=plan.merged,
             estimate_s=round(plan.estimate_s, 1),
             estimates={m.value: round(s, 1) for m, s in plan.estimates.items()},
+            retried=retried,
         )
-        summary = TieredSummary(run_id=run_id, plan=plan)
+        summary = TieredSummary(run_id=run_id, plan=plan, retried=retried)
         options = BulkOptions(**{**self._options.__dict__, "run_id": run_id})
-        to_lora: list[str | None] = []
-        first = True
+        merge = self._settings.merge
+        probes = {
+            name: set(
+                sample_rows(found.rows[name], merge.agreement_min_jobs, merge.agreement_fraction)
+            )
+            for name in plan.merged
+        }
+        references: dict[str, Answers] = {}
         lora_phase = next((p for p in plan.phases if p.served_by is ServedBy.LORA), None)
-        for phase in plan.phases:
-            if phase.served_by is ServedBy.LORA:
-                continue
-            name = phase.adapters[0]
-            assert name is not None
-            report = self._merged_phase(name, phase, found, options, summary, first)
-            summary.phases.append(report)
-            if report.fallback is None:
-                first = False
-            else:
-                to_lora.append(name)
-        rest = [*(lora_phase.adapters if lora_phase else ()), *to_lora]
-        if rest or (first and found.unroutable):
+        if lora_phase is not None or found.unroutable:
+            rest = list(lora_phase.adapters) if lora_phase else []
             estimate = lora_phase.estimate_s if lora_phase else 0.0
-            jobs = sum(len(found.rows[name]) for name in rest)
-            report = PhaseReport(ServedBy.LORA, self._labels(rest), jobs, estimate)
-            rows = {row for name in rest for row in found.rows[name]}
-            if first:
-                rows.update(found.unroutable)
-            phase_started = time.monotonic()
-            self._serve(report, options, summary, RowSelection(rows.__contains__, len(rows)))
-            report.seconds = time.monotonic() - phase_started
+            report = self._lora_phase(rest, found, estimate, options, summary, with_unroutable=True)
+            report.probes_for = self._labels(list(probes))
+
+            def answer_probes(serving: Serving) -> bool:
+                for name, rows in probes.items():
+                    references[name] = self._probe(serving, rows)
+                return True
+
+            self._serve(report, options, summary, self._selection(rest, found, True), answer_probes)
+            summary.phases.append(report)
+        to_lora: list[str | None] = []
+        for phase in plan.phases:
+            if phase.served_by is ServedBy.MERGED:
+                name = phase.adapters[0]
+                assert name is not None
+                reference = references.get(name, ({}, 0.0))
+                report = self._merged_phase(
+                    name, phase, found, options, summary, probes[name], reference
+                )
+                summary.phases.append(report)
+                if report.fallback is not None:
+                    to_lora.append(name)
+        if to_lora:
+            report = self._lora_phase(to_lora, found, 0.0, options, summary)
+            self._serve(report, options, summary, self._selection(to_lora, found, False))
             summary.phases.append(report)
         summary.rows, summary.skipped = found.rows_read, found.skipped
         summary.seconds = time.monotonic() - started
         self._remember(summary, found)
         return summary
+
+    def _lora_phase(
+        self,
+        names: list[str | None],
+        found: Survey,
+        estimate_s: float,
+        options: BulkOptions,
+        summary: TieredSummary,
+        with_unroutable: bool = False,
+    ) -> PhaseReport:
+        jobs = sum(len(found.rows[name]) for name in names)
+        jobs += len(found.unroutable) if with_unroutable else 0
+        return PhaseReport(ServedBy.LORA, self._labels(names), jobs, estimate_s)
+
+    @staticmethod
+    def _selection(names: list[str | None], found: Survey, with_unroutable: bool) -> RowSelection:
+        rows = {row for name in names for row in found.rows[name]}
+        if with_unroutable:
+            rows.update(found.unroutable)
+        return RowSelection(rows.__contains__, len(rows))
+
+    def _probe(self, serving: Serving, rows: set[int]) -> Answers:
+        """These rows' probes answered by `serving`'s engine (rows refused before the engine
+        are left out: they are not the engine's answers)."""
+        jobs = prepare_rows(
+            serving, self._pipelines, self._options.task, self._options.input_path, rows
+        )
+        requests = {row: greedy(job.request) for row, job in jobs.items()}
+        schemas = {row: job.pipeline.output_schema is not None for row, job in jobs.items()}
+        return run_probes(serving.engine, requests, schemas)
 
     def _merged_phase(
         self,
@@ -244,7 +296,8 @@ class TieredBulkRun:
         found: Survey,
         options: BulkOptions,
         summary: TieredSummary,
-        first: bool,
+        sample: set[int],
+        reference: Answers,
     ) -> PhaseReport:
         handle = self._handle(name)
         report = PhaseReport(ServedBy.MERGED, [_label(handle)], phase.jobs, phase.estimate_s)
@@ -253,33 +306,19 @@ class TieredBulkRun:
             merged = self._checkpoints.get(handle)
         except Exception as exc:  # whatever stops merging, the adapter is served on LoRA
             report.fallback = f"merging failed: {exc}"
-            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=exc)
+            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=str(exc))
             report.seconds = time.monotonic() - started
             return report
         report.merge_s = merged.merge_s
-        rows = set(found.rows[name])
-        if first:
-            rows.update(found.unroutable)
-        sample = frozenset(
-            sample_rows(
-                found.greedy_rows[name],
-                self._settings.merge.agreement_min_jobs,
-                self._settings.merge.agreement_fraction,
-            )
-        )
-        gate = Gate(sample, lambda held: self._agrees(report, handle, held)) if sample else None
-        if gate is None:
-            log.warning(
-                "merged_adapter_unchecked", adapter=report.adapters[0], reason="no greedy jobs"
-            )
+        required = min(self._settings.merge.agreement_min_jobs, len(found.rows[name]))
         try:
             self._serve(
                 report,
                 options,
                 summary,
-                RowSelection(rows.__contains__, len(rows)),
+                self._selection([name], found, False),
+                lambda serving: self._agrees(report, serving, sample, reference, required),
                 merged=merged,
-                gate=gate,
             )
         except _EngineDidNotStart as failure:
             report.fallback = str(failure)
@@ -288,24 +327,17 @@ class TieredBulkRun:
         return report
 
     def _agrees(
-        self, report: PhaseReport, handle: AdapterHandle, held: list[tuple[PreparedJob, Result]]
+        self,
+        report: PhaseReport,
+        serving: Serving,
+        sample: set[int],
+        reference: Answers,
+        required: int,
     ) -> bool:
-        started = time.monotonic()
-        held = [(job, result) for job, result in held if job.adapter is not None]
-        reference = LoraReference(self._settings.engine.model, self._settings.engine.dtype)
-        try:
-            texts = reference.answers(handle, [job.request for job, _ in held])
-        except Exception as exc:  # no reference, no merged serving
-            report.fallback = f"the agreement check failed: {exc}"
-            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=str(exc))
-            return False
-        report.agreement = compare(
-            report.adapters[0],
-            [result.raw_output for _, result in held],
-            texts,
-            [job.pipeline.output_schema is not None for job, _ in held],
-            time.monotonic() - started,
-        )
+        """The gate: the merged engine's answers to the probes against the LoRA engine's."""
+        lora, lora_s = reference
+        merged, merged_s = self._probe(serving, sample)
+        report.agreement = compare(report.adapters[0], merged, lora, lora_s + merged_s, required)
         merge = self._settings.merge
         report.fallback = report.agreement.failure(
             merge.min_identical_text, merge.min_identical_output
@@ -314,11 +346,16 @@ class TieredBulkRun:
             "merged_adapter_agreement",
             adapter=report.adapters[0],
             jobs=report.agreement.jobs,
+            failed=report.agreement.failed,
             identical_text=round(report.agreement.text_rate, 4),
             identical_output=report.agreement.output_rate,
             check_s=round(report.agreement.seconds, 2),
             fallback=report.fallback,
         )
+        if report.fallback is not None:
+            log.warning(
+                "merged_adapter_fallback", adapter=report.adapters[0], reason=report.fallback
+            )
         return report.fallback is None
 
     def _serve(
@@ -327,9 +364,10 @@ class TieredBulkRun:
         options: BulkOptions,
         summary: TieredSummary,
         selection: RowSelection,
+        first: Callable[[Serving], bool] | None = None,
         merged: MergedModel | None = None,
-        gate: Gate | None = None,
     ) -> None:
+        """Start an engine, run `first` on it (False: serve nothing), serve the rows."""
         started = time.monotonic()
         catalog = self._catalog
         if merged is not None:
@@ -357,14 +395,16 @@ class TieredBulkRun:
             raise _EngineDidNotStart(f"the merged engine did not start: {exc}") from exc
         report.engine_start_s = time.monotonic() - started
         try:
+            if first is not None and not first(serving):
+                return  # nothing written
+            if not selection.total:
+                return
             runner = BulkRunner(self._pipelines, serving, options, selection)
-            part = runner.run(self._console, gate)
+            part = runner.run(self._console)
         finally:
             serving.engine.close()
-        if part is None:
-            return  # the gate failed: nothing was written
-        # Throughput after start-up, without the agreement check's own reference generation.
-        report.serve_s = part.seconds - (report.agreement.seconds if report.agreement else 0.0)
+        # Throughput after start-up (the probes ran before).
+        report.serve_s = part.seconds
         report.output_tokens = part.output_tokens
         summary.add(part)
 
@@ -443,12 +483,17 @@ def print_phases(summary: TieredSummary, console: Console | None = None) -> None
             agreed = f"text {agreement.text_rate:.1%}"
             if agreement.output_rate is not None:
                 agreed += f", parsed {agreement.output_rate:.1%}"
-            table.add_row("  agreement with LoRA", f"{agreed} of {agreement.jobs} jobs")
+            failed = f", {agreement.failed} unanswered" if agreement.failed else ""
+            table.add_row("  agreement with LoRA", f"{agreed} of {agreement.jobs} jobs{failed}")
+        if phase.probes_for:
+            table.add_row("  answered the probes of", ", ".join(phase.probes_for))
         if phase.fallback is not None:
             table.add_row("  served on LoRA instead", phase.fallback)
     if plan is not None:
         others = ", ".join(f"{m.value} {s:,.1f} s" for m, s in sorted(plan.estimates.items()))
         table.add_row("plan estimate", f"{plan.estimate_s:,.1f} s ({others})")
+    if summary.retried:
+        table.add_row("retried (transient errors)", f"{summary.retried:,} rows")
     table.add_row("took", f"{summary.seconds:,.1f} s")
     console.print(table)
 
@@ -460,6 +505,7 @@ def summary_document(summary: TieredSummary) -> dict[str, object]:
         "run_id": summary.run_id,
         "rows": summary.rows,
         "skipped": summary.skipped,
+        "retried": summary.retried,
         "by_status": dict(summary.by_status),
         "by_adapter": dict(summary.by_adapter),
         "errors": dict(summary.errors),
@@ -490,6 +536,7 @@ def summary_document(summary: TieredSummary) -> dict[str, object]:
                 if phase.agreement is None
                 else {
                     "jobs": phase.agreement.jobs,
+                    "failed": phase.agreement.failed,
                     "identical_text": round(phase.agreement.text_rate, 4),
                     "identical_output": None
                     if phase.agreement.output_rate is None
@@ -497,6 +544,7 @@ def summary_document(summary: TieredSummary) -> dict[str, object]:
                     "seconds": round(phase.agreement.seconds, 3),
                 },
                 "fallback": phase.fallback,
+                "probes_for": phase.probes_for,
             }
             for phase in summary.phases
         ],
