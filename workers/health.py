@@ -2,7 +2,8 @@
 liveness on `/healthz`, readiness on `/readyz`.
 
 `/readyz` answers 200 only once the engine is up with the adapters' state read from the update
-topic, and the consumer has partitions assigned; until then 503 with what is missing. An
+topic, and the consumer has joined its group (an assignment, even an empty one: a spare replica
+with no partition to serve is ready, not broken); until then 503 with what is missing. An
 orchestrator routes nothing to, and a compose healthcheck waits for, a worker that is not ready.
 """
 
@@ -23,21 +24,21 @@ from workers import metrics
 @dataclass
 class Readiness:
     engine: bool = False  # engine started, adapters registered and the update topic read
-    assigned: bool = False  # the consumer holds at least one partition
+    joined: bool = False  # the consumer is a member of its group, with or without partitions
 
     def missing(self) -> list[str]:
         gaps = []
         if not self.engine:
             gaps.append("engine and adapters starting")
-        if not self.assigned:
-            gaps.append("no partitions assigned")
+        if not self.joined:
+            gaps.append("not yet a member of the consumer group")
         return gaps
 
-    def update(self, *, engine: bool | None = None, assigned: bool | None = None) -> None:
+    def update(self, *, engine: bool | None = None, joined: bool | None = None) -> None:
         if engine is not None:
             self.engine = engine
-        if assigned is not None:
-            self.assigned = assigned
+        if joined is not None:
+            self.joined = joined
         metrics.READY.set(0 if self.missing() else 1)
 
 

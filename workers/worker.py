@@ -177,12 +177,12 @@ class Worker:
         return self.summary
 
     def _report_progress(self, now: float) -> None:
-        """Readiness follows the assignment; consumer lag every few seconds (cached offsets)."""
+        """Readiness follows group membership; consumer lag every few seconds (cached offsets)."""
         if now < self._next_lag_report:
             return
         self._next_lag_report = now + LAG_REPORT_INTERVAL_S
         lag = self.source.lag()
-        self._readiness.update(assigned=bool(lag))
+        self._readiness.update(joined=self.source.joined())
         for (topic, partition), behind in lag.items():
             metrics.CONSUMER_LAG.labels(topic, str(partition)).set(behind)
 

@@ -62,6 +62,10 @@ class KafkaJobSource:
             # Static membership: a restart within session.timeout.ms keeps the assignment.
             config["group.instance.id"] = instance_id
         self._handlers = handlers
+        # Pausing covers partitions assigned later too, which must be assigned paused.
+        self._paused = False
+        self._joined = False  # an assignment arrived (possibly empty) and none was lost since
+        self._cooperative = "cooperative" in str(config["partition.assignment.strategy"])
         self._waiting_since: float | None = None  # for fetch_pending's warning
         self._waiting_reported = False
         self._consumer = Consumer(config, logger=None)
@@ -74,8 +78,17 @@ class KafkaJobSource:
         return [(tp.topic, tp.partition) for tp in partitions]
 
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Nothing to set up: tracking starts at the first message, from the committed offset.
-        log.info("partitions_assigned", partitions=self._keys(partitions))
+        # Tracking starts at the first message, from the committed offset. While paused, new
+        # partitions are assigned here (rather than by the client after this callback) so that
+        # they can be paused before their first fetch.
+        log.info("partitions_assigned", partitions=self._keys(partitions), paused=self._paused)
+        self._joined = True
+        if self._paused and partitions:
+            assign = (
+                self._consumer.incremental_assign if self._cooperative else self._consumer.assign
+            )
+            assign(partitions)
+            self._consumer.pause(partitions)
 
     def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_revoked", partitions=self._keys(partitions))
@@ -83,7 +96,13 @@ class KafkaJobSource:
 
     def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("partitions_lost", partitions=self._keys(partitions))
+        self._joined = False
         self._handlers.lost(self._keys(partitions))
+
+    def joined(self) -> bool:
+        """A member of the group: assigned partitions, or none because there are more members
+        than partitions."""
+        return self._joined
 
     def group_metadata(self) -> object:
         """The consumer's group generation, which fences a transaction from a stale member."""
@@ -181,9 +200,12 @@ class KafkaJobSource:
         return True
 
     def pause_all(self) -> None:
+        """Stop fetching every partition, those assigned from now on included."""
+        self._paused = True
         self._consumer.pause(self._consumer.assignment())
 
     def resume_all(self) -> None:
+        self._paused = False
         self._consumer.resume(self._consumer.assignment())
 
     def close(self) -> None:
