@@ -1,8 +1,11 @@
+from __future__ import annotations
+
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.unit.adapter_fixtures import copy_adapter
+from tests.unit.adapter_fixtures import HOSTILE_FOLDERS, copy_adapter, read_as_non_root
 from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.core.config import LLAMA_LORA_MODULES
 from workers.core.errors import AdapterRejected
@@ -88,3 +91,30 @@ def test_rank_and_modules_limits(tmp_path: Path) -> None:
     assert rejection_code(odd, tmp_path) == "target_modules_unsupported"
     broken = copy_adapter(tmp_path, "classifier", "broken", r="eight")
     assert rejection_code(broken, tmp_path) == "invalid_adapter_config"
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FOLDERS))
+def test_hostile_folders_are_refused_with_their_code(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    path = copy_adapter(root, "classifier")
+    breaks, code = HOSTILE_FOLDERS[case]
+    breaks(path)
+    read_as_non_root(monkeypatch)
+    # Broken files are refused before their checksum is compared, a broken config after.
+    before_checksum = {"files_missing", "path_missing", "files_unreadable", "path_outside_roots"}
+    expected = "0" * 64 if code in before_checksum else adapter_digest(path)
+    assert rejection_code(path, root, expected_sha256=expected) == code
+
+
+def test_a_path_too_long_to_stat_is_unreadable(tmp_path: Path) -> None:
+    assert rejection_code(tmp_path / ("x" * 5000), tmp_path) == "files_unreadable"
+
+
+def test_the_digest_skips_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    path = copy_adapter(tmp_path, "classifier")
+    before = adapter_digest(path)
+    (path / "dangling").symlink_to(path / "gone")
+    os.mkfifo(path / "pipe")  # a whole-file read of it would block forever
+    assert adapter_digest(path) == before

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.unit.adapter_fixtures import copy_adapter
+from tests.unit.adapter_fixtures import HOSTILE_FOLDERS, copy_adapter, read_as_non_root
 from workers.adapters.checks import AdapterRequirements, adapter_digest
 from workers.adapters.registry import AdapterRegistry
 from workers.adapters.updates import UpdateRecord, decode_update
@@ -19,8 +20,8 @@ from workers.core.contracts import (
     Job,
     ShadowSpec,
 )
-from workers.core.engine_api import AdapterHandle, AdapterLoadError
-from workers.core.errors import JobRejected
+from workers.core.engine_api import AdapterHandle, AdapterLoadError, EngineDied
+from workers.core.errors import AdapterError, JobRejected
 from workers.kafka.status import last_serving_states
 
 
@@ -29,10 +30,15 @@ class RecordingEngine:
         self.registered: dict[int, AdapterHandle] = {}
         self.pinned: set[int] = set()
         self.refuse: set[str] = set()
+        # What loading (or pinning) a version raises, by version.
+        self.load_fails: dict[str, BaseException] = {}
+        self.pin_fails: dict[str, BaseException] = {}
 
     def register_adapter(self, adapter: AdapterHandle) -> None:
         if adapter.name in self.refuse:
             raise AdapterLoadError(f"{adapter.engine_name}: refused")
+        if adapter.version in self.load_fails:
+            raise self.load_fails[adapter.version]
         assert adapter.lora_id not in self.registered, "LoRA ids must never be reused"
         self.registered[adapter.lora_id] = adapter
 
@@ -40,6 +46,8 @@ class RecordingEngine:
         del self.registered[adapter.lora_id]
 
     def pin_adapter(self, adapter: AdapterHandle) -> None:
+        if adapter.version in self.pin_fails:
+            raise self.pin_fails[adapter.version]
         self.pinned.add(adapter.lora_id)
 
 
@@ -293,3 +301,233 @@ def test_a_shadow_lost_on_reload_stops_shadowing_not_serving(registry, root) -> 
     registry.mark_unavailable(shadow, "files changed")
     assert registry.resolve("tone", job()) == serving
     assert registry.shadow_for(serving, job()) is None
+
+
+# --- hostile update records: rejected with a code, the serving state untouched ---------------
+
+
+def serving_only_v1(registry: AdapterRegistry, engine: RecordingEngine) -> None:
+    handles = {registry.resolve("tone", job(f"job-{i}")) for i in range(50)}
+    assert {h.version for h in handles} == {"1"}
+    assert set(engine.registered) == {h.lora_id for h in handles}
+
+
+def _record(key: bytes | None, value: dict | bytes | None) -> tuple[bytes | None, bytes | None]:
+    return key, json.dumps(value).encode() if isinstance(value, dict) else value
+
+
+def hostile_records(root: Path) -> dict[str, tuple[bytes | None, bytes | None]]:
+    good = json.loads(update(spec(root, "2")).model_dump_json())
+    version = good["versions"][0]
+    return {
+        "10 MB value": _record(b"tone", {**good, "tenants": ["x" * 10_000_000]}),
+        "nested 100000 deep": _record(
+            b"tone", b'{"name": "tone", "tenants": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        ),
+        "invalid UTF-8": _record(b"tone", json.dumps(good).encode().replace(b"tone", b"t\xff")),
+        "key and name differ": _record(b"tone", {**good, "name": "other"}),
+        "a list": _record(b"tone", b"[1, 2]"),
+        "NaN weight": _record(
+            b"tone", json.dumps(good).encode().replace(b'"weight": 1.0', b'"weight": NaN')
+        ),
+        "a 5000-digit time": _record(
+            b"tone",
+            json.dumps(good)
+            .encode()
+            .replace(b'"published_at_ms": 0', b'"published_at_ms": ' + b"9" * 5000),
+        ),
+        "a path of 100 kB": _record(
+            b"tone", {**good, "versions": [{**version, "path": "/" + "a" * 100_000}]}
+        ),
+        "a path that is NUL": _record(
+            b"tone", {**good, "versions": [{**version, "path": "/srv/a\u0000b"}]}
+        ),
+        "a tombstone without a key": (None, None),
+        "a 1 MB key": _record(b"k" * 1_000_000, None),
+        "invalid UTF-8 key": _record(b"\xff\xfe", good),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(hostile_records(Path("/r"))))
+def test_hostile_records_are_rejected_and_the_serving_state_stays(
+    registry, root, engine, statuses, case: str
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    key, value = hostile_records(root)[case]
+    registry.apply_record(decode_update(key, value))
+    rejected = statuses[-1]
+    assert rejected.state == "rejected" and rejected.code in set(AdapterError)
+    assert len(rejected.name) <= 300 and len(rejected.message or "") <= 1100
+    serving_only_v1(registry, engine)
+
+
+def test_a_tombstone_for_an_unknown_adapter_changes_nothing(
+    registry, root, engine, statuses
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    reported = len(statuses)
+    registry.apply_record(decode_update(b"never-announced", None))
+    assert len(statuses) == reported
+    serving_only_v1(registry, engine)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FOLDERS))
+def test_hostile_folders_are_rejected_and_the_serving_state_stays(
+    registry, root, engine, statuses, monkeypatch, case: str
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    path = root / "tone-v9"
+    copy_adapter(root, "classifier", path.name)
+    breaks, code = HOSTILE_FOLDERS[case]
+    breaks(path)
+    try:
+        sha256 = adapter_digest(path)
+    except OSError:  # a link loop has no digest: any will do, it is refused before
+        sha256 = "0" * 64
+    read_as_non_root(monkeypatch)
+    hostile = AdapterVersionSpec(version="9", path=str(path), sha256=sha256)
+    registry.apply_record(decode_update(b"tone", update(hostile).model_dump_json().encode()))
+    assert (statuses[-1].state, statuses[-1].code, statuses[-1].version) == (
+        "rejected",
+        code,
+        "9",
+    )
+    serving_only_v1(registry, engine)
+
+
+# --- all or nothing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (AdapterLoadError("refused"), "load_failed"),
+        (RuntimeError("a bug"), "update_failed"),
+        (MemoryError(), "update_failed"),
+        (OSError(5, "I/O error"), "update_failed"),
+    ],
+)
+def test_a_load_that_fails_midway_unloads_what_the_update_loaded(
+    registry, root, engine, statuses, raised: BaseException, code: str
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    engine.load_fails["3"] = raised
+    record = update(spec(root, "2", 0.5), spec(root, "3", 0.5))
+    registry.apply_record(UpdateRecord("tone", record))
+    assert (statuses[-1].state, statuses[-1].code) == ("rejected", code)
+    serving_only_v1(registry, engine)  # v2, loaded for this update, left the engine
+    # Nothing of the rejected update was kept: the same versions load once the engine takes them.
+    engine.load_fails.clear()
+    assert registry.apply(record)
+    assert {registry.resolve("tone", job(f"j{i}")).version for i in range(50)} == {"2", "3"}
+
+
+@pytest.mark.parametrize("raised", [AdapterLoadError("slots full"), ValueError("pinning")])
+def test_a_pin_that_fails_midway_switches_nothing(
+    registry, root, engine, statuses, raised: BaseException
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    engine.pin_fails["3"] = raised
+    assert not registry.apply(update(spec(root, "2", 0.5), spec(root, "3", 0.5), hot=True))
+    assert (statuses[-1].state, statuses[-1].code) == ("rejected", "load_failed")
+    assert not any(s.state == "serving" and s.version in {"2", "3"} for s in statuses)
+    serving_only_v1(registry, engine)
+
+
+def test_an_engine_death_while_applying_propagates_and_switches_nothing(
+    registry, root, engine
+) -> None:
+    assert registry.apply(update(spec(root, "1")))
+    engine.load_fails["2"] = EngineDied("engine-core died")
+    with pytest.raises(EngineDied):
+        registry.apply_record(UpdateRecord("tone", update(spec(root, "2"))))
+    assert registry.resolve("tone", job()).version == "1"
+    engine.load_fails.clear()  # the worker restarts the engine and applies the record again
+    registry.apply_record(UpdateRecord("tone", update(spec(root, "2"))))
+    assert registry.resolve("tone", job()).version == "2"
+
+
+def test_a_status_that_cannot_be_written_does_not_stop_the_update(root, engine) -> None:
+    def unwritable(status: AdapterStatus) -> None:
+        raise BufferError("local queue full")
+
+    registry = AdapterRegistry(
+        engine,
+        AdapterRequirements("tiny-llama", 8, LLAMA_LORA_MODULES, (root,)),
+        worker_id="w1",
+        on_status=unwritable,
+    )
+    registry.apply_record(UpdateRecord("tone", update(spec(root, "1"))))
+    registry.apply_record(decode_update(b"tone", b"{not json"))
+    assert registry.resolve("tone", job()).version == "1"
+
+
+# --- a version that fails a reload -------------------------------------------------------------
+
+
+def test_a_failing_canary_leaves_every_stable_job_on_the_stable_version(
+    registry, root, engine, statuses
+) -> None:
+    assert registry.apply(update(spec(root, "1", 0.9), spec(root, "2", 0.1)))
+    before = {i: registry.resolve("tone", job(f"job-{i}")) for i in range(2000)}
+    canary = next(h for h in before.values() if h.version == "2")
+    stable = next(h for h in before.values() if h.version == "1")
+    registry.mark_unavailable(canary, "reloading tone@2: files changed")
+    after = {i: registry.resolve("tone", job(f"job-{i}")) for i in range(2000)}
+    assert set(after.values()) == {stable}  # the canary's share went to the stable version
+    assert canary.lora_id not in engine.registered and stable.lora_id in engine.registered
+    assert (statuses[-1].state, statuses[-1].code, statuses[-1].version) == (
+        "rejected",
+        "load_failed",
+        "2",
+    )
+    # Only when no version is left does the adapter become unavailable.
+    registry.mark_unavailable(stable, "reloading tone@1: files changed")
+    with pytest.raises(JobRejected) as refused:
+        registry.resolve("tone", job())
+    assert refused.value.code == "adapter_unavailable"
+
+
+def test_a_failed_versions_share_is_spread_over_the_others_by_their_weights(registry, root) -> None:
+    assert registry.apply(update(spec(root, "1", 0.5), spec(root, "2", 0.2), spec(root, "3", 0.3)))
+    before = {i: registry.resolve("tone", job(f"job-{i}")) for i in range(4000)}
+    failed = next(h for h in before.values() if h.version == "2")
+    registry.mark_unavailable(failed, "files changed")
+    after = {i: registry.resolve("tone", job(f"job-{i}")) for i in range(4000)}
+    # A job on a surviving version keeps it (a retried job lands where it did).
+    assert all(after[i] == h for i, h in before.items() if h.version != "2")
+    share = [h.version for h in after.values()].count("1") / len(after)
+    assert abs(share - 0.5 / 0.8) < 0.03
+    weights = {r.handle.version: r.weight for r in registry.served()["tone"].routes}
+    assert weights == pytest.approx({"1": 0.625, "3": 0.375})
+
+
+@pytest.mark.parametrize("raised", [RecursionError(), MemoryError()])
+def test_decoding_never_raises(root, monkeypatch, raised: BaseException) -> None:
+    def parser_gives_up(_value: bytes) -> AdapterUpdate:
+        raise raised
+
+    monkeypatch.setattr(AdapterUpdate, "model_validate_json", parser_gives_up)
+    record = decode_update(b"tone", update(spec(root, "1")).model_dump_json().encode())
+    assert record.update is None and type(raised).__name__ in (record.error or "")
+
+
+def test_an_oversized_update_is_refused_before_it_is_parsed(root, monkeypatch) -> None:
+    def must_not_parse(_value: bytes) -> AdapterUpdate:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(AdapterUpdate, "model_validate_json", must_not_parse)
+    record = decode_update(b"tone", b"{" + b" " * 10_000_000 + b"}")
+    assert record.update is None and "bytes" in (record.error or "")
+
+
+def test_a_bug_applying_a_record_refuses_the_record(registry, root, statuses, monkeypatch) -> None:
+    assert registry.apply(update(spec(root, "1")))
+
+    def buggy_retire(name: str) -> None:
+        raise KeyError(name)
+
+    monkeypatch.setattr(registry, "retire", buggy_retire)
+    registry.apply_record(decode_update(b"tone", None))
+    assert (statuses[-1].state, statuses[-1].code) == ("rejected", "update_failed")
+    assert registry.resolve("tone", job()).version == "1"

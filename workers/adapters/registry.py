@@ -39,8 +39,14 @@ from workers.core.contracts import (
     AdapterVersionSpec,
     Job,
 )
-from workers.core.engine_api import AdapterHandle, AdapterLoadError, Engine
-from workers.core.errors import AdapterError, AdapterRejected, JobError, JobRejected
+from workers.core.engine_api import AdapterHandle, AdapterLoadError, Engine, EngineDied
+from workers.core.errors import (
+    MAX_REASON_CHARS,
+    AdapterError,
+    AdapterRejected,
+    JobError,
+    JobRejected,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -79,32 +85,65 @@ def update_from_catalog(catalog: AdapterCatalog, entry: AdapterEntry) -> Adapter
     )
 
 
+def _as_rejection(error: Exception) -> AdapterRejected:
+    """What applying an update raised, as the rejection reported for it."""
+    if isinstance(error, AdapterRejected):
+        return error
+    log.error("adapter_update_failed", exc_info=error)  # not a check: a bug or a limit
+    return AdapterRejected(AdapterError.UPDATE_FAILED, f"{type(error).__name__}: {error}")
+
+
 @dataclass(frozen=True)
 class Route:
     handle: AdapterHandle
     weight: float
 
 
+def _by_point(routes: tuple[Route, ...], point: float) -> AdapterHandle:
+    cumulative = 0.0
+    for route in routes:
+        cumulative += route.weight
+        if point < cumulative:
+            return route.handle
+    return routes[-1].handle
+
+
 @dataclass(frozen=True)
 class ServedAdapter:
     name: str
-    routes: tuple[Route, ...]
+    routes: tuple[Route, ...]  # the versions serving, weights adding up to 1
     tenants: frozenset[str] | None
     hot: bool
     shadow: Route | None = None  # its weight: the share of jobs also run on it
+    # The routes as announced, when a version has since failed a reload and left `routes`.
+    announced: tuple[Route, ...] | None = None
 
     def handles(self) -> list[AdapterHandle]:
         shadow = [] if self.shadow is None else [self.shadow.handle]
         return [route.handle for route in self.routes] + shadow
 
     def pick(self, job_id: str) -> AdapterHandle:
-        point = traffic_point(self.name, job_id)
-        cumulative = 0.0
-        for route in self.routes:
-            cumulative += route.weight
-            if point < cumulative:
-                return route.handle
-        return self.routes[-1].handle
+        handle = _by_point(self.announced or self.routes, traffic_point(self.name, job_id))
+        if self.announced is None or any(r.handle == handle for r in self.routes):
+            return handle
+        # The job's version was lost: pick again among the others, so a job of a version still
+        # serving keeps it and the lost share is spread by their weights.
+        return _by_point(self.routes, traffic_point(f"{self.name}#lost", job_id))
+
+    def without(self, handle: AdapterHandle) -> ServedAdapter | None:
+        """This state with `handle` gone from serving (its share to the other versions), or
+        None if no version would be left."""
+        if self.shadow is not None and self.shadow.handle == handle:
+            return dataclasses.replace(self, shadow=None)  # jobs unaffected
+        remaining = [route for route in self.routes if route.handle != handle]
+        if not remaining:
+            return None
+        total = sum(route.weight for route in remaining)
+        return dataclasses.replace(
+            self,
+            routes=tuple(Route(route.handle, route.weight / total) for route in remaining),
+            announced=self.announced or self.routes,
+        )
 
     def allows(self, tenant: str | None) -> bool:
         return self.tenants is None or (tenant is not None and tenant in self.tenants)
@@ -189,90 +228,90 @@ class AdapterRegistry:
     @_locked
     def apply(self, update: AdapterUpdate) -> bool:
         """Switch `update.name` to the update's versions; False (and old state kept) if any
-        version is rejected."""
-        routes: list[Route] = []
-        shadow: Route | None = None
+        version is rejected or any step fails. Only `EngineDied` is raised: the caller restarts
+        the engine and applies the update again."""
         if self._only is not None and (len(update.versions) > 1 or update.shadow is not None):
-            spec = update.versions[-1]
-            self._reject(
-                update.name,
-                spec.version,
-                AdapterRejected(
-                    AdapterError.MERGED_ONE_VERSION,
-                    f"this worker serves {update.name} merged, one version at a time: "
-                    "publish a canary or a shadow to a LoRA worker",
-                ),
+            rejection = AdapterRejected(
+                AdapterError.MERGED_ONE_VERSION,
+                f"this worker serves {update.name} merged, one version at a time: "
+                "publish a canary or a shadow to a LoRA worker",
             )
+            self._reject(update.name, update.versions[-1].version, rejection)
             self._rejected_last[update.name] = update.published_at_ms
             return False
+        loaded_before = set(self._loaded)
+        digests_before = set(self._digests)
+        trying: list[str | None] = [None]  # the version being loaded or pinned, for the status
         try:
-            for spec in update.versions:
-                routes.append(Route(self._load(update, spec), spec.weight))
-            if update.shadow is not None:
-                spec = AdapterVersionSpec(
-                    version=update.shadow.version,
-                    path=update.shadow.path,
-                    sha256=update.shadow.sha256,
-                )
-                shadow = Route(self._load(update, spec), update.shadow.share)
-        except AdapterRejected as rejection:
-            self._reject(update.name, spec.version, rejection)
+            served = self._prepare(update, trying)
+        except EngineDied:
+            raise  # what it loaded leaves the restarted engine by `release_unused`
+        except Exception as exc:
+            self._unload_new(loaded_before, digests_before)
+            self._reject(update.name, trying[0], _as_rejection(exc))
             self._rejected_last[update.name] = update.published_at_ms
             return False
+        # Nothing can fail from here on: the switch.
         self._unavailable.pop(update.name, None)
-        self._served[update.name] = ServedAdapter(
-            name=update.name,
-            routes=tuple(routes),
-            tenants=None if update.tenants is None else frozenset(update.tenants),
-            hot=update.hot,
-            shadow=shadow,
-        )
-        if update.hot:
-            for route in routes:
-                self._engine.pin_adapter(route.handle)
+        self._served[update.name] = served
         self._served_at[update.name] = update.published_at_ms
         self._rejected_last.pop(update.name, None)
-        for route in routes:
+        for route in served.routes:
             self._status(route.handle, AdapterState.SERVING, route.weight, update)
-        if shadow is not None:
-            self._status(shadow.handle, AdapterState.SHADOW, shadow.weight, update)
+        if served.shadow is not None:
+            self._status(served.shadow.handle, AdapterState.SHADOW, served.shadow.weight, update)
         log.info(
             "adapter_serving",
             adapter=update.name,
-            versions={r.handle.version: r.weight for r in routes},
-            shadow=None if shadow is None else {shadow.handle.version: shadow.weight},
+            versions={r.handle.version: r.weight for r in served.routes},
+            shadow=None
+            if served.shadow is None
+            else {served.shadow.handle.version: served.shadow.weight},
         )
         return True
 
     @_locked
     def apply_record(self, record: UpdateRecord) -> None:
-        """One record of the updates topic: an update, a retirement or a malformed message."""
+        """One record of the updates topic: an update, a retirement or a malformed message.
+        Whatever the record holds, it is applied or rejected with a code and the worker goes
+        on; only `EngineDied` is raised (the caller restarts the engine and applies it again)."""
         if self._only is not None and record.name != self._only:
             return
-        if record.error is not None:
-            self._reject(
-                record.name, None, AdapterRejected(AdapterError.MALFORMED_UPDATE, record.error)
-            )
-            self._rejected_last[record.name] = 0  # when it was published is unknown
-        elif record.update is None:
-            self.retire(record.name)
-        else:
-            self.apply(record.update)
+        try:
+            if record.error is not None:
+                rejection = AdapterRejected(AdapterError.MALFORMED_UPDATE, record.error)
+                self._reject(record.name, None, rejection)
+                self._rejected_last[record.name] = 0  # when it was published is unknown
+            elif record.update is None:
+                self.retire(record.name)
+            else:
+                self.apply(record.update)
+        except EngineDied:
+            raise
+        except Exception as exc:  # a bug: the record is refused, not the worker stopped
+            self._reject(record.name, None, _as_rejection(exc))
 
     @_locked
     def mark_unavailable(self, handle: AdapterHandle, reason: str) -> None:
-        """A version's files failed a reload: stop routing to its adapter until an update
-        brings a version that loads, and say so on the status topic."""
+        """A version's files failed a reload: it stops serving and its share of the traffic
+        goes to the adapter's other versions; with none left, jobs for the adapter are refused
+        until an update brings a version that loads. Said on the status topic."""
         if self._loaded.pop((handle.name, handle.version), None) is not None:
             self._engine.unregister_adapter(handle)  # never registered again on a restart
         served = self._served.get(handle.name)
-        if served is not None and any(r.handle.lora_id == handle.lora_id for r in served.routes):
-            del self._served[handle.name]
-            self._unavailable[handle.name] = reason
-        elif (
-            served is not None and served.shadow and served.shadow.handle.lora_id == handle.lora_id
-        ):
-            self._served[handle.name] = dataclasses.replace(served, shadow=None)  # jobs unaffected
+        if served is not None and handle in served.handles():
+            remaining = served.without(handle)
+            if remaining is None:
+                del self._served[handle.name]
+                self._unavailable[handle.name] = reason
+            else:
+                self._served[handle.name] = remaining
+                log.warning(
+                    "adapter_version_lost",
+                    adapter=handle.name,
+                    version=handle.version,
+                    versions={r.handle.version: r.weight for r in remaining.routes},
+                )
         rejection = AdapterRejected(AdapterError.LOAD_FAILED, reason)
         self._reject(handle.name, handle.version, rejection)
 
@@ -331,6 +370,57 @@ class AdapterRegistry:
 
     # --- internals -----------------------------------------------------------------------------
 
+    def _prepare(self, update: AdapterUpdate, trying: list[str | None]) -> ServedAdapter:
+        """Every step of applying `update` that can fail: check and load each version, pin
+        them if hot. `trying[0]`: the version at hand when it raised."""
+        routes: list[Route] = []
+        for spec in update.versions:
+            trying[0] = spec.version
+            routes.append(Route(self._load(update, spec), spec.weight))
+        shadow: Route | None = None
+        if update.shadow is not None:
+            trying[0] = update.shadow.version
+            spec = AdapterVersionSpec(
+                version=update.shadow.version,
+                path=update.shadow.path,
+                sha256=update.shadow.sha256,
+            )
+            shadow = Route(self._load(update, spec), update.shadow.share)
+        if update.hot:
+            for route in routes:
+                trying[0] = route.handle.version
+                try:
+                    self._engine.pin_adapter(route.handle)
+                except EngineDied:
+                    raise
+                except Exception as exc:
+                    message = f"pinning {route.handle.engine_name}: {exc}"
+                    raise AdapterRejected(AdapterError.LOAD_FAILED, message) from exc
+        return ServedAdapter(
+            name=update.name,
+            routes=tuple(routes),
+            tenants=None if update.tenants is None else frozenset(update.tenants),
+            hot=update.hot,
+            shadow=shadow,
+        )
+
+    def _unload_new(
+        self, loaded_before: set[tuple[str, str]], digests_before: set[tuple[str, str]]
+    ) -> None:
+        """Undo a failed update: the versions it loaded leave the engine (none serves: the
+        switch never happened), and their files are not remembered as accepted."""
+        for key in set(self._loaded) - loaded_before:
+            handle = self._loaded[key]
+            try:
+                self._engine.unregister_adapter(handle)
+            except EngineDied:
+                raise  # still listed: `release_unused` removes it from the restarted engine
+            except Exception:
+                log.exception("adapter_unload_failed", adapter=handle.engine_name)
+            del self._loaded[key]
+        for key in set(self._digests) - digests_before:
+            del self._digests[key]
+
     def _load(self, update: AdapterUpdate, spec: AdapterVersionSpec) -> AdapterHandle:
         first_digest = self._digests.get((update.name, spec.version))
         if first_digest is not None and first_digest != spec.sha256:
@@ -371,12 +461,12 @@ class AdapterRegistry:
 
     def _reject(self, name: str, version: str | None, rejection: AdapterRejected) -> None:
         metrics.ADAPTER_REJECTIONS.labels(rejection.code).inc()
+        # The message may quote the record (a path of any length): bounded, as job errors are.
+        message = rejection.message
+        if len(message) > MAX_REASON_CHARS:
+            message = message[:MAX_REASON_CHARS] + "..."
         log.error(
-            "adapter_rejected",
-            adapter=name,
-            version=version,
-            code=rejection.code,
-            reason=rejection.message,
+            "adapter_rejected", adapter=name, version=version, code=rejection.code, reason=message
         )
         status = AdapterStatus(
             name=name,
@@ -384,10 +474,17 @@ class AdapterRegistry:
             state=AdapterState.REJECTED,
             worker=self._worker_id,
             code=rejection.code,
-            message=rejection.message,
+            message=message,
             at_ms=int(time.time() * 1000),
         )
-        self._on_status(status)
+        self._notify(status)
+
+    def _notify(self, status: AdapterStatus) -> None:
+        # Statuses are best effort: one that cannot be written never undoes or stops an update.
+        try:
+            self._on_status(status)
+        except Exception:
+            log.exception("adapter_status_not_written", adapter=status.name, state=status.state)
 
     def _status(
         self,
@@ -396,7 +493,7 @@ class AdapterRegistry:
         weight: float | None,
         update: AdapterUpdate | None = None,
     ) -> None:
-        self._on_status(
+        self._notify(
             AdapterStatus(
                 name=handle.name,
                 version=handle.version,

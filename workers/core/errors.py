@@ -46,6 +46,7 @@ class AdapterError(StrEnum):
     PATH_OUTSIDE_ROOTS = "path_outside_roots"  # resolves outside adapters.allowed_roots
     PATH_MISSING = "path_missing"  # not a directory
     FILES_MISSING = "files_missing"  # no adapter_config.json or no weights file
+    FILES_UNREADABLE = "files_unreadable"  # reading the path or files failed (permissions, I/O)
     CHECKSUM_MISMATCH = "checksum_mismatch"  # the files are not the ones announced
     INVALID_ADAPTER_CONFIG = "invalid_adapter_config"  # adapter_config.json unreadable
     BASE_MODEL_MISMATCH = "base_model_mismatch"  # trained on another base model
@@ -54,6 +55,7 @@ class AdapterError(StrEnum):
     VERSION_CONFLICT = "version_conflict"  # a served version number republished with other files
     LOAD_FAILED = "load_failed"  # the engine refused it (add_lora)
     MERGED_ONE_VERSION = "merged_one_version"  # a merged worker serves one version, no canary
+    UPDATE_FAILED = "update_failed"  # anything else applying the update raised (a bug or a limit)
 
 
 # A reason travels in a header or a row; it quotes input at most this far.
