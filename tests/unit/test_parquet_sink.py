@@ -13,7 +13,9 @@ import pytest
 from tests.datasets import read_dataset
 from workers.core.contracts import AdapterRef, ErrorInfo, Result, ResultStatus, Timings, Usage
 from workers.parquet.dataset import (
+    TEMP_SUFFIX,
     ParquetDatasetWriter,
+    PublishRefused,
     arrow_schema_for,
     existing_job_ids,
     output_columns,
@@ -469,3 +471,24 @@ def test_a_temp_file_left_by_a_crash_matches_no_parquet_glob(
     (temp,) = temps
     assert not temp.match("*.parquet")
     assert list(tmp_path.rglob("*.parquet")) == []
+
+
+def test_publish_if_is_asked_once_every_file_is_durable_and_a_no_publishes_nothing(
+    tmp_path: Path,
+) -> None:
+    writer = ParquetDatasetWriter(tmp_path, CLASSIFY_SCHEMA)
+    # Two dates: two files, both staged before the question, neither renamed yet.
+    results = [make_result("j1"), make_result("j2", completed_at_ms=MIDNIGHT_MS)]
+    staged_when_asked: list[str] = []
+
+    def refuse() -> bool:
+        staged_when_asked.extend(sorted(p.name[:8] for p in tmp_path.rglob(f"*{TEMP_SUFFIX}")))
+        assert list(tmp_path.rglob("*.parquet")) == []
+        return False
+
+    with pytest.raises(PublishRefused):
+        writer.write(results, "s1", publish_if=refuse)
+    assert staged_when_asked == [".tmp-s1-", ".tmp-s1-"]
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # the staged files are gone
+    paths = writer.write(results, "s1", publish_if=lambda: True)
+    assert [p.parent.name for p in paths] == ["date=2024-03-01", "date=2024-03-02"]

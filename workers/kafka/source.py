@@ -7,6 +7,7 @@ broker acknowledged them.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,19 @@ class KafkaJobSource:
     def group_metadata(self) -> object:
         """The consumer's group generation, which fences a transaction from a stale member."""
         return self._consumer.consumer_group_metadata()
+
+    def membership(self) -> tuple[str, int, set[tuple[str, int]]]:
+        """(member id, generation, assigned partitions) as librdkafka knows them now. Its own
+        thread resets the member id to "" (session timed out, unknown member, poll interval
+        exceeded) or the generation to -1 (illegal generation) as soon as it learns the
+        assignment is lost, before the lost callback runs on this thread."""
+        metadata = self._consumer.consumer_group_metadata()
+        # librdkafka's serialized form: b"CGMDv2:", the generation (a native int32), the ids.
+        if not metadata.startswith(b"CGMDv2:"):
+            raise RuntimeError(f"unknown consumer group metadata format {metadata[:8]!r}")
+        generation = int.from_bytes(metadata[7:11], sys.byteorder, signed=True)
+        assigned = set(self._keys(self._consumer.assignment()))
+        return self._consumer.memberid() or "", generation, assigned
 
     def consume(self, max_messages: int, timeout_s: float) -> list[SourceMessage]:
         messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)

@@ -15,10 +15,11 @@ sources of truth that could disagree. `arrow_schema_for` is therefore the logica
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,10 @@ def _make_dirs_durable(path: Path) -> None:
         _fsync_dir(directory.parent)
 
 
+class PublishRefused(Exception):
+    """A write's `publish_if` said no: its temporary files are deleted, nothing is published."""
+
+
 def _is_ignored(relative: Path) -> bool:
     return any(part.startswith(IGNORED_PREFIXES) for part in relative.parts)
 
@@ -201,42 +206,63 @@ class ParquetDatasetWriter:
         self._output_columns = output_columns(output_schema)
         self._file_schema = self.schema.remove(self.schema.get_field_index(PARTITION_TASK))
 
-    def write(self, results: Sequence[Result], file_stem: str) -> list[Path]:
+    def write(
+        self,
+        results: Sequence[Result],
+        file_stem: str,
+        publish_if: Callable[[], bool] | None = None,
+    ) -> list[Path]:
         """Write these results as one file per (task, date) Hive partition:
         root/task=<task>/date=<YYYY-MM-DD from completed_at, UTC>/<file_stem>.parquet.
-        Atomic: write to a temporary name in the same directory, flush + os.fsync the file,
-        os.replace onto the final name, then fsync the directory, so a crash never leaves a
-        partial file under a final name and a replay with the same file_stem overwrites instead
+        Atomic: write each to a temporary name in its directory, flush + os.fsync it, then
+        os.replace every one onto its final name and fsync the directory, so a crash never leaves
+        a partial file under a final name and a replay with the same file_stem overwrites instead
         of duplicating. Returns the final paths. Row groups of row_group_size.
 
-        Atomic per file, not per call: if a later partition fails, the files already renamed
-        stay, and a replay with the same file_stem replaces them."""
+        `publish_if` is asked once every temporary file is durable, right before the renames: if
+        it says no, they are deleted and PublishRefused is raised (nothing is published).
+
+        Atomic per file, not per call: if a later rename fails, the files already renamed stay,
+        and a replay with the same file_stem replaces them."""
         _check_stem(file_stem)
         groups: dict[tuple[str, date], list[Result]] = {}
         for result in results:
             key = (result.task, _utc_date(self._partition_ms(result)))
             groups.setdefault(key, []).append(result)
-        written: list[Path] = []
-        for (task, day), rows in groups.items():
-            # URI-encode the value, which pyarrow's hive partitioning decodes ("a/b" -> a%2Fb):
-            # a task name must never add a directory level.
-            directory = (
-                self.root
-                / f"{PARTITION_TASK}={quote(task, safe='')}"
-                / f"{PARTITION_DATE}={day.isoformat()}"
-            )
-            written.append(self._write_file(directory, file_stem, self._table(rows)))
-        return written
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for (task, day), rows in groups.items():
+                directory = self._task_dir(task) / f"{PARTITION_DATE}={day.isoformat()}"
+                staged.append(self._stage_file(directory, file_stem, self._table(rows)))
+            if publish_if is not None and not publish_if():
+                raise PublishRefused(file_stem)
+            for temp, final in staged:
+                os.replace(temp, final)
+                _fsync_dir(final.parent)
+        except BaseException:
+            for temp, _ in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
+            raise
+        return [final for _, final in staged]
 
-    def remove_stem(self, task: str, file_stem: str) -> list[Path]:
-        """Delete this stem's files in every date partition of `task` (a replay that splits its
-        rows over other dates must not leave the old file behind)."""
-        _check_stem(file_stem)
-        task_dir = self.root / f"{PARTITION_TASK}={quote(task, safe='')}"
-        removed = sorted(task_dir.glob(f"{PARTITION_DATE}=*/{file_stem}.parquet"))
-        for path in removed:
-            path.unlink()
-        return removed
+    def task_files(self, task: str, stem_prefix: str) -> list[Path]:
+        """The visible files of `task`, in every date partition, whose stem starts with
+        `stem_prefix`."""
+        _check_stem(stem_prefix)
+        pattern = f"{PARTITION_DATE}=*/{glob.escape(stem_prefix)}*.parquet"
+        return sorted(self._task_dir(task).glob(pattern))
+
+    def remove(self, paths: Sequence[Path]) -> None:
+        """Delete these files, durably: a crash must not bring one back."""
+        for path in paths:
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+
+    def _task_dir(self, task: str) -> Path:
+        # URI-encode the value, which pyarrow's hive partitioning decodes ("a/b" -> a%2Fb):
+        # a task name must never add a directory level.
+        return self.root / f"{PARTITION_TASK}={quote(task, safe='')}"
 
     def _partition_ms(self, result: Result) -> int:
         if self._date_from == "enqueued_at":
@@ -281,7 +307,8 @@ class ParquetDatasetWriter:
             row[column] = _typed_value(output.get(column[prefix_len:]), arrow_type)
         return row
 
-    def _write_file(self, directory: Path, file_stem: str, table: pa.Table) -> Path:
+    def _stage_file(self, directory: Path, file_stem: str, table: pa.Table) -> tuple[Path, Path]:
+        """The table durable under a temporary name: (temporary path, final path)."""
         _make_dirs_durable(directory)
         final = directory / f"{file_stem}.parquet"
         # Same directory so os.replace is an atomic rename. The leading dot hides it from
@@ -294,13 +321,11 @@ class ParquetDatasetWriter:
                     writer.write_table(table, row_group_size=self.row_group_size)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
             raise
-        _fsync_dir(directory)
-        return final
+        return temp, final
 
 
 def _check_stem(file_stem: str) -> None:
