@@ -28,7 +28,7 @@ from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
 from workers.kafka.status import NoticeWriter, last_serving_states, read_statuses
 from workers.kafka.transactions import ExactlyOnceSink
-from workers.serving import check_dedicated, start_serving
+from workers.serving import MergedCheck, check_dedicated, start_serving
 from workers.worker import RunLimits, RunSummary, Worker
 
 log = structlog.get_logger(__name__)
@@ -63,10 +63,13 @@ def run_worker(
     statuses = NoticeWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
     evaluations = NoticeWriter(bootstrap, settings.adapters.evaluations_topic, settings.kafka)
     updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
-    merged, merge = None, None
+    merged, merge, check, reference = None, None, None, None
     dedicated = settings.merge.dedicated_adapter
     if dedicated is not None:
         catalog, merged, merge = _dedicated_to(dedicated, settings, pipelines, catalog)
+        # The LoRA path's answers first, on an engine started for them and closed again.
+        check = MergedCheck(settings, pipelines, catalog)
+        reference = check.reference(merged.adapter)
     serving = start_serving(
         settings,
         pipelines,
@@ -77,9 +80,17 @@ def run_worker(
         merged=merged,
         merge=merge,
         shadows=True,
+        check=check,
     )
-    readiness.update(engine=True)
     try:
+        if check is not None and reference is not None:
+            problem = check.disagreement(serving, reference)
+            if problem is not None:  # one line from the CLI, everything closed by `finally`
+                raise ConfigError(
+                    f"merge.dedicated_adapter {dedicated!r}: the merged checkpoint does not "
+                    f"answer as the adapter does on the LoRA path ({problem}); not serving it"
+                )
+        readiness.update(engine=True)
         worker = Worker(
             settings,
             pipelines,

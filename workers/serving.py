@@ -4,6 +4,9 @@ engine loop (admission, generation, output checks) wired to one engine."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,10 +18,12 @@ from workers.adapters.cache import AdapterCache
 from workers.adapters.checks import AdapterRequirements
 from workers.adapters.feed import AdapterUpdateFeed
 from workers.adapters.registry import AdapterRegistry
+from workers.bulk.agreement import Probe, compare, greedy, run_probes
 from workers.core.admission import Admission
-from workers.core.config import AdapterCatalog, ConfigError, PipelineConfig, Settings
-from workers.core.contracts import AdapterStatus, AdapterUpdate
-from workers.core.engine_api import AdapterHandle, MergedModel
+from workers.core.config import AdapterCatalog, AdapterEntry, ConfigError, PipelineConfig, Settings
+from workers.core.contracts import AdapterStatus, AdapterUpdate, AdapterVersionSpec
+from workers.core.engine_api import AdapterHandle, AdapterLoadError, GenerationRequest, MergedModel
+from workers.core.messages import SourceMessage
 from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import OutputChecker
 from workers.core.routing import NearestAdapters, Router
@@ -48,6 +53,113 @@ def check_dedicated(pipelines: dict[str, PipelineConfig], adapter: str) -> None:
                 f"merge.dedicated_adapter is {adapter!r}, but pipeline {pipeline.task!r} routes "
                 f"jobs to {shown}"
             )
+
+
+# The dedicated merged worker's probes: each pipeline's prompt over these inputs, as its jobs
+# would get them, at temperature 0. Varied on purpose: another adapter's weights, or a bad
+# merge, answer them differently from the adapter on the LoRA path.
+_PROBE_SUBJECTS = ("My invoice", "The app", "Your delivery", "The password reset")
+_PROBE_COMPLAINTS = (
+    "was charged twice this month, please refund it.",
+    "crashes every time I open the settings page.",
+    "arrived two weeks late and the box was damaged.",
+    "email never arrives; I am locked out of my account.",
+    "is great, thank you for the quick help yesterday!",
+    "shows the wrong currency since the last update.",
+    "asks me to log in again after every single click.",
+    "- can I change the address on an order already shipped?",
+)
+PROBE_INPUTS = tuple(
+    f"{subject} {complaint}"
+    for subject, complaint in itertools.product(_PROBE_SUBJECTS, _PROBE_COMPLAINTS)
+)
+
+# One engine's answers to the probes, by probe, and how long they took.
+Answers = tuple[dict[int, Probe], float]
+
+
+class MergedCheck:
+    """The agreement check of a worker dedicated to one adapter merged
+    (`merge.dedicated_adapter`), at start-up and at every version switch: the probes answered
+    by a LoRA engine on the adapter (started for that, then closed) and by the merged engine
+    must agree as the bulk merged tier's gate requires (`workers.bulk.agreement`)."""
+
+    def __init__(
+        self, settings: Settings, pipelines: dict[str, PipelineConfig], catalog: AdapterCatalog
+    ) -> None:
+        # The reference engine warms nothing: it answers the probes and closes.
+        adapters = settings.adapters.model_copy(update={"prewarm": []})
+        self._settings = settings.model_copy(update={"adapters": adapters})
+        self._pipelines = pipelines
+        self._catalog = catalog
+
+    def reference(self, adapter: AdapterHandle) -> Answers:
+        """`adapter`'s answers on the LoRA path, from an engine started for them."""
+        entry = AdapterEntry(name=adapter.name, version=adapter.version, path=adapter.path)
+        catalog = self._catalog.model_copy(update={"adapters": [entry]})
+        serving = start_serving(self._settings, self._pipelines, catalog, lambda _: None)
+        try:
+            (route,) = serving.registry.served()[adapter.name].routes
+            return run_probes(serving.engine, *self._probes(serving, route.handle))
+        finally:
+            serving.engine.close()
+
+    def disagreement(self, serving: Serving, reference: Answers) -> str | None:
+        """Why the merged engine may not serve (None: it may), its answers against `reference`."""
+        merged = serving.engine.merged
+        assert merged is not None
+        requests, schemas = self._probes(serving, merged.adapter)
+        answers, seconds = run_probes(serving.engine, requests, schemas)
+        merge = self._settings.merge
+        agreement = compare(
+            merged.adapter.engine_name,
+            answers,
+            reference[0],
+            seconds + reference[1],
+            min(merge.agreement_min_jobs, len(requests)),
+        )
+        problem = agreement.failure(merge.min_identical_text, merge.min_identical_output)
+        log.info(
+            "merged_adapter_agreement",
+            adapter=merged.adapter.engine_name,
+            jobs=agreement.jobs,
+            failed=agreement.failed,
+            identical_text=round(agreement.text_rate, 4),
+            identical_output=agreement.output_rate,
+            check_s=round(agreement.seconds, 2),
+            fallback=problem,
+        )
+        return problem
+
+    def _probes(
+        self, serving: Serving, adapter: AdapterHandle
+    ) -> tuple[dict[int, GenerationRequest], dict[int, bool]]:
+        pairs = [(p, text) for p in self._pipelines.values() for text in PROBE_INPUTS]
+        messages = [
+            SourceMessage(
+                topic=pipeline.input_topic or "",
+                partition=0,
+                offset=index,
+                key=None,
+                value=json.dumps(
+                    {"job_id": f"probe-{index}", "task": pipeline.task, "input": text}
+                ).encode(),
+                headers=[],
+                timestamp_ms=0,
+            )
+            for index, (pipeline, text) in enumerate(pairs)
+        ]
+        staged = serving.preparer.stage_all(messages)  # the jobs' requests, not yet routed
+        jobs = {
+            message.offset: job
+            for message, job in zip(messages, staged, strict=True)
+            if isinstance(job, PreparedJob)
+        }
+        requests = {
+            key: dataclasses.replace(greedy(job.classifying or job.request), adapter=adapter)
+            for key, job in jobs.items()
+        }
+        return requests, {key: job.pipeline.output_schema is not None for key, job in jobs.items()}
 
 
 def embedding_router(pipelines: dict[str, PipelineConfig]) -> NearestAdapters | None:
@@ -100,6 +212,7 @@ def start_serving(
     merge: Callable[[AdapterHandle], MergedModel] | None = None,
     engine_depth: int | None = None,
     shadows: bool = False,
+    check: MergedCheck | None = None,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
@@ -108,7 +221,10 @@ def start_serving(
     must hold just that one, and routing was checked by whoever planned the merge. With
     `merge` too, a new version of the adapter is merged and the engine switched to it.
     `engine_depth` overrides `admission.engine_depth` (bulk runs keep the engine deeper).
-    `shadows`: jobs of an adapter with a shadow version also run on it (the Kafka worker)."""
+    `shadows`: jobs of an adapter with a shadow version also run on it (the Kafka worker).
+    `check`: a new version's merged checkpoint serves only if it agrees with the version on
+    the LoRA path; else the engine goes back to the version before, which serves again, and
+    the new one is rejected on the status topic."""
     engine = VllmEngine(settings.engine, merged)
     try:
         registry = AdapterRegistry(
@@ -149,8 +265,30 @@ def start_serving(
         def switch_model(adapter: AdapterHandle | None) -> None:
             if adapter is None or merge is None:
                 raise ConfigError("a merged engine serves no base-model jobs")
-            engine.switch_merged(merge(adapter))
-            cache.refresh()
+            before = engine.merged
+            assert before is not None
+            new = merge(adapter)
+            if check is None:
+                engine.switch_merged(new)
+                cache.refresh()
+                return
+            try:
+                reference = check.reference(adapter)
+                engine.switch_merged(new)
+                cache.refresh()
+                problem = check.disagreement(serving, reference)
+            except Exception as exc:  # a check that cannot run passes nothing
+                problem = f"the agreement check failed: {exc}"
+            if problem is None:
+                return
+            if engine.merged is not before:
+                engine.switch_merged(before)
+                cache.refresh()
+            _serve_again(registry, catalog, before.adapter)
+            # The engine loop rejects `adapter` on the status topic with this reason.
+            raise AdapterLoadError(
+                f"{adapter.engine_name} merged does not answer as on the LoRA path: {problem}"
+            )
 
         def restart_engine() -> None:
             engine.restart()  # with the same adapters registered and pinned
@@ -179,7 +317,29 @@ def start_serving(
             on_unavailable=registry.mark_unavailable,
             switch_model=None if merge is None else switch_model,
         )
+        serving = Serving(engine, registry, cache, preparer, loop)
     except BaseException:
         engine.close()
         raise
-    return Serving(engine, registry, cache, preparer, loop)
+    return serving
+
+
+def _serve_again(
+    registry: AdapterRegistry, catalog: AdapterCatalog, adapter: AdapterHandle
+) -> None:
+    """Route `adapter`'s jobs to this version again (a merged switch away from it was undone),
+    with the adapter's current tenants and pinning."""
+    served = registry.served().get(adapter.name)
+    spec = AdapterVersionSpec(
+        version=adapter.version, path=adapter.path, sha256=adapter.sha256 or ""
+    )
+    registry.apply(
+        AdapterUpdate(
+            name=adapter.name,
+            base_model=catalog.base_model,
+            versions=[spec],
+            tenants=None if served is None or served.tenants is None else sorted(served.tenants),
+            hot=served.hot if served is not None else False,
+            published_at_ms=int(time.time() * 1000),
+        )
+    )

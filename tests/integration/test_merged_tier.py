@@ -1,10 +1,13 @@
 """The merged tier on a real vLLM engine: bulk runs whose dominant adapter is served merged into
 the base weights, checked against the LoRA path's answers (vLLM's, from a `--merge never` run of
-the same jobs), a planner that merges the dominant adapter and not a rare one, and a Kafka
-worker dedicated to one adapter that switches its merged engine to a new version mid-stream."""
+the same jobs), a planner that merges the dominant adapter and not a rare one, a checkpoint with
+another adapter's weights under the adapter's name that the agreement check sends back to LoRA,
+and a Kafka worker dedicated to one adapter that switches its merged engine to a new version
+mid-stream."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,7 +30,10 @@ from tests.integration.harness import (
     wait_for_event,
 )
 from tests.integration.oracle import PeftOracle
-from workers.adapters.checks import adapter_digest
+from workers.adapters.checks import AdapterRequirements, adapter_digest
+from workers.adapters.merged import MANIFEST, MergedCheckpoints
+from workers.core.config import LLAMA_LORA_MODULES, MergeSettings
+from workers.core.engine_api import AdapterHandle
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +52,8 @@ def write_jobs(path: Path, jobs: list[dict], extra_lines: tuple[str, ...] = ()) 
     return path
 
 
-def bulk(jobs_file: Path, output: Path, mode: str, cache: Path) -> dict:
-    """One `lora-workers bulk` command; its --summary-json."""
+def bulk(jobs_file: Path, output: Path, mode: str, cache: Path, log: Path | None = None) -> dict:
+    """One `lora-workers bulk` command; its --summary-json (and its log in `log`)."""
     summary = output.with_suffix(".summary.json")
     done = subprocess.run(
         [
@@ -61,6 +67,8 @@ def bulk(jobs_file: Path, output: Path, mode: str, cache: Path) -> dict:
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    if log is not None:
+        log.write_text(done.stderr)
     return json.loads(summary.read_text())
 
 
@@ -80,7 +88,13 @@ def test_merged_answers_match_the_lora_paths(tmp_path: Path) -> None:
 
     assert lora_summary["plan"]["merged"] == []
     assert merged_summary["plan"]["merged"] == ["classifier"]
-    (phase,) = merged_summary["phases"]
+    # The LoRA engine starts first, only to answer the agreement check's probes.
+    probes, phase = merged_summary["phases"]
+    assert (probes["served_by"], probes["jobs"], probes["probes_for"]) == (
+        "lora",
+        0,
+        ["classifier@1"],
+    )
     assert phase["served_by"] == "merged" and phase["fallback"] is None
     assert phase["merge_s"] > 0  # an empty cache: merged in this run
     assert phase["agreement"]["jobs"] == 32  # 1% of 300 is fewer than the minimum
@@ -108,7 +122,7 @@ def test_merged_answers_match_the_lora_paths(tmp_path: Path) -> None:
         "always",
         cache,
     )
-    assert again["phases"][0]["merge_s"] == 0
+    assert again["phases"][1]["merge_s"] == 0
 
 
 def test_auto_merges_the_dominant_adapter_and_serves_the_rest_on_lora(tmp_path: Path) -> None:
@@ -144,11 +158,12 @@ def test_auto_merges_the_dominant_adapter_and_serves_the_rest_on_lora(tmp_path: 
     summary = bulk(jobs_file, tmp_path / "out", "auto", cache)
 
     assert summary["plan"]["merged"] == ["classifier"]
-    merged_phase, lora_phase = summary["phases"]
+    lora_phase, merged_phase = summary["phases"]
     assert (merged_phase["served_by"], merged_phase["adapters"]) == ("merged", ["classifier@1"])
     assert merged_phase["fallback"] is None and merged_phase["agreement"]["jobs"] == 32
     assert lora_phase["served_by"] == "lora"
     assert set(lora_phase["adapters"]) == {"summarizer@1", "base"}
+    assert lora_phase["probes_for"] == ["classifier@1"]
     rows = rows_by_job(tmp_path / "out")
     assert len(rows) == len(jobs) + 2  # the two bad rows are error rows, written once
     served = {job_id: row["served_by"] for job_id, row in rows.items()}
@@ -163,6 +178,52 @@ def test_auto_merges_the_dominant_adapter_and_serves_the_rest_on_lora(tmp_path: 
     measured = json.loads((cache / "costs.json").read_text())
     assert measured["merged_tokens_per_s"] != stored["merged_tokens_per_s"]
     assert measured["lora_tokens_per_s"] != stored["lora_tokens_per_s"]
+
+
+def test_another_adapters_weights_under_the_adapters_name_fall_back_to_lora(
+    tmp_path: Path,
+) -> None:
+    # The cache entry of the classifier holds the summarizer merged in, with a manifest that
+    # names the classifier and the files' own checksums: every file check passes.
+    cache = tmp_path / "merged-cache"
+    zoo = ROOT / "models" / "adapters"
+    checkpoints = MergedCheckpoints(
+        MergeSettings(cache_dir=cache),
+        ROOT / "models" / "tiny-llama",
+        AdapterRequirements("tiny-llama", 8, LLAMA_LORA_MODULES, (zoo,)),
+        "float32",
+    )
+
+    def handle(name: str) -> AdapterHandle:
+        return AdapterHandle(name, "1", str(zoo / name), 0, adapter_digest(zoo / name))
+
+    right = checkpoints.get(handle("classifier")).path
+    wrong = checkpoints.get(handle("summarizer")).path / "model.safetensors"
+    shutil.copyfile(wrong, right / "model.safetensors")
+    manifest = json.loads((right / MANIFEST).read_text())
+    digest = hashlib.sha256(wrong.read_bytes()).hexdigest()
+    manifest["files"]["model.safetensors"] = digest
+    (right / MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoints.get(handle("classifier")).merge_s == 0  # the cache serves it as sound
+
+    jobs = classify_jobs(12, seed=21)
+    log = tmp_path / "bulk.log"
+    summary = bulk(write_jobs(tmp_path / "few.jsonl", jobs), tmp_path / "out", "always", cache, log)
+
+    probes, merged, fallback = summary["phases"]
+    assert probes["served_by"] == "lora" and probes["probes_for"] == ["classifier@1"]
+    assert merged["served_by"] == "merged" and merged["agreement"]["jobs"] == 12
+    assert merged["fallback"].startswith("identical text"), merged
+    assert (fallback["served_by"], fallback["adapters"], fallback["jobs"]) == (
+        "lora",
+        ["classifier@1"],
+        12,
+    )
+    rows = rows_by_job(tmp_path / "out")
+    assert set(rows) == {job["job_id"] for job in jobs}
+    assert {row["served_by"] for row in rows.values()} == {"lora"}
+    assert {row["status"] for row in rows.values()} == {"ok"}
+    assert '"merged_adapter_fallback"' in log.read_text()
 
 
 def test_a_worker_dedicated_to_one_adapter_switches_versions_mid_stream(

@@ -228,7 +228,8 @@ class TieredBulkRun:
         if lora_phase is not None or found.unroutable:
             rest = list(lora_phase.adapters) if lora_phase else []
             estimate = lora_phase.estimate_s if lora_phase else 0.0
-            report = self._lora_phase(rest, found, estimate, options, summary, with_unroutable=True)
+            phase_started = time.monotonic()
+            report = self._lora_report(rest, found, estimate, with_unroutable=True)
             report.probes_for = self._labels(list(probes))
 
             def answer_probes(serving: Serving) -> bool:
@@ -237,6 +238,7 @@ class TieredBulkRun:
                 return True
 
             self._serve(report, options, summary, self._selection(rest, found, True), answer_probes)
+            report.seconds = time.monotonic() - phase_started
             summary.phases.append(report)
         to_lora: list[str | None] = []
         for phase in plan.phases:
@@ -251,21 +253,21 @@ class TieredBulkRun:
                 if report.fallback is not None:
                     to_lora.append(name)
         if to_lora:
-            report = self._lora_phase(to_lora, found, 0.0, options, summary)
+            phase_started = time.monotonic()
+            report = self._lora_report(to_lora, found, 0.0)
             self._serve(report, options, summary, self._selection(to_lora, found, False))
+            report.seconds = time.monotonic() - phase_started
             summary.phases.append(report)
         summary.rows, summary.skipped = found.rows_read, found.skipped
         summary.seconds = time.monotonic() - started
         self._remember(summary, found)
         return summary
 
-    def _lora_phase(
+    def _lora_report(
         self,
         names: list[str | None],
         found: Survey,
         estimate_s: float,
-        options: BulkOptions,
-        summary: TieredSummary,
         with_unroutable: bool = False,
     ) -> PhaseReport:
         jobs = sum(len(found.rows[name]) for name in names)
