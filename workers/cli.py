@@ -348,7 +348,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         idle_exit_s=args.idle_exit,
         metrics_port=args.metrics_port,
     )
-    print(json.dumps({"finished": summary.finished, "output_tokens": summary.output_tokens}))
+    print(json.dumps({"finished": summary.answered, "output_tokens": summary.output_tokens}))
     return 0
 
 

@@ -29,8 +29,7 @@ from workers.core.messages import (
     record_size,
     traceparent_of,
 )
-from workers.core.offsets import CommitPoint, TopicPartitionKey
-from workers.kafka.source import KafkaJobSource
+from workers.core.offsets import CommitPoint, Ledger, TopicPartitionKey
 
 log = structlog.get_logger(__name__)
 
@@ -184,6 +183,19 @@ class DeliveryFailed(Exception):
     letter refused); nothing more is committed and the worker stops."""
 
 
+class CommitSource(Protocol):
+    """What a commit needs of the job source (`KafkaJobSource`)."""
+
+    def group_metadata(self) -> object:
+        """The consumer's group generation, which fences a stale member's transaction."""
+
+    def committed_ledger(self, key: TopicPartitionKey) -> Ledger:
+        """What the group committed for a partition."""
+
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint]) -> bool:
+        """Commit outside a transaction (at-least-once)."""
+
+
 class ResultSink(Protocol):
     def start(self) -> None:
         """Before the first message: be ready to write (transactions: fence a predecessor)."""
@@ -192,7 +204,7 @@ class ResultSink(Protocol):
         """`on_done` once the record is as good as written: acknowledged, or held for the
         transaction that commits its offset."""
 
-    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: CommitSource) -> bool:
         """Commit consumed positions with their ledgers (and, transactionally, the answers
         they cover)."""
 
@@ -308,7 +320,7 @@ class AtLeastOnceSink:
             return
         self.write(position, minimal, on_done)
 
-    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: CommitSource) -> bool:
         return source.commit(points)
 
     def discard(self, partitions: set[TopicPartitionKey]) -> None:

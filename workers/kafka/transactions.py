@@ -41,6 +41,7 @@ from workers import metrics
 from workers.core.config import SizeSettings
 from workers.core.offsets import CommitPoint, TopicPartitionKey
 from workers.kafka.sinks import (
+    CommitSource,
     OnDone,
     OutputRecord,
     Position,
@@ -49,7 +50,7 @@ from workers.kafka.sinks import (
     producer_config,
     stand_in_for,
 )
-from workers.kafka.source import KafkaJobSource, to_topic_partitions
+from workers.kafka.source import to_topic_partitions
 from workers.threads import on_daemon_thread
 
 log = structlog.get_logger(__name__)
@@ -132,7 +133,7 @@ class ExactlyOnceSink:
             if self._in_doubt is not None:
                 self._in_doubt.pop(key, None)  # the next owner reads what was committed
 
-    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: KafkaJobSource) -> bool:
+    def commit(self, points: dict[TopicPartitionKey, CommitPoint], source: CommitSource) -> bool:
         """One transaction: the held answers the commit points cover, and the points. False
         when it did not commit (or may not have: then nothing is sent until that is known);
         the answers stay held for the next attempt."""
@@ -193,7 +194,7 @@ class ExactlyOnceSink:
         for (topic, partition, offset), _ in answers:
             self._held[(topic, partition)].pop(offset, None)
 
-    def _settle_doubt(self, source: KafkaJobSource) -> bool | None:
+    def _settle_doubt(self, source: CommitSource) -> bool | None:
         """Whether the in-doubt transaction committed; None while that is still unknown (the
         broker away). A fresh producer's init_transactions first completes what the old
         one left open, so the group's committed offsets are stable when read back."""
