@@ -1,110 +1,201 @@
-"""Crash isolation as control flow: a fake `run` that dies on chosen jobs, plain data only."""
+"""Crash quarantine as a state machine on plain data: suspects, cohorts and turns, twins,
+convictions, the restart budget and the memory of payloads that kill the engine."""
 
 from __future__ import annotations
 
-import pytest
-
-from workers.core.crashes import run_isolating_crashes
-from workers.core.engine_api import EngineDied
-
-
-class FlakyEngine:
-    """Dies whenever a batch holds a poison job, or on the first `transient_deaths` calls."""
-
-    def __init__(self, poison: set[int], transient_deaths: int = 0) -> None:
-        self.poison = poison
-        self.transient_deaths = transient_deaths
-        self.calls: list[list[int]] = []
-        self.restarts = 0
-
-    def run(self, jobs: list[int]) -> list[int]:
-        self.calls.append(jobs)
-        if self.transient_deaths > 0 or self.poison & set(jobs):
-            self.transient_deaths -= 1
-            raise EngineDied("killed")
-        return jobs
-
-    def restart(self) -> None:
-        self.restarts += 1
+from workers.core.crashes import (
+    SPLIT,
+    KnownKillers,
+    Quarantine,
+    RestartBudget,
+    fingerprint,
+)
+from workers.core.engine_api import AdapterHandle, GenerationRequest
 
 
-def served(outcomes: list[list[int]]) -> list[int]:
-    return sorted(job for outcome in outcomes for job in outcome)
+class Job:
+    """A job whose payload is `payload` (the same payload: the same fingerprint)."""
+
+    def __init__(self, name: str, payload: str | None = None) -> None:
+        self.name = name
+        self.payload = payload or name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-def test_healthy_batch_runs_once() -> None:
-    engine = FlakyEngine(poison=set())
-    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2)
-    assert served(guarded.outcomes) == list(range(8))
-    assert guarded.crashed == [] and engine.restarts == 0 and len(engine.calls) == 1
+def quarantine(crash_attempts: int = 2) -> Quarantine[Job]:
+    return Quarantine(crash_attempts, 10.0, lambda job: job.payload, risky_wait_s=60.0)
 
 
-def test_one_off_death_restarts_once_and_serves_everyone() -> None:
-    engine = FlakyEngine(poison=set(), transient_deaths=1)
-    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2)
-    assert served(guarded.outcomes) == list(range(8))
-    assert guarded.crashed == [] and guarded.restarts == engine.restarts == 1
+def run_turn(q: Quarantine[Job], now: float = 0.0) -> list[Job]:
+    """The next turn's jobs, all run to the end."""
+    turn = q.due(now, others_waiting=False)
+    assert turn is not None
+    jobs = list(turn.jobs)
+    for job in jobs:
+        q.release(job)
+    assert q.on_turn is None
+    return jobs
 
 
-@pytest.mark.parametrize("poison", [0, 5, 7])
-def test_poison_job_is_isolated_and_the_rest_served(poison: int) -> None:
-    engine = FlakyEngine(poison={poison})
-    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2)
-    assert guarded.crashed == [poison]
-    assert served(guarded.outcomes) == [j for j in range(8) if j != poison]
-    # 8 → 4 → 2 → 1, then the single job once more: log2(8) + 2 deaths.
-    assert engine.restarts == 5
+def test_the_job_caught_as_the_engine_died_stands_alone_and_the_rest_runs_first() -> None:
+    q = quarantine()
+    a, b, c, p = Job("a"), Job("b"), Job("c"), Job("p")
+    assert not q.suspect([a, b, c, p], p, now=0.0)
+    assert len(q) == 4
+    assert run_turn(q) == [a, b, c]  # the mild cohort first, in one turn
+    turn = q.due(0.0, others_waiting=False)
+    assert turn is not None and turn.jobs == [p] and turn.risky
+    assert not q.died(p, now=1.0)  # one death alone: crash_attempts is 2
+    assert q.due(1.0, others_waiting=False) is not None
+    convictions = q.died(p, now=2.0)
+    assert convictions.killers == [p] and len(q) == 0
 
 
-def test_two_poison_jobs_in_one_batch() -> None:
-    engine = FlakyEngine(poison={1, 6})
-    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 1)
-    assert sorted(guarded.crashed) == [1, 6]
-    assert served(guarded.outcomes) == [0, 2, 3, 4, 5, 7]
+def test_with_nothing_caught_the_suspects_are_split_into_cohorts() -> None:
+    q = quarantine()
+    jobs = [Job(str(n)) for n in range(32)]
+    q.suspect(jobs, None, now=0.0)
+    sizes = []
+    while q:
+        sizes.append(len(run_turn(q)))
+    assert sizes == [32 // SPLIT] * SPLIT
 
 
-def test_a_job_alone_is_tried_crash_attempts_times() -> None:
-    engine = FlakyEngine(poison={0})
-    guarded = run_isolating_crashes([0], engine.run, engine.restart, 3)
-    assert guarded.crashed == [0] and engine.calls == [[0], [0], [0]]
+def test_a_cohort_that_dies_apart_is_split_again_until_the_killer_stands_alone() -> None:
+    q = quarantine(crash_attempts=1)
+    jobs = [Job(str(n)) for n in range(64)]
+    killer = jobs[37]
+    q.suspect(jobs, None, now=0.0)
+    deaths = 0
+    while q:
+        turn = q.due(0.0, others_waiting=False)
+        assert turn is not None
+        if killer in turn.jobs:
+            deaths += 1
+            convictions = q.died(None, now=0.0)
+        else:
+            run_turn(q)
+    assert convictions.killers == [killer]
+    assert deaths == 2  # 64 → 8 → 1: a death per level, not one per halving (6)
 
 
-class RefusingEngine:
-    """Raises a plain error (no death) whenever a batch holds a refused job."""
-
-    def __init__(self, refused: set[int]) -> None:
-        self.refused = refused
-        self.restarts = 0
-
-    def run(self, jobs: list[int]) -> list[int]:
-        if self.refused & set(jobs):
-            raise ValueError(f"refused {sorted(self.refused & set(jobs))}")
-        return jobs
-
-    def restart(self) -> None:
-        self.restarts += 1
+def test_risky_cohorts_wait_for_a_quiet_moment_and_turns_never_follow_each_other() -> None:
+    q = quarantine()
+    a, p = Job("a"), Job("p")
+    q.suspect([a, p], p, now=0.0)
+    assert q.due(5.0, others_waiting=True) is None  # others wait, the mild cohort is fresh
+    turn = q.due(10.0, others_waiting=True)  # waited mild_wait_s: its turn
+    assert turn is not None and turn.jobs == [a]
+    q.release(a)
+    assert q.due(11.0, others_waiting=True) is None  # the others get the engine first
+    q.others_ran()
+    assert q.due(30.0, others_waiting=True) is None  # a risky one waits longer...
+    assert q.due(30.0, others_waiting=False) is not None  # ...or for a quiet moment
 
 
-def test_a_job_that_raises_alone_fails_without_a_restart_and_the_rest_is_served() -> None:
-    engine = RefusingEngine(refused={3, 4})
-    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2)
-    assert sorted(job for job, _ in guarded.failed) == [3, 4]
-    assert all(isinstance(error, ValueError) for _, error in guarded.failed)
-    assert served(guarded.outcomes) == [0, 1, 2, 5, 6, 7]
-    assert guarded.crashed == [] and engine.restarts == 0
+def test_the_risky_wait_is_bounded() -> None:
+    q = quarantine()
+    q.suspect([Job("p")], None, now=0.0)
+    assert q.due(59.0, others_waiting=True) is None
+    assert q.due(60.0, others_waiting=True) is not None
 
 
-def test_a_set_that_already_died_starts_from_its_halves() -> None:
-    # The engine loop's quarantine: every request in the engine died together, once.
-    engine = FlakyEngine(poison={5})
-    guarded = run_isolating_crashes(list(range(8)), engine.run, engine.restart, 2, died_once=True)
-    assert served(guarded.outcomes) == [0, 1, 2, 3, 4, 6, 7]
-    assert guarded.crashed == [5]
-    assert engine.calls[0] == [0, 1, 2, 3]  # the whole set is never run again
+def test_twins_wait_beside_a_suspect_and_share_its_verdict() -> None:
+    q = quarantine(crash_attempts=1)
+    p, g = Job("p", "kill"), Job("g", "fine")
+    q.suspect([g, p], p, now=0.0)
+    twin, other_twin, stranger = Job("p2", "kill"), Job("g2", "fine"), Job("x", "other")
+    assert q.adopt(twin) and q.adopt(other_twin) and not q.adopt(stranger)
+    assert q.twins() == 2
+    turn = q.due(0.0, others_waiting=False)
+    assert turn is not None and turn.jobs == [g]
+    assert q.release(g) == [other_twin]  # the same payload ran to the end: it may run too
+    q.due(0.0, others_waiting=False)
+    convictions = q.died(p, now=0.0)
+    assert convictions.killers == [p] and convictions.repeats == [twin]
+    assert q.twins() == 0 and len(q) == 0
 
 
-def test_a_lone_job_that_already_died_counts_that_death() -> None:
-    engine = FlakyEngine(poison={9})
-    guarded = run_isolating_crashes([9], engine.run, engine.restart, 2, died_once=True)
-    assert guarded.crashed == [9]
-    assert engine.calls == [[9]]  # one more death makes crash_attempts=2
+def test_suspects_with_a_killers_payload_are_convicted_with_it() -> None:
+    q = quarantine(crash_attempts=1)
+    p1, p2, g = Job("p1", "kill"), Job("p2", "kill"), Job("g")
+    q.suspect([g, p2, p1], p1, now=0.0)  # p1 caught; g and p2 run first, together
+    turn = q.due(0.0, others_waiting=False)
+    assert turn is not None and turn.jobs == [g, p2]
+    q.release(g)  # g ran to the end, then p2 killed the engine, alone in it by then
+    convictions = q.died(None, now=1.0)
+    assert convictions.killers == [p2] and convictions.repeats == [p1]
+    assert len(q) == 0
+
+
+def test_withdrawing_twins_only_keeps_the_suspects() -> None:
+    q = quarantine()
+    a, b = Job("a"), Job("b")
+    q.suspect([a, b], None, now=0.0)
+    twin = Job("a2", "a")
+    q.adopt(twin)
+    assert q.withdraw(lambda _job: True, suspects=False) == [twin]
+    assert len(q) == 2
+    assert sorted(map(repr, q.withdraw(lambda job: job is a, suspects=True))) == ["a"]
+    assert list(q) == [b]
+
+
+def test_twins_of_a_withdrawn_suspect_go_back_to_waiting() -> None:
+    q = quarantine()
+    a = Job("a")
+    q.suspect([a, Job("b")], None, now=0.0)
+    twin = Job("a2", "a")
+    q.adopt(twin)
+    q.withdraw(lambda job: job is a, suspects=True)
+    assert q.orphans() == [twin] and q.twins() == 0
+
+
+def test_giving_up_returns_every_suspect_and_twin() -> None:
+    q = quarantine()
+    a, b, p = Job("a"), Job("b"), Job("p")
+    q.suspect([a, b, p], p, now=0.0)
+    twin = Job("p2", "p")
+    q.adopt(twin)
+    q.due(0.0, others_waiting=False)
+    suspects, twins = q.give_up()
+    assert sorted(map(repr, suspects)) == ["a", "b", "p"] and twins == [twin]
+    assert len(q) == 0 and q.on_turn is None
+
+
+def test_restart_budget_is_a_sliding_minute() -> None:
+    budget = RestartBudget(per_minute=2)
+    assert budget.allows(0.0)
+    budget.spend(0.0)
+    budget.spend(10.0)
+    assert not budget.allows(59.0) and budget.returns_in(59.0) == 1.0
+    assert budget.allows(60.0)
+    budget.spend(60.0)
+    assert not budget.allows(69.0) and budget.allows(70.0)
+
+
+def test_known_killers_are_forgotten_after_a_while_and_bounded() -> None:
+    killers = KnownKillers(memory_s=100.0, size=2)
+    killers.remember("a", 0.0)
+    assert killers.knows("a", 99.0) and not killers.knows("a", 100.0)
+    for key, at in [("x", 200.0), ("y", 201.0), ("z", 202.0)]:
+        killers.remember(key, at)
+    assert not killers.knows("x", 203.0) and killers.knows("z", 203.0)
+
+
+def test_fingerprint_is_the_payload() -> None:
+    adapter = AdapterHandle("tone", "1", "/a", 7, sha256="abc")
+    request = GenerationRequest([1, 2, 3], adapter, 32, 0.0, 1)
+    same = GenerationRequest([1, 2, 3], adapter, 32, 0.0, 1)
+    assert fingerprint(request) == fingerprint(same)
+    others = [
+        GenerationRequest([1, 2, 4], adapter, 32, 0.0, 1),
+        GenerationRequest([1, 2, 3], None, 32, 0.0, 1),
+        GenerationRequest([1, 2, 3], AdapterHandle("tone", "2", "/b", 8), 32, 0.0, 1),
+        GenerationRequest([1, 2, 3], adapter, 64, 0.0, 1),
+        GenerationRequest([1, 2, 3], adapter, 32, 0.5, 1),
+        GenerationRequest([1, 2, 3], adapter, 32, 0.0, 2),
+        GenerationRequest([1, 2, 3], adapter, 32, 0.0, 1, {"type": "object"}),
+    ]
+    assert len({fingerprint(r) for r in [request, *others]}) == len(others) + 1

@@ -14,9 +14,16 @@ Shadow runs: a job whose adapter has a shadow version (`PreparedJob.shadow_reque
 it after its answer is out, compared with that answer (`Evaluated`). They wait in their own
 queue and enter only room no job is waiting for, within `shadow_share` of the engine's depth.
 
-Engine deaths: every request in the engine dies together. The loop stops admitting, restarts
-the engine and runs the dead set again in halves (`workers.core.crashes`): a job that kills the
-engine on its own `crash_attempts` times comes out as `engine_crash`, every other one is served.
+Engine deaths: every request in the engine dies together. They become suspects
+(`workers.core.crashes`): the engine is restarted (at most `max_restarts_per_minute` times a
+minute) and the suspects run apart from the other jobs in small cohorts, on turns between which
+the loop keeps admitting, aborting and running `between_steps`. A job that kills the engine on
+its own `crash_attempts` times comes out as `engine_crash`, and so does any repeat of its payload
+(waiting beside it, or arriving within the hour); every other job is served.
+
+Words: a *request* is in the engine; a job *waits* in admission (or, beside a suspect with its
+payload, as a *twin*); a job is *owed* an outcome from `submit` until `outcomes` hands it over;
+a job *holds* the adapter versions it still needs (`holding`).
 """
 
 from __future__ import annotations
@@ -28,13 +35,21 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
 from workers import metrics
 from workers.core.admission import Admission, AdmissionPolicy
 from workers.core.contracts import Result
-from workers.core.crashes import run_isolating_crashes
+from workers.core.crashes import (
+    Cohort,
+    Convictions,
+    KnownKillers,
+    Quarantine,
+    RestartBudget,
+    fingerprint,
+)
 from workers.core.engine_api import AdapterHandle, Engine, EngineDied, Generation
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import traced
@@ -64,6 +79,7 @@ class LoopLimits:
     stall_warning_s: float
     shadow_share: float = 0.25  # of engine_depth, at most, for shadow runs
     shadow_max_waiting: int = 2000  # shadow runs beyond this are skipped
+    max_restarts_per_minute: int = 6  # beyond, the suspects are given up (engine_crash)
 
     @property
     def shadow_depth(self) -> int:
@@ -74,7 +90,19 @@ class LoopLimits:
 class LoopStats:
     steps: int = 0
     engine_restarts: int = 0
-    finished: int = 0
+    finished: int = 0  # requests that finished in the engine
+    isolation_runs: int = 0  # suspect cohorts run apart
+    killers: int = 0  # jobs convicted of killing the engine
+
+
+class _Request(NamedTuple):
+    job: PreparedJob
+    admitted_at: float
+    apart: bool  # a suspect running apart, on its cohort's turn
+
+
+def _payload(job: PreparedJob) -> str:
+    return fingerprint(job.request)
 
 
 class EngineLoop:
@@ -89,6 +117,7 @@ class EngineLoop:
         restart_engine: Callable[[], None],
         on_unavailable: Callable[[AdapterHandle, str], None],
         switch_model: Callable[[AdapterHandle | None], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self._cache = cache
@@ -99,11 +128,13 @@ class EngineLoop:
         self._restart_engine = restart_engine
         self._on_unavailable = on_unavailable
         self._switch_model = switch_model
+        self._clock = clock
         self._between_steps: Callable[[], None] | None = None
-        self._crash_rejection = JobRejected(
-            JobError.ENGINE_CRASH,
-            f"the engine died {limits.crash_attempts} times running this job alone",
+        self._quarantine = Quarantine[PreparedJob](
+            limits.crash_attempts, admission.max_wait_s, _payload
         )
+        self._killers = KnownKillers()
+        self._budget = RestartBudget(limits.max_restarts_per_minute)
         self.stats = LoopStats()
         # Shared with other threads, under the lock.
         self._lock = threading.Lock()
@@ -111,15 +142,20 @@ class EngineLoop:
         self._inbox: list[PreparedJob] = []
         self._outbox: list[Outcome] = []
         self._aborts: list[tuple[Callable[[PreparedJob], bool], bool]] = []
-        self._holding: Counter[Hashable] = Counter()  # adapter key -> jobs not yet out
-        self._unfinished = 0
+        self._holding: Counter[Hashable] = Counter()  # adapter key -> jobs owed that need it
+        self._owed = 0  # jobs submitted whose outcome has not been taken (shadows aside)
         self._shadow_runs = 0  # shadow runs not out yet
         self._failure: BaseException | None = None
         self._stopping = False
+        # Written by the loop thread, read by any: suspects not in the engine now.
+        self._suspects_out = 0
         # The loop thread's own.
-        self._running: dict[str, tuple[PreparedJob, float]] = {}
-        self._in_engine: Counter[Hashable] = Counter()
-        self._busy_since = (0.0, 0)  # (when, jobs finished before) of the current busy period
+        self._requests: dict[str, _Request] = {}
+        self._adapters_in_engine: Counter[Hashable] = Counter()  # requests per adapter key
+        self._adding: PreparedJob | None = None  # the job whose request is being added
+        self._apart: Cohort[PreparedJob] | None = None  # the cohort running apart now
+        self._engine_down = False  # dead, and not restarted yet (the budget is spent)
+        self._busy_since = (0.0, 0)  # (when, requests finished before) of the busy period
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -138,14 +174,14 @@ class EngineLoop:
             self._inbox.extend(jobs)
             for job in jobs:
                 self._holding.update(job.holds)
-            self._unfinished += len(jobs)
+            self._owed += len(jobs)
         self._wake.set()
 
     def outcomes(self) -> list[Outcome]:
         """Jobs finished since the last call; raises if the loop has failed."""
         with self._lock:
             out, self._outbox = self._outbox, []
-            self._unfinished -= sum(not isinstance(outcome, Evaluated) for outcome in out)
+            self._owed -= sum(not isinstance(outcome, Evaluated) for outcome in out)
             failure = self._failure
         if failure is not None and not out:
             raise EngineLoopFailed(str(failure)) from failure
@@ -154,7 +190,7 @@ class EngineLoop:
     def unfinished(self) -> int:
         """Jobs submitted whose outcome has not been taken by `outcomes` yet (or aborted)."""
         with self._lock:
-            return self._unfinished
+            return self._owed
 
     def shadow_runs(self) -> int:
         """Shadow runs waiting or in the engine."""
@@ -171,8 +207,8 @@ class EngineLoop:
         self, predicate: Callable[[PreparedJob], bool], *, waiting_only: bool = False
     ) -> None:
         """Drop the matching jobs without an outcome: those waiting to enter the engine, and
-        (unless `waiting_only`) those in it, aborted there at the next step boundary. Jobs
-        submitted later are not affected."""
+        (unless `waiting_only`) those in it and the suspects of an engine death, aborted at the
+        next step boundary. Jobs submitted later are not affected."""
         with self._lock:
             kept = [job for job in self._inbox if not predicate(job)]
             self._drop([job for job in self._inbox if predicate(job)])
@@ -181,11 +217,12 @@ class EngineLoop:
         self._wake.set()
 
     def running(self) -> int:
-        """Requests in the engine now."""
-        return len(self._running)
+        """Requests in the engine now, plus the suspects of an engine death still to run apart:
+        they were in the engine, and are served like its requests."""
+        return len(self._requests) + self._suspects_out
 
     def in_engine(self) -> int:
-        """Requests in the engine, plus one per abort not applied yet (it may reach more)."""
+        """`running()`, plus one per abort not applied yet (it may reach more)."""
         with self._lock:
             pending = len(self._aborts)
         return self.running() + pending
@@ -204,9 +241,12 @@ class EngineLoop:
         try:
             while not self._stopping:
                 try:
-                    self._between()
-                    self._admit()
-                    if self._running:
+                    self._housekeeping()
+                    if self._engine_down:
+                        self._restart_if_allowed()
+                    if not self._engine_down:
+                        self._feed()
+                    if self._requests:
                         self._step()
                     else:
                         self._wake.wait(IDLE_WAIT_S)
@@ -214,62 +254,98 @@ class EngineLoop:
                 except EngineDied as death:
                     if self._stopping:
                         break  # the engine is being closed under us
-                    self.recover(death)
-            self._abort_running()
+                    self._after_death(death)
+                finally:
+                    self._count_suspects()
+            self._abort_all()
         except BaseException as exc:  # handed to the owner through outcomes()
             log.exception("engine_loop_failed")
             with self._lock:
                 self._failure = exc
 
-    def _between(self) -> None:
+    def _housekeeping(self) -> None:
         with self._lock:
             aborts, self._aborts = self._aborts, []
         for predicate, waiting_only in aborts:
             self._apply_abort(predicate, waiting_only)
         with self._lock:
             arrived, self._inbox = self._inbox, []
+        now = self._clock()
         for job in arrived:
-            self._admission.add(job)
-        if self._between_steps is not None:
-            self._between_steps()
+            if self._killers and self._killers.knows(_payload(job), now):
+                self._emit(Unserved(job, self._repeat_rejection()))
+            elif not (self._quarantine and self._quarantine.adopt(job)):
+                self._admission.add(job)
+        if self._between_steps is not None and not self._engine_down:
+            self._between_steps()  # adapter updates need a live engine
         metrics.ADMISSION_WAITING.set(len(self._admission))
 
     def _apply_abort(self, predicate: Callable[[PreparedJob], bool], waiting_only: bool) -> None:
         dropped = self._admission.discard(predicate) + self._shadows.discard(predicate)
-        running = {} if waiting_only else self._running
-        ids = [rid for rid, (job, _) in running.items() if predicate(job)]
+        dropped += self._quarantine.withdraw(predicate, suspects=not waiting_only)
+        self._requeue_all(self._quarantine.orphans())
+        requests = {} if waiting_only else self._requests
+        ids = [rid for rid, request in requests.items() if predicate(request.job)]
         if ids:
             self._engine.abort_requests(ids)
         for rid in ids:
-            job, _ = self._running.pop(rid)
-            self._in_engine[job.adapter_key] -= 1
+            job = self._requests.pop(rid).job
+            self._adapters_in_engine[job.adapter_key] -= 1
             dropped.append(job)
+        self._end_turn_if_over()
         with self._lock:
             self._drop(dropped)
         if dropped:
             log.info("jobs_aborted", waiting=len(dropped) - len(ids), in_engine=len(ids))
 
+    def _feed(self) -> None:
+        """Admit waiting jobs; or, on a suspect cohort's turn, empty the engine of the others
+        and run the cohort apart."""
+        if self._apart is not None:
+            return  # a cohort runs apart: nothing joins it
+        turn = None
+        if self._quarantine:
+            turn = self._quarantine.due(self._clock(), others_waiting=bool(self._admission))
+        if turn is None:
+            self._admit()
+        elif not self._requests:  # the others are out: its turn
+            self._apart = turn
+            self.stats.isolation_runs += 1
+            log.info("suspects_run_apart", jobs=len(turn.jobs), risky=turn.risky)
+            self._enter(list(turn.jobs), apart=True)
+            self._end_turn_if_over()
+
     def _admit(self) -> None:
-        room = self._limits.engine_depth - len(self._running)
-        now = time.monotonic()
-        jobs = self._admission.take(now, room, self._in_engine)
+        room = self._limits.engine_depth - len(self._requests)
+        now = self._clock()
+        jobs = self._admission.take(now, room, self._adapters_in_engine)
         if self._switch_model is not None:
             jobs = self._servable_now(jobs)
         if not self._admission and len(jobs) < room and self._shadows:
-            # Room no job is waiting for, within the shadows' share of the engine.
-            in_engine = sum(job.shadow_of is not None for job, _ in self._running.values())
+            # Room no job is waiting for, within the shadows' share of the engine, and within
+            # the engine's adapter slots (max_loras): a shadow waits rather than add one more.
+            in_engine = sum(
+                request.job.shadow_of is not None for request in self._requests.values()
+            )
             shadow_room = min(room - len(jobs), self._limits.shadow_depth - in_engine)
-            jobs += self._shadows.take(now, shadow_room, self._in_engine)
+            busy = self._adapters_in_engine + Counter(job.adapter_key for job in jobs)
+            jobs += self._shadows.take(now, shadow_room, busy, slots=self._admission.max_adapters)
         if not jobs:
             return
-        if not self._running:  # an event per busy period, not per step
+        self._quarantine.others_ran()
+        if not self._requests:  # an event per busy period, not per step
             log.info("engine_running", admitting=len(jobs), waiting=len(self._admission))
-            self._busy_since = (time.monotonic(), self.stats.finished)
+            self._busy_since = (self._clock(), self.stats.finished)
+        self._enter(jobs, apart=False)
+
+    def _enter(self, jobs: list[PreparedJob], *, apart: bool) -> None:
+        """Add `jobs`' requests to the engine. Should it die meanwhile, those not in it yet wait
+        again (suspects stay in their cohort)."""
         try:
             unavailable = self._cache.ensure_loaded(job.adapter for job in jobs)
         except EngineDied:
-            for job in jobs:  # not in the engine yet: they wait for the restarted one
-                self._wait(job)
+            if not apart:
+                self._requeue_all(jobs)
             raise
         reported: set[Hashable] = set()
         for taken, job in enumerate(jobs, start=1):
@@ -278,13 +354,13 @@ class EngineLoop:
                 if job.adapter_key not in reported:
                     reported.add(job.adapter_key)
                     self._on_unavailable(job.adapter, reason)
-                self._emit(Unserved(job, JobRejected(JobError.ADAPTER_UNAVAILABLE, reason)))
+                self._settle(job, Unserved(job, JobRejected(JobError.ADAPTER_UNAVAILABLE, reason)))
                 continue
             try:
-                self._add(job)
+                self._add(job, apart)
             except EngineDied:
-                for later in jobs[taken:]:  # not in the engine yet: they wait for the next one
-                    self._wait(later)
+                if not apart:
+                    self._requeue_all(jobs[taken:])
                 raise
 
     def _servable_now(self, jobs: list[PreparedJob]) -> list[PreparedJob]:
@@ -295,7 +371,7 @@ class EngineLoop:
         if not later:
             return jobs
         now = [job for job in jobs if self._engine.serves_now(job.adapter)]
-        if now or self._running:
+        if now or self._requests or self._quarantine:  # suspects run on the current version
             for job in later:
                 self._admission.add(job)
             return now
@@ -321,63 +397,80 @@ class EngineLoop:
                 self._admission.add(job)
         return servable
 
-    def _add(self, job: PreparedJob) -> None:
+    def _add(self, job: PreparedJob, apart: bool) -> None:
         request_id = str(next(self._ids))
-        # In the running set before the call: if the engine dies under it, it died with it.
-        self._running[request_id] = (job, time.monotonic())
-        self._in_engine[job.adapter_key] += 1
+        # In the engine before the call: if the engine dies under it, it died with it.
+        self._requests[request_id] = _Request(job, self._clock(), apart)
+        self._adapters_in_engine[job.adapter_key] += 1
+        self._adding = job  # should the engine die now, it was caught adding this one
         try:
             self._engine.add_request(request_id, job.request)
         except EngineDied:
             raise
         except Exception as exc:  # this request alone (vLLM refused it): dead-letter it
+            self._adding = None
             log.exception("request_refused", job_id=job.job.job_id, **traced(job.source))
-            self._running.pop(request_id)
-            self._in_engine[job.adapter_key] -= 1
-            self._emit(Unserved(job, JobRejected.internal(exc)))
+            self._requests.pop(request_id)
+            self._adapters_in_engine[job.adapter_key] -= 1
+            self._settle(job, Unserved(job, JobRejected.internal(exc)))
             return
-        metrics.ENGINE_REQUESTS.set(len(self._running))
+        self._adding = None
+        metrics.ENGINE_REQUESTS.set(len(self._requests))
 
     def _step(self) -> None:
-        started = time.monotonic()
+        started = self._clock()
         finished = self._engine.step()
-        elapsed = time.monotonic() - started
+        elapsed = self._clock() - started
         self.stats.steps += 1
         metrics.ENGINE_STEP_SECONDS.observe(elapsed)
         if elapsed >= self._limits.stall_warning_s:
             log.warning(
-                "engine_step_stalled", step_s=round(elapsed, 2), requests=len(self._running)
+                "engine_step_stalled", step_s=round(elapsed, 2), requests=len(self._requests)
             )
         for request_id, generation in finished:
-            entry = self._running.pop(request_id, None)
-            if entry is None:
+            request = self._requests.pop(request_id, None)
+            if request is None:
                 continue  # aborted meanwhile
-            job, admitted_at = entry
-            self._in_engine[job.adapter_key] -= 1
+            self._adapters_in_engine[request.job.adapter_key] -= 1
             self.stats.finished += 1
-            self._finish(job, generation, admitted_at)
-        if finished and not self._running:
+            if request.apart:  # it ran to the end: cleared
+                self._requeue_all(self._quarantine.release(request.job))
+            self._handle_output(request.job, generation, request.admitted_at)
+        self._end_turn_if_over()
+        if finished and not self._requests:
             began, finished_before = self._busy_since
             log.info(
                 "engine_idle",
                 finished=self.stats.finished - finished_before,
-                busy_s=round(time.monotonic() - began, 3),
+                busy_s=round(self._clock() - began, 3),
             )
-        if self._running and not finished and not self._engine.has_unfinished_requests():
-            # The engine forgot requests we think it holds: run them again rather than wait.
-            log.error("engine_lost_requests", requests=len(self._running))
-            for job, _ in self._running.values():
-                self._wait(job)
-            self._running.clear()
-            self._in_engine.clear()
-        metrics.ENGINE_REQUESTS.set(len(self._running))
+        if self._requests and not finished and not self._engine.has_unfinished_requests():
+            # The engine forgot requests we think it holds: run them again rather than wait
+            # (suspects on their cohort's turn again).
+            log.error("engine_lost_requests", requests=len(self._requests))
+            self._requeue_all([r.job for r in self._requests.values() if not r.apart])
+            self._requests.clear()
+            self._adapters_in_engine.clear()
+            self._apart = None
+        metrics.ENGINE_REQUESTS.set(len(self._requests))
 
-    def _wait(self, job: PreparedJob) -> None:
-        """Back to waiting for admission: a retry, a routed classifier pass, or a job that
-        could not enter the engine."""
+    def _end_turn_if_over(self) -> None:
+        if self._apart is not None and self._quarantine.on_turn is not self._apart:
+            log.info("suspects_cleared", waiting=len(self._quarantine))
+            self._apart = None
+
+    def _requeue(self, job: PreparedJob) -> None:
+        """Back to waiting for admission: a retry, a routed classifier pass, a job that could
+        not enter the engine, or a twin whose suspect was cleared."""
         (self._admission if job.shadow_of is None else self._shadows).add(job)
 
-    def _finish(self, job: PreparedJob, generation: Generation, admitted_at: float) -> None:
+    def _requeue_all(self, jobs: Iterable[PreparedJob]) -> None:
+        for job in jobs:
+            self._requeue(job)
+
+    def _handle_output(self, job: PreparedJob, generation: Generation, admitted_at: float) -> None:
+        """A request finished: check its output and hand out the job's outcome, or requeue it
+        (a retry, or its classifier pass routed it)."""
         try:
             checked = self._checker.check(job, generation, admitted_at)
         except JobRejected as rejection:  # the adapter its classifier pass chose cannot serve
@@ -392,7 +485,7 @@ class EngineLoop:
                 with self._lock:
                     self._holding.update(checked.holds)
                     self._release([job])
-            self._wait(checked)  # still held
+            self._requeue(checked)  # still owed, still holding
         elif job.shadow_of is not None:
             self._emit(Evaluated(job, checked))
         else:
@@ -410,6 +503,11 @@ class EngineLoop:
             self._holding.update(shadow.holds)
             self._shadow_runs += 1
         self._shadows.add(shadow)
+
+    def _settle(self, job: PreparedJob, outcome: Outcome) -> None:
+        """`job` is answered without running: a suspect among them is no longer one."""
+        self._requeue_all(self._quarantine.release(job))
+        self._emit(outcome)
 
     def _emit(self, outcome: Outcome) -> None:
         job = outcome.job
@@ -439,71 +537,106 @@ class EngineLoop:
         self._release(jobs)
         shadows = sum(job.shadow_of is not None for job in jobs)
         self._shadow_runs -= shadows
-        self._unfinished -= len(jobs) - shadows
+        self._owed -= len(jobs) - shadows
 
-    def _abort_running(self) -> None:
-        if not self._running:
+    def _abort_all(self) -> None:
+        if not self._requests:
             return
-        log.warning("requests_abandoned", requests=len(self._running))
+        log.warning("requests_abandoned", requests=len(self._requests))
         with contextlib.suppress(EngineDied):  # a dead engine has nothing left to abort
-            self._engine.abort_requests(list(self._running))
-        self._running.clear()
+            self._engine.abort_requests(list(self._requests))
+        self._requests.clear()
+
+    def _count_suspects(self) -> None:
+        apart = 0 if self._apart is None else len(self._apart.jobs)  # those are requests
+        self._suspects_out = max(0, len(self._quarantine) - apart)
 
     # --- engine deaths (the loop thread, or `between_steps` on it) -------------------------------
 
     def recover(self, death: EngineDied) -> None:
-        """Restart the engine after `death` and serve the requests that died with it."""
-        dead = [job for job, _ in self._running.values()]
-        self._running.clear()
-        self._in_engine.clear()
-        log.error("engine_died", requests=len(dead), error=str(death))
-        self._restart()
-        if not dead:
-            return
-        guarded = run_isolating_crashes(
-            dead,
-            self._run_alone,
-            self._restart,
-            self._limits.crash_attempts,
-            died_once=True,
-        )
-        for finished in guarded.outcomes:
-            for job, generation, admitted_at in finished:
-                self._finish(job, generation, admitted_at)
-        for job in guarded.crashed:
-            self._emit(Unserved(job, self._crash_rejection))
-        for job, error in guarded.failed:
-            rejection = error if isinstance(error, JobRejected) else JobRejected.internal(error)
-            self._emit(Unserved(job, rejection))
+        """After `death` met outside the loop's own calls (`between_steps`): what was in the
+        engine becomes suspects, and the engine is restarted before this returns (waiting, if
+        the restart budget is spent, until it allows one)."""
+        self._after_death(death)
+        while self._engine_down and not self._stopping:
+            self._restart_if_allowed()
+            if self._engine_down:
+                time.sleep(IDLE_WAIT_S)
+        self._count_suspects()
 
-    def _restart(self) -> None:
+    def _after_death(self, death: EngineDied) -> None:
+        died = [request.job for request in self._requests.values()]
+        apart = self._apart is not None
+        caught, self._adding = self._adding, None
+        self._requests.clear()
+        self._adapters_in_engine.clear()
+        self._apart = None
+        self._engine_down = True
+        now = self._clock()
+        if apart:
+            convictions = self._quarantine.died(caught, now)
+        else:
+            convictions = self._quarantine.suspect(died, caught, now)
+            # Jobs waiting with a suspect's payload wait beside it, out of the engine.
+            for twin in self._admission.discard(self._quarantine.resembles):
+                self._quarantine.adopt(twin)
+        log.error(
+            "engine_died",
+            requests=len(died),
+            apart=apart,
+            suspects=len(self._quarantine),
+            error=str(death),
+        )
+        self._convict(convictions, now)
+        if not self._budget.allows(now):
+            self._give_up(now)
+
+    def _convict(self, convictions: Convictions[PreparedJob], now: float) -> None:
+        for job in convictions.killers:
+            log.error("engine_killer_found", job_id=job.job.job_id, **traced(job.source))
+            self._killers.remember(_payload(job), now)
+            self.stats.killers += 1
+            self._emit(Unserved(job, self._killer_rejection()))
+        for job in convictions.repeats:
+            self._emit(Unserved(job, self._repeat_rejection()))
+
+    def _give_up(self, now: float) -> None:
+        """The restart budget is spent: no suspect runs again; the engine restarts once the
+        budget allows."""
+        suspects, twins = self._quarantine.give_up()
+        log.error(
+            "restart_budget_spent",
+            suspects=len(suspects),
+            restart_in_s=round(self._budget.returns_in(now), 1),
+        )
+        rejection = JobRejected(
+            JobError.ENGINE_CRASH,
+            f"the engine died more than {self._limits.max_restarts_per_minute} times within a "
+            "minute (engine.max_restarts_per_minute), this job in it: not run again",
+        )
+        for job in suspects:
+            self._emit(Unserved(job, rejection))
+        self._requeue_all(twins)
+
+    def _restart_if_allowed(self) -> None:
+        now = self._clock()
+        if not self._budget.allows(now):
+            return
+        self._budget.spend(now)
         metrics.ENGINE_RESTARTS.inc()
         self._restart_engine()
         self.stats.engine_restarts += 1
+        self._engine_down = False
 
-    def _run_alone(self, jobs: list[PreparedJob]) -> list[tuple[PreparedJob, Generation, float]]:
-        """Run `jobs` by themselves to the end (quarantine): nothing else is admitted meanwhile."""
-        unavailable = self._cache.ensure_loaded(job.adapter for job in jobs)
-        if any(job.adapter_key in unavailable for job in jobs):
-            lost = next(job for job in jobs if job.adapter_key in unavailable)
-            raise JobRejected(JobError.ADAPTER_UNAVAILABLE, unavailable[lost.adapter_key])
-        started = time.monotonic()
-        waiting = {f"q{next(self._ids)}": job for job in jobs}
-        try:
-            for request_id, job in waiting.items():
-                self._engine.add_request(request_id, job.request)
-        except EngineDied:
-            raise
-        except Exception:
-            self._engine.abort_requests(list(waiting))  # the halves run without them
-            raise
-        finished: list[tuple[PreparedJob, Generation, float]] = []
-        while waiting:
-            done = self._engine.step()
-            if not done and not self._engine.has_unfinished_requests():
-                raise EngineDied("the engine lost the quarantined requests")
-            for request_id, generation in done:
-                job = waiting.pop(request_id, None)
-                if job is not None:
-                    finished.append((job, generation, started))
-        return finished
+    def _killer_rejection(self) -> JobRejected:
+        return JobRejected(
+            JobError.ENGINE_CRASH,
+            f"the engine died {self._limits.crash_attempts} times running this job alone",
+        )
+
+    def _repeat_rejection(self) -> JobRejected:
+        return JobRejected(
+            JobError.ENGINE_CRASH,
+            "the same payload (prompt, adapter and sampling parameters) killed the engine "
+            "running alone: not run again",
+        )
