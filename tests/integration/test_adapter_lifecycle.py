@@ -376,6 +376,14 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     save_random_lora(other_base, root / "disguised", rank=8, claimed_base="tiny-llama")
     shutil.copytree(good, tmp_path / "outside")
     (root / "escape").symlink_to(tmp_path / "outside")
+    # Written straight to the topic, past `adapters publish`: reading these files once stopped
+    # every worker (EngineLoopFailed on the dangling link), and again on each restart.
+    shutil.copytree(good, root / "dangling")
+    (root / "dangling" / "adapter_config.json").unlink()
+    (root / "dangling" / "adapter_config.json").symlink_to(root / "dangling" / "gone.json")
+    shutil.copytree(good, root / "config-folder")
+    (root / "config-folder" / "adapter_config.json").unlink()
+    (root / "config-folder" / "adapter_config.json").mkdir()
 
     bad = [
         BadUpdate("path_missing", "b1", str(root / "nowhere"), sha256="0" * 64),
@@ -386,6 +394,8 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
         BadUpdate("load_failed", "b8", str(root / "disguised")),
         BadUpdate("path_outside_roots", "b6", str(tmp_path / "outside")),
         BadUpdate("path_outside_roots", "b7", str(root / "escape")),
+        BadUpdate("files_missing", "b9", str(root / "dangling")),
+        BadUpdate("files_missing", "b10", str(root / "config-folder")),
     ]
     records = []
     for update in bad:
@@ -450,6 +460,32 @@ def test_tenant_allow_list_dead_letters_forbidden_jobs(lifecycle: Lifecycle) -> 
         dlq.close()
 
 
+def hostile_update_records(folder: Path, topic: str) -> list[tuple[str, bytes | None, bytes, list]]:
+    """Records a buggy or compromised publisher can write past `adapters publish`: versions
+    whose files are a dangling link or a folder, garbage, and a tombstone for no adapter."""
+    good = ZOO / "adapters" / "classifier"
+    shutil.copytree(good, folder / "dangling")
+    (folder / "dangling" / "adapter_config.json").unlink()
+    (folder / "dangling" / "adapter_config.json").symlink_to(folder / "gone.json")
+    shutil.copytree(good, folder / "config-folder")
+    (folder / "config-folder" / "adapter_config.json").unlink()
+    (folder / "config-folder" / "adapter_config.json").mkdir()
+    records: list[tuple[str, bytes | None, bytes, list]] = []
+    for name, version in (("classifier", "dangling"), ("customer-tone", "config-folder")):
+        path = folder / version
+        value = {
+            "name": name,
+            "base_model": "tiny-llama",
+            "versions": [{"version": version, "path": str(path), "sha256": adapter_digest(path)}],
+        }
+        records.append((topic, name.encode(), json.dumps(value).encode(), []))
+    nested = b'{"name": "partner-tone", "tenants": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    records.append((topic, b"partner-tone", nested, []))
+    records.append((topic, b"partner-tone\xff", b'{"name": "\xff\xfe"}', []))
+    records.append((topic, b"never-announced", None, []))  # type: ignore[arg-type]
+    return records
+
+
 def test_a_worker_started_after_compaction_serves_the_fleets_last_good_state(
     lifecycle: Lifecycle, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -471,11 +507,13 @@ def test_a_worker_started_after_compaction_serves_the_fleets_last_good_state(
     produce(kafka_bootstrap, [bad_record])
     lifecycle.wait_for_status("summarizer", "b9", "rejected", "checksum_mismatch")
 
-    # What compaction leaves of the updates topic for this name: the bad record alone.
+    # What compaction leaves of the updates topic for this name: the bad record alone. Beside
+    # it, records for other names that a start-up once died on, replayed on every restart.
     second = deploy(kafka_bootstrap, tmp_path)
     compacted = f"{first.updates_topic}.compacted"
     create_topics(kafka_bootstrap, [TopicSpec(compacted, 1, {"cleanup.policy": "compact"})], 1)
-    produce(kafka_bootstrap, [(compacted, b"summarizer", bad_record[2], [])])
+    hostile = hostile_update_records(first.adapter_root / "late", compacted)
+    produce(kafka_bootstrap, [*hostile, (compacted, b"summarizer", bad_record[2], [])])
     jobs = [
         {
             "job_id": f"late-{i}",
@@ -503,6 +541,12 @@ def test_a_worker_started_after_compaction_serves_the_fleets_last_good_state(
     log = log_path.read_text(errors="replace")
     assert code == 0, log[-3000:]
     assert '"event": "adapters_restored_from_status"' in log
+    rejected = [json.loads(line) for line in log.splitlines() if '"adapter_rejected"' in line]
+    assert {(r["adapter"], r["code"]) for r in rejected} >= {
+        ("classifier", "files_missing"),
+        ("customer-tone", "files_missing"),
+        ("partner-tone", "malformed_update"),
+    }
     results = [
         json.loads(m.value()) for m in second.read([second.pipelines["summarize"].result_topic])
     ]

@@ -1,6 +1,7 @@
 import pytest
 
-from workers.adapters.admin import next_state, promoted, with_shadow
+from workers.adapters.admin import encoded, next_state, promoted, with_shadow
+from workers.adapters.updates import decode_update
 from workers.core.config import ConfigError
 from workers.core.contracts import AdapterUpdate, AdapterVersionSpec, ShadowSpec
 
@@ -72,3 +73,12 @@ def test_promoting_a_shadow_makes_it_serve_and_ends_the_shadow() -> None:
     assert shares(promoted(canary, "tone", "2", 1.0)) == {"2": 1.0}
     with pytest.raises(ConfigError, match="no version '9'"):
         promoted(shadowed, "tone", "9", 1.0)
+
+
+def test_a_state_workers_would_refuse_for_its_size_is_not_published() -> None:
+    fits = state(version("1"))
+    assert decode_update(b"tone", encoded(fits)).update == fits
+    crowded = fits.model_copy(update={"tenants": [f"tenant-{i:06d}" for i in range(50_000)]})
+    with pytest.raises(ConfigError, match="bytes"):
+        encoded(crowded)
+    assert decode_update(b"tone", crowded.model_dump_json().encode()).update is None

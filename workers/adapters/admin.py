@@ -11,7 +11,7 @@ from confluent_kafka import Producer
 
 from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.adapters.registry import update_from_catalog
-from workers.adapters.updates import decode_update
+from workers.adapters.updates import MAX_UPDATE_BYTES, decode_update
 from workers.core.config import ConfigError, Settings, load_catalog
 from workers.core.contracts import (
     AdapterState,
@@ -100,13 +100,21 @@ def promoted(
     return next_state(current, name, spec, current.base_model, current.tenants, current.hot)
 
 
+def encoded(state: AdapterUpdate) -> bytes:
+    """The record's value; `ConfigError` if workers would refuse it for its size."""
+    value = state.model_dump_json().encode()
+    if len(value) > MAX_UPDATE_BYTES:
+        raise ConfigError(
+            f"the state of {state.name} is {len(value)} bytes; workers take at most "
+            f"{MAX_UPDATE_BYTES} (a tenant list that long belongs elsewhere)"
+        )
+    return value
+
+
 def _publish(settings: Settings, state: AdapterUpdate) -> None:
+    value = encoded(state)
     producer = Producer({"bootstrap.servers": settings.require_bootstrap(), "acks": "all"})
-    producer.produce(
-        settings.adapters.updates_topic,
-        key=state.name.encode(),
-        value=state.model_dump_json().encode(),
-    )
+    producer.produce(settings.adapters.updates_topic, key=state.name.encode(), value=value)
     if producer.flush(30):
         raise TimeoutError("the adapter update was not acknowledged within 30 s")
 
