@@ -299,6 +299,13 @@ class EngineSettings(_Strict):
         "engine_crash (the requests that died together are bisected until the job that kills "
         "it stands alone).",
     )
+    max_restarts_per_minute: int = Field(
+        default=6,
+        ge=1,
+        description="Engine restarts allowed in any minute. An engine death beyond them "
+        "dead-letters every job still suspected of it (engine_crash) instead of running it "
+        "again, and the engine restarts once the minute allows: never a tight restart loop.",
+    )
     fault_injection_crash_marker: str | None = Field(
         default=None,
         min_length=1,

@@ -566,6 +566,9 @@ class EngineLoop:
 
     def _after_death(self, death: EngineDied) -> None:
         died = [request.job for request in self._requests.values()]
+        # Counted as suspects before they leave the requests: a shutdown waiting on running()
+        # never sees a passing zero.
+        self._suspects_out += len(died)
         apart = self._apart is not None
         caught, self._adding = self._adding, None
         self._requests.clear()
@@ -590,6 +593,7 @@ class EngineLoop:
         self._convict(convictions, now)
         if not self._budget.allows(now):
             self._give_up(now)
+        self._count_suspects()
 
     def _convict(self, convictions: Convictions[PreparedJob], now: float) -> None:
         for job in convictions.killers:
