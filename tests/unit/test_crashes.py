@@ -32,6 +32,7 @@ def run_turn(q: Quarantine[Job], now: float = 0.0) -> list[Job]:
     """The next turn's jobs, all run to the end."""
     turn = q.due(now, others_waiting=False)
     assert turn is not None
+    q.begin(turn)
     jobs = list(turn.jobs)
     for job in jobs:
         q.release(job)
@@ -47,8 +48,11 @@ def test_the_job_caught_as_the_engine_died_stands_alone_and_the_rest_runs_first(
     assert run_turn(q) == [a, b, c]  # the mild cohort first, in one turn
     turn = q.due(0.0, others_waiting=False)
     assert turn is not None and turn.jobs == [p] and turn.risky
+    q.begin(turn)
     assert not q.died(p, now=1.0)  # one death alone: crash_attempts is 2
-    assert q.due(1.0, others_waiting=False) is not None
+    turn = q.due(1.0, others_waiting=False)
+    assert turn is not None
+    q.begin(turn)
     convictions = q.died(p, now=2.0)
     assert convictions.killers == [p] and len(q) == 0
 
@@ -73,6 +77,7 @@ def test_a_cohort_that_dies_apart_is_split_again_until_the_killer_stands_alone()
         turn = q.due(0.0, others_waiting=False)
         assert turn is not None
         if killer in turn.jobs:
+            q.begin(turn)
             deaths += 1
             convictions = q.died(None, now=0.0)
         else:
@@ -88,11 +93,19 @@ def test_risky_cohorts_wait_for_a_quiet_moment_and_turns_never_follow_each_other
     assert q.due(5.0, others_waiting=True) is None  # others wait, the mild cohort is fresh
     turn = q.due(10.0, others_waiting=True)  # waited mild_wait_s: its turn
     assert turn is not None and turn.jobs == [a]
+    q.begin(turn)
     q.release(a)
     assert q.due(11.0, others_waiting=True) is None  # the others get the engine first
     q.others_ran()
     assert q.due(30.0, others_waiting=True) is None  # a risky one waits longer...
     assert q.due(30.0, others_waiting=False) is not None  # ...or for a quiet moment
+
+
+def test_a_quiet_moment_that_ends_before_the_turn_begins_gives_the_engine_back() -> None:
+    q = quarantine()
+    q.suspect([Job("p")], None, now=0.0)
+    assert q.due(1.0, others_waiting=False) is not None  # the engine starts to empty...
+    assert q.due(2.0, others_waiting=True) is None  # ...others arrive: they go first
 
 
 def test_the_risky_wait_is_bounded() -> None:
@@ -111,8 +124,11 @@ def test_twins_wait_beside_a_suspect_and_share_its_verdict() -> None:
     assert q.twins() == 2
     turn = q.due(0.0, others_waiting=False)
     assert turn is not None and turn.jobs == [g]
+    q.begin(turn)
     assert q.release(g) == [other_twin]  # the same payload ran to the end: it may run too
-    q.due(0.0, others_waiting=False)
+    turn = q.due(0.0, others_waiting=False)
+    assert turn is not None
+    q.begin(turn)
     convictions = q.died(p, now=0.0)
     assert convictions.killers == [p] and convictions.repeats == [twin]
     assert q.twins() == 0 and len(q) == 0
@@ -124,6 +140,7 @@ def test_suspects_with_a_killers_payload_are_convicted_with_it() -> None:
     q.suspect([g, p2, p1], p1, now=0.0)  # p1 caught; g and p2 run first, together
     turn = q.due(0.0, others_waiting=False)
     assert turn is not None and turn.jobs == [g, p2]
+    q.begin(turn)
     q.release(g)  # g ran to the end, then p2 killed the engine, alone in it by then
     convictions = q.died(None, now=1.0)
     assert convictions.killers == [p2] and convictions.repeats == [p1]
@@ -158,7 +175,9 @@ def test_giving_up_returns_every_suspect_and_twin() -> None:
     q.suspect([a, b, p], p, now=0.0)
     twin = Job("p2", "p")
     q.adopt(twin)
-    q.due(0.0, others_waiting=False)
+    turn = q.due(0.0, others_waiting=False)
+    assert turn is not None
+    q.begin(turn)
     suspects, twins = q.give_up()
     assert sorted(map(repr, suspects)) == ["a", "b", "p"] and twins == [twin]
     assert len(q) == 0 and q.on_turn is None

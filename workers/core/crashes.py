@@ -159,7 +159,9 @@ class Quarantine(Generic[J]):
     # --- turns -----------------------------------------------------------------------------
 
     def due(self, now: float, *, others_waiting: bool) -> Cohort[J] | None:
-        """The cohort to run apart now (the engine first empties of other jobs), if any."""
+        """The cohort to run apart now, if any: the engine empties of other jobs, then
+        `begin`. Asked again at each step meanwhile, so a quiet moment that ends (others
+        waiting again) gives the engine back to them."""
         if self.on_turn is not None:
             return self.on_turn
         if others_waiting and not self._others_ran:
@@ -168,10 +170,13 @@ class Quarantine(Generic[J]):
         for cohort in ranked:
             wait = self.risky_wait_s if cohort.risky else self.mild_wait_s
             if not others_waiting or now - cohort.since >= wait:
-                self.on_turn = cohort
-                self._others_ran = False
                 return cohort
         return None
+
+    def begin(self, cohort: Cohort[J]) -> None:
+        """`cohort` runs apart now, until its jobs are released or it dies."""
+        self.on_turn = cohort
+        self._others_ran = False
 
     def others_ran(self) -> None:
         """Other jobs entered the engine: the next turn may come."""

@@ -309,6 +309,7 @@ class EngineLoop:
         if turn is None:
             self._admit()
         elif not self._requests:  # the others are out: its turn
+            self._quarantine.begin(turn)
             self._apart = turn
             self.stats.isolation_runs += 1
             log.info("suspects_run_apart", jobs=len(turn.jobs), risky=turn.risky)
