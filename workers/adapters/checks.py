@@ -22,7 +22,7 @@ CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 256 * 1024
 
 
-class LoraConfig(BaseModel):
+class AdapterConfigFile(BaseModel):
     """The fields of PEFT's adapter_config.json the checks rely on, strictly typed: vLLM reads
     the same file, and a rank of "8" or a module list of lists must not reach it."""
 
@@ -175,7 +175,7 @@ def _exists(path: Path) -> bool:
     return path.is_symlink() or path.exists()  # a dangling link is there, and broken
 
 
-def _read_config(config_path: Path) -> LoraConfig:
+def _read_config(config_path: Path) -> AdapterConfigFile:
     with config_path.open("rb") as file:
         raw = file.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
@@ -183,7 +183,7 @@ def _read_config(config_path: Path) -> LoraConfig:
             AdapterError.INVALID_ADAPTER_CONFIG, f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes"
         )
     try:
-        return LoraConfig.model_validate_json(raw)
+        return AdapterConfigFile.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(root)"

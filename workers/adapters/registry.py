@@ -2,8 +2,14 @@
 
 Sources: the catalog file at start-up, then the compacted `adapters.updates` topic. An update is
 the adapter's whole desired state (versions and weights). It is applied all or nothing: every
-version is checked (`checks.py`) and loaded into the engine (`add_lora`) before the switch,
-so a bad update never serves and the previous state keeps serving.
+version is checked (`checks.py`), loaded into the engine (`add_lora`) and pinned if hot before
+the switch, and a failed step unloads what the update loaded, so a bad update never serves and
+the previous state keeps serving. Anyone can write to the topic: whatever a record holds, it is
+applied or rejected with a code, never a reason for the worker to stop (only the engine's death
+is raised, for the caller to restart it).
+
+A version whose files fail a reload leaves serving alone; the adapter's other versions take its
+share (`mark_unavailable`).
 
 Hot reload: jobs are routed when they are prepared, so jobs already routed (waiting to enter
 the engine or running in it) finish on the version they were routed to; jobs routed after the
