@@ -239,7 +239,10 @@ def start_serving(
         registry.load_catalog(catalog)
         if updates is not None:
             # Serve the latest announced versions from the first job on.
-            seen = updates.catch_up(registry.apply_record, settings.adapters.catch_up_timeout_s)
+            seen = updates.catch_up(
+                lambda record: registry.apply_record_surviving(record, lambda _d: engine.restart()),
+                settings.adapters.catch_up_timeout_s,
+            )
             log.info("adapter_updates_caught_up", records=seen, serving=sorted(registry.served()))
             restored = registry.restore_last_good(last_serving or {})
             if restored:

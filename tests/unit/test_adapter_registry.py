@@ -447,6 +447,31 @@ def test_an_engine_death_while_applying_propagates_and_switches_nothing(
     assert registry.resolve("tone", job()).version == "2"
 
 
+@pytest.mark.parametrize("deaths", [1, 2, 3])
+def test_a_record_that_kills_the_engine_is_applied_once_more_then_refused(
+    registry, root, engine, statuses, deaths: int
+) -> None:
+    """At start-up (catching up the compacted topic) and between steps alike: one death is
+    the engine's, a second the record's; neither leaves the caller."""
+    assert registry.apply(update(spec(root, "1")))
+    restarts: list[EngineDied] = []
+
+    def restart(death: EngineDied) -> None:
+        restarts.append(death)
+        if len(restarts) >= deaths:
+            engine.load_fails.clear()
+
+    engine.load_fails["2"] = EngineDied("engine-core died")
+    registry.apply_record_surviving(UpdateRecord("tone", update(spec(root, "2"))), restart)
+    if deaths == 1:
+        assert len(restarts) == 1
+        assert registry.resolve("tone", job()).version == "2"
+    else:
+        assert len(restarts) == 2
+        assert registry.resolve("tone", job()).version == "1"
+        assert (statuses[-1].state, statuses[-1].code) == ("rejected", "load_failed")
+
+
 def test_a_status_that_cannot_be_written_does_not_stop_the_update(root, engine) -> None:
     def unwritable(status: AdapterStatus) -> None:
         raise BufferError("local queue full")

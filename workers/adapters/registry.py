@@ -297,6 +297,23 @@ class AdapterRegistry:
         except Exception as exc:  # a bug: the record is refused, not the worker stopped
             self._reject(record.name, None, _as_rejection(exc))
 
+    def apply_record_surviving(
+        self, record: UpdateRecord, restart: Callable[[EngineDied], None]
+    ) -> None:
+        """`apply_record`, for callers that own the engine: an engine death under the record
+        restarts the engine (`restart`) and applies it once more; a second death is the record's
+        doing, and it is refused. Nothing escapes but a failed restart, so no record, replayed
+        at every start from the compacted topic, can keep a worker from serving."""
+        try:
+            self.apply_record(record)
+        except EngineDied as death:
+            restart(death)
+            try:
+                self.apply_record(record)
+            except EngineDied as again:
+                restart(again)
+                self.refuse(record, "the engine died twice applying it")
+
     @_locked
     def mark_unavailable(self, handle: AdapterHandle, reason: str) -> None:
         """A version's files failed a reload: it stops serving and its share of the traffic

@@ -55,18 +55,8 @@ class AdapterMaintenance:
             self._loop.recover(death)
 
     def _apply(self, record: UpdateRecord) -> None:
-        """Apply one update record. The registry rejects a bad record itself, keeping what
-        serves; an engine death under it restarts the engine and applies it once more, and a
-        second death is the record's doing: it is refused."""
-        try:
-            self._registry.apply_record(record)
-        except EngineDied as death:
-            self._loop.recover(death)
-            try:
-                self._registry.apply_record(record)
-            except EngineDied as again:
-                self._loop.recover(again)
-                self._registry.refuse(record, "the engine died twice applying it")
+        # The registry rejects a bad record itself, keeping what serves.
+        self._registry.apply_record_surviving(record, self._loop.recover)
 
     def close(self) -> None:
         self._updates.close()
