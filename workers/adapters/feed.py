@@ -14,6 +14,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from workers.adapters.updates import UpdateRecord, decode_update
+from workers.kafka.topics import watermarks, with_metadata_retries
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +33,7 @@ class AdapterUpdateFeed:
             },
             logger=None,
         )
-        metadata = self._consumer.list_topics(topic, timeout=30)
+        metadata = with_metadata_retries(lambda: self._consumer.list_topics(topic, timeout=30))
         partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
         if not partitions or metadata.topics[topic].error is not None:
             log.warning("adapter_updates_topic_missing", topic=topic)
@@ -44,7 +45,7 @@ class AdapterUpdateFeed:
         """Apply every record up to the current end of the topic; returns how many."""
         ends = {}
         for tp in self._partitions:
-            _, high = self._consumer.get_watermark_offsets(tp, timeout=30)
+            _, high = watermarks(self._consumer, tp)
             ends[tp.partition] = high
         deadline = time.monotonic() + timeout_s
         applied = 0
