@@ -43,24 +43,32 @@ def run_turn(q: Quarantine[Job], now: float = 0.0) -> list[Job]:
 def test_the_job_caught_as_the_engine_died_stands_alone_and_the_rest_runs_first() -> None:
     q = quarantine()
     a, b, c, p = Job("a"), Job("b"), Job("c"), Job("p")
-    assert not q.suspect([a, b, c, p], p, now=0.0)
+    assert not q.suspect([a, b, c, p], [p], now=0.0)
     assert len(q) == 4
     assert run_turn(q) == [a, b, c]  # the mild cohort first, in one turn
     turn = q.due(0.0, others_waiting=False)
     assert turn is not None and turn.jobs == [p] and turn.risky
     q.begin(turn)
-    assert not q.died(p, now=1.0)  # one death alone: crash_attempts is 2
+    assert not q.died([p], now=1.0)  # one death alone: crash_attempts is 2
     turn = q.due(1.0, others_waiting=False)
     assert turn is not None
     q.begin(turn)
-    convictions = q.died(p, now=2.0)
+    convictions = q.died([p], now=2.0)
     assert convictions.killers == [p] and len(q) == 0
+
+
+def test_the_jobs_whose_first_step_died_run_alone() -> None:
+    q = quarantine()
+    jobs = [Job(str(n)) for n in range(10)]
+    q.suspect(jobs, jobs[7:], now=0.0)  # added since the last step that ran
+    turns = [run_turn(q) for _ in range(4)]
+    assert turns == [jobs[:7], [jobs[7]], [jobs[8]], [jobs[9]]]
 
 
 def test_with_nothing_caught_the_suspects_are_split_into_cohorts() -> None:
     q = quarantine()
     jobs = [Job(str(n)) for n in range(32)]
-    q.suspect(jobs, None, now=0.0)
+    q.suspect(jobs, [], now=0.0)
     sizes = []
     while q:
         sizes.append(len(run_turn(q)))
@@ -71,7 +79,7 @@ def test_a_cohort_that_dies_apart_is_split_again_until_the_killer_stands_alone()
     q = quarantine(crash_attempts=1)
     jobs = [Job(str(n)) for n in range(64)]
     killer = jobs[37]
-    q.suspect(jobs, None, now=0.0)
+    q.suspect(jobs, [], now=0.0)
     deaths = 0
     while q:
         turn = q.due(0.0, others_waiting=False)
@@ -79,7 +87,7 @@ def test_a_cohort_that_dies_apart_is_split_again_until_the_killer_stands_alone()
         if killer in turn.jobs:
             q.begin(turn)
             deaths += 1
-            convictions = q.died(None, now=0.0)
+            convictions = q.died([], now=0.0)
         else:
             run_turn(q)
     assert convictions.killers == [killer]
@@ -89,7 +97,7 @@ def test_a_cohort_that_dies_apart_is_split_again_until_the_killer_stands_alone()
 def test_risky_cohorts_wait_for_a_quiet_moment_and_turns_never_follow_each_other() -> None:
     q = quarantine()
     a, p = Job("a"), Job("p")
-    q.suspect([a, p], p, now=0.0)
+    q.suspect([a, p], [p], now=0.0)
     assert q.due(5.0, others_waiting=True) is None  # others wait, the mild cohort is fresh
     turn = q.due(10.0, others_waiting=True)  # waited mild_wait_s: its turn
     assert turn is not None and turn.jobs == [a]
@@ -103,14 +111,14 @@ def test_risky_cohorts_wait_for_a_quiet_moment_and_turns_never_follow_each_other
 
 def test_a_quiet_moment_that_ends_before_the_turn_begins_gives_the_engine_back() -> None:
     q = quarantine()
-    q.suspect([Job("p")], None, now=0.0)
+    q.suspect([Job("p")], [], now=0.0)
     assert q.due(1.0, others_waiting=False) is not None  # the engine starts to empty...
     assert q.due(2.0, others_waiting=True) is None  # ...others arrive: they go first
 
 
 def test_the_risky_wait_is_bounded() -> None:
     q = quarantine()
-    q.suspect([Job("p")], None, now=0.0)
+    q.suspect([Job("p")], [], now=0.0)
     assert q.due(59.0, others_waiting=True) is None
     assert q.due(60.0, others_waiting=True) is not None
 
@@ -118,7 +126,7 @@ def test_the_risky_wait_is_bounded() -> None:
 def test_twins_wait_beside_a_suspect_and_share_its_verdict() -> None:
     q = quarantine(crash_attempts=1)
     p, g = Job("p", "kill"), Job("g", "fine")
-    q.suspect([g, p], p, now=0.0)
+    q.suspect([g, p], [p], now=0.0)
     twin, other_twin, stranger = Job("p2", "kill"), Job("g2", "fine"), Job("x", "other")
     assert q.adopt(twin) and q.adopt(other_twin) and not q.adopt(stranger)
     assert q.twins() == 2
@@ -129,7 +137,7 @@ def test_twins_wait_beside_a_suspect_and_share_its_verdict() -> None:
     turn = q.due(0.0, others_waiting=False)
     assert turn is not None
     q.begin(turn)
-    convictions = q.died(p, now=0.0)
+    convictions = q.died([p], now=0.0)
     assert convictions.killers == [p] and convictions.repeats == [twin]
     assert q.twins() == 0 and len(q) == 0
 
@@ -137,12 +145,12 @@ def test_twins_wait_beside_a_suspect_and_share_its_verdict() -> None:
 def test_suspects_with_a_killers_payload_are_convicted_with_it() -> None:
     q = quarantine(crash_attempts=1)
     p1, p2, g = Job("p1", "kill"), Job("p2", "kill"), Job("g")
-    q.suspect([g, p2, p1], p1, now=0.0)  # p1 caught; g and p2 run first, together
+    q.suspect([g, p2, p1], [p1], now=0.0)  # p1 caught; g and p2 run first, together
     turn = q.due(0.0, others_waiting=False)
     assert turn is not None and turn.jobs == [g, p2]
     q.begin(turn)
     q.release(g)  # g ran to the end, then p2 killed the engine, alone in it by then
-    convictions = q.died(None, now=1.0)
+    convictions = q.died([], now=1.0)
     assert convictions.killers == [p2] and convictions.repeats == [p1]
     assert len(q) == 0
 
@@ -150,7 +158,7 @@ def test_suspects_with_a_killers_payload_are_convicted_with_it() -> None:
 def test_withdrawing_twins_only_keeps_the_suspects() -> None:
     q = quarantine()
     a, b = Job("a"), Job("b")
-    q.suspect([a, b], None, now=0.0)
+    q.suspect([a, b], [], now=0.0)
     twin = Job("a2", "a")
     q.adopt(twin)
     assert q.withdraw(lambda _job: True, suspects=False) == [twin]
@@ -162,7 +170,7 @@ def test_withdrawing_twins_only_keeps_the_suspects() -> None:
 def test_twins_of_a_withdrawn_suspect_go_back_to_waiting() -> None:
     q = quarantine()
     a = Job("a")
-    q.suspect([a, Job("b")], None, now=0.0)
+    q.suspect([a, Job("b")], [], now=0.0)
     twin = Job("a2", "a")
     q.adopt(twin)
     q.withdraw(lambda job: job is a, suspects=True)
@@ -172,7 +180,7 @@ def test_twins_of_a_withdrawn_suspect_go_back_to_waiting() -> None:
 def test_giving_up_returns_every_suspect_and_twin() -> None:
     q = quarantine()
     a, b, p = Job("a"), Job("b"), Job("p")
-    q.suspect([a, b, p], p, now=0.0)
+    q.suspect([a, b, p], [p], now=0.0)
     twin = Job("p2", "p")
     q.adopt(twin)
     turn = q.due(0.0, others_waiting=False)

@@ -40,7 +40,8 @@ class FakeEngine:
 
     max_model_len = 512
 
-    def __init__(self) -> None:
+    def __init__(self, *, poison_kills_at_step: bool = False) -> None:
+        self.poison_kills_at_step = poison_kills_at_step  # as vLLM may: at its first step
         self.requests: dict[str, GenerationRequest] = {}
         self.steps_left: dict[str, int] = {}
         self.dead = False
@@ -70,11 +71,13 @@ class FakeEngine:
         self._alive()
         self.requests[request_id] = request
         self.steps_left[request_id] = request.max_tokens
-        if POISON in request.prompt_token_ids:
+        if POISON in request.prompt_token_ids and not self.poison_kills_at_step:
             self._die()
 
     def step(self) -> list[tuple[str, Generation]]:
         self._alive()
+        if any(POISON in r.prompt_token_ids for r in self.requests.values()):
+            self._die()
         self.adapters_per_step.append(
             {None if r.adapter is None else r.adapter.lora_id for r in self.requests.values()}
         )
@@ -234,6 +237,19 @@ def test_isolation_finds_the_culprit_and_serves_the_rest(
     # crash_attempts alone; no bisection of the others through more deaths.
     assert len(engine.deaths) == 3 and engine.restarts == 3
     assert engine.deaths[1:] == [[(POISON,)], [(POISON,)]]
+
+
+def test_a_death_at_the_first_step_of_a_job_points_at_the_jobs_added_before_it(
+    started: Callable[..., EngineLoop],
+) -> None:
+    engine = FakeEngine(poison_kills_at_step=True)
+    loop = started(engine, depth=4)
+    # The poison enters as room frees, beside requests that already ran steps.
+    loop.submit([*(job(f"g{n}", [n], steps=n + 2) for n in range(6)), poison()])
+    outcomes = by_id(collect(loop, 7))
+    assert crashed(outcomes.pop("poison"))
+    assert all(isinstance(o, Answered) for o in outcomes.values())
+    assert len(engine.deaths) == 3 and engine.deaths[1:] == [[(POISON,)], [(POISON,)]]
 
 
 def test_a_death_in_a_step_splits_the_suspects_into_cohorts(

@@ -2,13 +2,14 @@
 cohorts until the job that kills it stands alone, while every other job keeps flowing.
 Pure logic, no I/O: the engine loop (`workers.engine.loop`) runs the cohorts.
 
-After a death, what was in the engine is split into cohorts. The job the engine died adding
-(`caught`) stands alone, the rest form one cohort; with nothing to point at one job, the set is
-split into `split` cohorts. A cohort runs alone in the engine on its turn; one that runs to the
-end is cleared (its jobs are answered as usual); one that dies is split again, its jobs now
-`risky`. A job that kills the engine running alone `crash_attempts` times is convicted: it is
-dead-lettered as `engine_crash`, and so is every job waiting with the same payload
-(`fingerprint`) beside it.
+After a death, what was in the engine is split into cohorts. The jobs the death points at
+(`caught`: the one the engine died adding, or those added since its last step, whose first
+step was the one that died) stand alone (in `split` cohorts if more), the rest form one
+cohort; with nothing to point at, the set is split into `split` cohorts. A cohort runs alone
+in the engine on its turn; one that runs to the end is cleared (its jobs are answered as
+usual); one that dies is split again, its jobs now `risky`. A job that kills the engine running
+alone `crash_attempts` times is convicted: it is dead-lettered as `engine_crash`, and so is
+every job with the same payload (`fingerprint`) among the suspects or waiting beside them.
 
 Turns: a cohort runs when no other job waits for the engine, or once it has waited `mild_wait_s`
 (`risky_wait_s` for a risky one: a job that probably kills the engine waits for a quiet moment,
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -107,12 +108,12 @@ class Quarantine(Generic[J]):
 
     # --- deaths ----------------------------------------------------------------------------
 
-    def suspect(self, died: list[J], caught: J | None, now: float) -> Convictions[J]:
-        """The engine died in the normal flow with `died` in it; `caught` is the job it died
-        adding, if any."""
+    def suspect(self, died: list[J], caught: Sequence[J], now: float) -> Convictions[J]:
+        """The engine died in the normal flow with `died` in it; `caught`, those of them the
+        death points at."""
         return self._implicate(died, caught, now, solo_deaths=0, risky=False)
 
-    def died(self, caught: J | None, now: float) -> Convictions[J]:
+    def died(self, caught: Sequence[J], now: float) -> Convictions[J]:
         """The engine died running the cohort on turn (and nothing else)."""
         cohort = self.on_turn
         if cohort is None:
@@ -124,26 +125,32 @@ class Quarantine(Generic[J]):
         return self._implicate(cohort.jobs, caught, now, cohort.solo_deaths, risky=True)
 
     def _implicate(
-        self, jobs: list[J], caught: J | None, now: float, solo_deaths: int, *, risky: bool
+        self, jobs: list[J], caught: Sequence[J], now: float, solo_deaths: int, *, risky: bool
     ) -> Convictions[J]:
         for job in jobs:
             self._prints[self._fingerprint(job)] += 1
         convictions: Convictions[J] = Convictions()
+        pointed_ids = {id(job) for job in caught}
+        pointed = [job for job in jobs if id(job) in pointed_ids]
         if len(jobs) == 1:
             deaths = solo_deaths + 1
             if deaths >= self.crash_attempts:
                 self._convict(jobs[0], convictions)
             else:
                 self._cohorts.append(Cohort(jobs, now, risky=True, solo_deaths=deaths))
-        elif caught is not None and any(job is caught for job in jobs):
-            self._cohorts.append(Cohort([caught], now, risky=True))
-            self._cohorts.append(Cohort([j for j in jobs if j is not caught], now, risky=False))
+        elif 0 < len(pointed) < len(jobs):
+            self._split(pointed, now, risky=True, parts=len(pointed))  # alone, if they are few
+            rest = [job for job in jobs if id(job) not in pointed_ids]
+            self._cohorts.append(Cohort(rest, now, risky=False))
         else:
-            parts = min(self.split, len(jobs))
-            for part in range(parts):
-                self._cohorts.append(Cohort(jobs[part::parts], now, risky=risky))
+            self._split(jobs, now, risky=risky)
         self._clean()
         return convictions
+
+    def _split(self, jobs: list[J], now: float, *, risky: bool, parts: int | None = None) -> None:
+        parts = min(self.split, parts or len(jobs))
+        for part in range(parts):
+            self._cohorts.append(Cohort(jobs[part::parts], now, risky=risky))
 
     def _convict(self, job: J, convictions: Convictions[J]) -> None:
         """`job` killed the engine alone: it goes, with every suspect and twin of its payload."""

@@ -153,6 +153,7 @@ class EngineLoop:
         self._requests: dict[str, _Request] = {}
         self._adapters_in_engine: Counter[Hashable] = Counter()  # requests per adapter key
         self._adding: PreparedJob | None = None  # the job whose request is being added
+        self._fresh: list[PreparedJob] = []  # added since the engine's last step
         self._apart: Cohort[PreparedJob] | None = None  # the cohort running apart now
         self._engine_down = False  # dead, and not restarted yet (the budget is spent)
         self._busy_since = (0.0, 0)  # (when, requests finished before) of the busy period
@@ -416,11 +417,13 @@ class EngineLoop:
             self._settle(job, Unserved(job, JobRejected.internal(exc)))
             return
         self._adding = None
+        self._fresh.append(job)
         metrics.ENGINE_REQUESTS.set(len(self._requests))
 
     def _step(self) -> None:
         started = self._clock()
         finished = self._engine.step()
+        self._fresh.clear()
         elapsed = self._clock() - started
         self.stats.steps += 1
         metrics.ENGINE_STEP_SECONDS.observe(elapsed)
@@ -571,7 +574,11 @@ class EngineLoop:
         # never sees a passing zero.
         self._suspects_out += len(died)
         apart = self._apart is not None
-        caught, self._adding = self._adding, None
+        # What the death points at: the job it came in adding, or those whose first step died.
+        fresh = {id(job) for job in self._fresh}
+        caught = [self._adding] if self._adding else [j for j in died if id(j) in fresh]
+        self._adding = None
+        self._fresh.clear()
         self._requests.clear()
         self._adapters_in_engine.clear()
         self._apart = None
