@@ -327,6 +327,9 @@ def test_a_worker_dedicated_to_one_adapter_switches_versions_mid_stream(
             assert sum(matches) >= 0.9 * len(matches), (version, matches)
         log_text = log_path.read_text()
         assert log_text.count('"merged_engine_switched"') == 1
+        # Each version's checkpoint was checked against a LoRA engine: at start, at the switch.
+        checks = [line for line in log_text.splitlines() if '"merged_adapter_agreement"' in line]
+        assert [json.loads(line)["fallback"] for line in checks] == [None, None], checks
         assert worker.poll() is None
     finally:
         if worker.poll() is None:
