@@ -23,20 +23,16 @@ import structlog
 
 from workers.core.config import ConfigError
 from workers.core.contracts import ResultStatus
-from workers.core.errors import JobError
+from workers.core.errors import TRANSIENT_JOB_ERRORS
 from workers.parquet.dataset import TEMP_SUFFIX, data_files
 
 log = structlog.get_logger(__name__)
 
-# Outcomes of the moment, not of the job: served again when the run resumes.
-TRANSIENT_ERRORS = frozenset(
-    {JobError.ENGINE_CRASH, JobError.INTERNAL_ERROR, JobError.ADAPTER_UNAVAILABLE}
-)
 
 
 def is_final(status: str, error_code: str | None) -> bool:
     """Whether a written row stays as it is when its run resumes."""
-    return status != ResultStatus.ERROR.value or error_code not in TRANSIENT_ERRORS
+    return status != ResultStatus.ERROR.value or error_code not in TRANSIENT_JOB_ERRORS
 
 
 @contextlib.contextmanager

@@ -31,6 +31,13 @@ class JobError(StrEnum):
     UNDELIVERABLE = "undeliverable"  # its answer could not be written; this minimal one was
 
 
+# Outcomes of the moment, not of the job (an engine death, a bug, files briefly unreadable): a
+# replay may decide otherwise, so bulk resume serves such rows again.
+TRANSIENT_JOB_ERRORS = frozenset(
+    {JobError.ENGINE_CRASH, JobError.INTERNAL_ERROR, JobError.ADAPTER_UNAVAILABLE}
+)
+
+
 class OutputError(StrEnum):
     """Why a generated output is not valid: `error.code` of an `invalid_output` result."""
 
