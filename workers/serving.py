@@ -312,6 +312,7 @@ def start_serving(
             LoopLimits(
                 engine_depth=engine_depth or admission.engine_depth or settings.engine.max_num_seqs,
                 crash_attempts=settings.engine.crash_attempts,
+                max_restarts_per_minute=settings.engine.max_restarts_per_minute,
                 stall_warning_s=settings.engine.step_stall_warning_s,
                 shadow_share=settings.shadow.max_engine_share,
                 shadow_max_waiting=settings.shadow.max_waiting,

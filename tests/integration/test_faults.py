@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.broker import ROOT, _local_broker
@@ -161,14 +163,14 @@ def test_kill_9_at_several_points_of_a_run(
 # A worker killed inside its commit, reduced to what matters: a transaction holding the group's
 # offsets, never ended.
 ABANDON_OPEN_TRANSACTION = """
-import os, sys, uuid
+import os, sys
 from confluent_kafka import Consumer, Producer, TopicPartition
-bootstrap, group, timeout_ms, *topics = sys.argv[1:]
+bootstrap, group, timeout_ms, transactional_id, *topics = sys.argv[1:]
 consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
 consumer.subscribe(topics)
 while not consumer.assignment():
     consumer.poll(0.2)
-producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": uuid.uuid4().hex,
+producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": transactional_id,
                      "transaction.timeout.ms": int(timeout_ms)})
 producer.init_transactions()
 producer.begin_transaction()
@@ -194,6 +196,7 @@ def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
             kafka_bootstrap,
             deployment.group_id,
             str(timeout_ms),
+            uuid.uuid4().hex,
             *inputs,
         ],
         check=True,
@@ -208,6 +211,40 @@ def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
     print(f"first job in the engine {held_back:.1f} s after the assignment")
     assert held_back > 5, "the transaction did not hold the partitions; the test proves nothing"
     assert "partitions_waiting_for_offsets" in events  # the operator is told why
+
+
+def test_a_replacement_fences_its_predecessors_open_transaction_at_start(
+    kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
+) -> None:
+    """The same instance id, hence the same transactional.id: the replacement's
+    init_transactions at start aborts what its killed predecessor left open, so its partitions
+    fetch at once, although it has nothing of its own to commit yet."""
+    deployment = make_deployment(kafka_bootstrap)
+    jobs = publish_jobs(deployment, 60, seed=59, prefix="rp")
+    inputs = [p.input_topic for p in deployment.pipelines.values()]
+    instance = "replica-0"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ABANDON_OPEN_TRANSACTION,
+            kafka_bootstrap,
+            deployment.group_id,
+            "300000",  # the broker would hold the partitions for 5 minutes
+            f"{deployment.group_id}.{instance}",
+            *inputs,
+        ],
+        check=True,
+        timeout=120,
+    )
+    log = finish(deployment, tmp_path, "replacement", LORA_WORKERS_INSTANCE_ID=instance)
+    assert_exactly_once(deployment, jobs)
+    events = {e["event"]: datetime.fromisoformat(e["timestamp"]) for e in log_events(log)[::-1]}
+    started = events["worker_started"]
+    first_job = (events["engine_running"] - started).total_seconds()
+    print(f"first job in the engine {first_job:.1f} s after the worker loop started")
+    assert first_job < 15, "the predecessor's transaction held the partitions"
+    assert "partitions_waiting_for_offsets" not in events
 
 
 def test_one_worker_joins_and_another_leaves_mid_run(
@@ -297,6 +334,37 @@ def test_broker_stops_and_restarts_under_a_running_worker(
     assert worker.wait(timeout=900) == 0, log_path.read_text()[-3000:]
     log = log_path.read_text()
     assert log.count('"event": "worker_started"') == 1  # recovered without a restart
+    assert_exactly_once(deployment, jobs)
+
+
+def test_broker_frozen_past_the_transaction_timeout_writes_nothing_twice(
+    own_broker: tuple[str, Path], tmp_path: Path, make_deployment: DeployFn
+) -> None:
+    """The broker stopped with SIGSTOP mid-stream (commits run every 100 ms, so inside one),
+    for longer than the transaction timeout plus the sink's margin, then resumed: whatever the
+    outcome of the commit it froze, nothing is lost or answered twice, and the worker lives."""
+    bootstrap, state = own_broker
+    deployment = make_deployment(bootstrap)
+    jobs = mixed_jobs(240, seed=53, prefix="fz")
+    trickle = Trickle(bootstrap, job_records(deployment, jobs), per_second=6)
+    log_path = tmp_path / "worker.log"
+    timeout_ms = 10_000
+    settings = {**FAST, "LORA_WORKERS_DELIVERY__TRANSACTION_TIMEOUT_MS": str(timeout_ms)}
+    worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **settings)
+    wait_for_event(worker, log_path, "transaction_committed", 3)
+    broker = psutil.Process(int((state / "pid").read_text()))
+    frozen = [broker, *broker.children(recursive=True)]
+    for process in frozen:
+        process.suspend()
+    time.sleep(timeout_ms / 1000 + 15)
+    for process in frozen:
+        process.resume()
+    trickle.join()
+    assert worker.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    events = [e["event"] for e in log_events(log_path.read_text())]
+    assert events.count("worker_started") == 1
+    counts = {e: events.count(e) for e in ("transaction_outcome_unknown", "transaction_failed")}
+    print(f"\n{counts}")
     assert_exactly_once(deployment, jobs)
 
 

@@ -295,9 +295,9 @@ class EngineSettings(_Strict):
     crash_attempts: int = Field(
         default=2,
         ge=1,
-        description="Engine deaths a single job may cause before it is dead-lettered as "
-        "engine_crash (the requests that died together are bisected until the job that kills "
-        "it stands alone).",
+        description="Engine deaths a single job may cause running alone before it is "
+        "dead-lettered as engine_crash (the requests that died together become suspects, run "
+        "apart in small cohorts until the job that kills the engine stands alone).",
     )
     max_restarts_per_minute: int = Field(
         default=6,
