@@ -29,7 +29,6 @@ from workers.parquet.dataset import TEMP_SUFFIX, data_files
 log = structlog.get_logger(__name__)
 
 
-
 def is_final(status: str, error_code: str | None) -> bool:
     """Whether a written row stays as it is when its run resumes."""
     return status != ResultStatus.ERROR.value or error_code not in TRANSIENT_JOB_ERRORS
