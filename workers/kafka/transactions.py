@@ -90,7 +90,8 @@ class ExactlyOnceSink:
             "transaction.timeout.ms": transaction_timeout_ms,
             **extra_config,
         }
-        # A commit's outcome is known by the time the broker would have aborted it anyway.
+        # How long retriable commit errors are retried; past it the outcome is in doubt. The
+        # coordinator does not abort a commit that reached it, so it must be settled, not assumed.
         self._commit_deadline_s = transaction_timeout_ms / 1000 + CALL_TIMEOUT_S
         self._producer: Producer | None = None
         self._abandoned: list[Producer] = []
