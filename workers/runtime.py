@@ -58,6 +58,9 @@ def run_worker(
         if settings.delivery.mode == "exactly_once"
         else AtLeastOnceSink(bootstrap, settings.sizes, settings.kafka)
     )
+    # Before the engine starts: a killed predecessor's open transaction is fenced and aborted
+    # while the engine loads, so its partitions are readable when the worker first consumes.
+    sink.start()
     # What the fleet serves, for adapters whose good state was compacted under a rejected one.
     last_serving = last_serving_states(read_statuses(bootstrap, settings.adapters.status_topic))
     statuses = NoticeWriter(bootstrap, settings.adapters.status_topic, settings.kafka)

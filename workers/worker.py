@@ -139,7 +139,6 @@ class Worker:
         log.info("worker_started", topics=self._topics, delivery=self.settings.delivery.mode)
         self.loop.start(between_steps=self.maintenance.between_steps)
         try:
-            self.sink.start()
             while not self._should_stop(limits):
                 messages = self.intake.consume(busy=self._busy())
                 # Waiting for a partition's committed offset is not idleness: its jobs are

@@ -28,6 +28,7 @@ from tests.integration.harness import (
     job_record,
     load_zoo_generators,
     produce,
+    wait_for_event,
 )
 from tests.integration.oracle import PeftOracle
 from workers.adapters.checks import adapter_digest
@@ -169,6 +170,9 @@ def lifecycle(
     try:
         for name in ("classifier", "customer-tone", "partner-tone", "summarizer"):
             state.wait_for_status(name, "1", "serving")
+        # Consuming, not only started: the tests publish jobs, then an update right after, and
+        # mean the jobs to be routed first.
+        wait_for_event(worker, log_path, "partitions_assigned", containing="jobs.")
         yield state
     finally:
         if worker.poll() is None:
