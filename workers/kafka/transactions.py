@@ -23,7 +23,7 @@ offsets and ledgers are read back and compared with the commit points that were 
 it committed, and its answers are dropped from memory. Different: it did not, and they are sent
 again in the next transaction.
 
-The producer is made, and `init_transactions` called, when the worker starts (`start`): a
+The producer is made, and `init_transactions` called, as the worker starts (`start`): a
 killed predecessor's open transaction would otherwise keep the group's committed offsets
 unstable, and the partitions unreadable, until its transaction timeout.
 """
