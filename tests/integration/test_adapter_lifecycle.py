@@ -274,8 +274,12 @@ def test_announcing_the_old_version_again_rolls_back(lifecycle: Lifecycle) -> No
 
 def test_a_reload_while_the_old_versions_requests_are_running(lifecycle: Lifecycle) -> None:
     traffic = lifecycle.traffic
-    # A backlog of v1 jobs keeps the engine busy with v1 requests when v3 arrives.
-    backlog = traffic.send("backlog", 300, ("customer-tone",))
+    # A backlog of v1 jobs keeps the engine busy with v1 requests when v3 arrives: v3 is
+    # published once the backlog's first requests are in the engine (the engine serves about
+    # 190 of them a second here; publishing takes a CLI start, 1-2 s).
+    busy_periods = lifecycle.log_path.read_text(errors="replace").count('"engine_running"')
+    backlog = traffic.send("backlog", 1000, ("customer-tone",))
+    wait_for_event(lifecycle.worker, lifecycle.log_path, "engine_running", busy_periods + 1)
     lifecycle.publish_version("customer-tone", "3", weights_of="partner-tone")
     lifecycle.wait_for_status("customer-tone", "3", "serving")
     after = traffic.send("after-v3", 8, ("customer-tone",))
