@@ -181,27 +181,29 @@ os._exit(0)
 """
 
 
+def abandon_open_transaction(
+    deployment: Deployment, timeout_ms: int, transactional_id: str
+) -> None:
+    """A process that opens a transaction holding the group's offsets of every input
+    partition, then dies without ending it."""
+    inputs = [p.input_topic for p in deployment.pipelines.values()]
+    subprocess.run(
+        [
+            *(sys.executable, "-c", ABANDON_OPEN_TRANSACTION, deployment.bootstrap),
+            *(deployment.group_id, str(timeout_ms), transactional_id, *inputs),
+        ],
+        check=True,
+        timeout=120,
+    )
+
+
 def test_a_dead_workers_open_transaction_delays_but_does_not_end_its_successor(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 60, seed=47, prefix="ot")
-    inputs = [p.input_topic for p in deployment.pipelines.values()]
-    timeout_ms = 90000  # outlasts the engine start-up below, even on a loaded machine
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            ABANDON_OPEN_TRANSACTION,
-            kafka_bootstrap,
-            deployment.group_id,
-            str(timeout_ms),
-            uuid.uuid4().hex,
-            *inputs,
-        ],
-        check=True,
-        timeout=120,
-    )
+    # The broker's timeout outlasts the engine start-up below, even on a loaded machine.
+    abandon_open_transaction(deployment, timeout_ms=90000, transactional_id=uuid.uuid4().hex)
     # No instance_id, so nothing fences that transaction: the group's offsets stay unstable,
     # and fetching waits, until the broker aborts it. That wait is not idleness.
     log = finish(deployment, tmp_path, "worker", idle_exit_s="5")
@@ -221,21 +223,10 @@ def test_a_replacement_fences_its_predecessors_open_transaction_at_start(
     fetch at once, although it has nothing of its own to commit yet."""
     deployment = make_deployment(kafka_bootstrap)
     jobs = publish_jobs(deployment, 60, seed=59, prefix="rp")
-    inputs = [p.input_topic for p in deployment.pipelines.values()]
     instance = "replica-0"
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            ABANDON_OPEN_TRANSACTION,
-            kafka_bootstrap,
-            deployment.group_id,
-            "300000",  # the broker would hold the partitions for 5 minutes
-            f"{deployment.group_id}.{instance}",
-            *inputs,
-        ],
-        check=True,
-        timeout=120,
+    # Left alone, the broker would hold the partitions for 5 minutes.
+    abandon_open_transaction(
+        deployment, timeout_ms=300000, transactional_id=f"{deployment.group_id}.{instance}"
     )
     log = finish(deployment, tmp_path, "replacement", LORA_WORKERS_INSTANCE_ID=instance)
     assert_exactly_once(deployment, jobs)

@@ -121,7 +121,7 @@ class FakeEngine:
         return set()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        raise NotImplementedError
+        raise AssertionError("the engine loop feeds requests one at a time, never generate()")
 
     def switch_merged(self, merged: MergedModel) -> None: ...
 
