@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from confluent_kafka import Consumer
 
 from tests.broker import ROOT, _local_broker
 from tests.integration.harness import (
@@ -265,33 +266,45 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
-    # Eager assignment: any rebalance revokes every partition of the first worker, so whatever
-    # its engine holds then belongs to a revoked partition (cooperative-sticky would move only
-    # some, perhaps none with a request in the engine).
+    # Eager assignment: any rebalance revokes every partition of the worker, so whatever its
+    # engine holds then belongs to a revoked partition (cooperative-sticky would move only some,
+    # perhaps none with a request in the engine).
+    roundrobin = {"session.timeout.ms": "6000", "partition.assignment.strategy": "roundrobin"}
     settings = {
         **FAST,
         "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "8",
-        "LORA_WORKERS_KAFKA": json.dumps(
-            {"session.timeout.ms": "6000", "partition.assignment.strategy": "roundrobin"}
-        ),
+        "LORA_WORKERS_KAFKA": json.dumps(roundrobin),
     }
-    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    # Both workers start idle: an engine starting beside a busy one takes minutes on two cores,
-    # long enough for any stream to run dry. The rebalance is the second worker leaving.
-    first = deployment.start_worker(log_path=first_log, **settings)
-    wait_for_event(first, first_log, "partitions_assigned")
-    second = deployment.start_worker(log_path=second_log, **settings)
-    wait_for_event(second, second_log, "partitions_assigned")
-    wait_for_event(first, first_log, "partitions_assigned", count=2)
-    # A backlog keeps the first worker's engine full (jobs waiting behind it), so it holds
-    # requests when it loses its partitions; a stream at a rate it keeps up with leaves gaps.
+    log_path = tmp_path / "worker.log"
+    worker = deployment.start_worker(log_path=log_path, **settings)
+    wait_for_event(worker, log_path, "partitions_assigned")
+    # A backlog keeps the engine full (jobs waiting behind it), so it holds requests when the
+    # partitions go.
     jobs = publish_jobs(deployment, 1800, seed=48, prefix="ab")
-    wait_for_event(first, first_log, "transaction_committed", count=3)
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(timeout=120) == 0, second_log.read_text()[-3000:]
-    wait_for_event(first, first_log, "jobs_aborted", timeout_s=120)
-    serve_to_the_end(deployment, jobs, [(first, first_log)])
-    aborted = [e for e in log_events(first_log.read_text()) if e["event"] == "jobs_aborted"]
+    wait_for_event(worker, log_path, "transaction_committed", count=3)
+    # The rebalance is a plain consumer joining the group: it starts at once, where a second
+    # worker's graceful exit may take long enough for the backlog to run dry. It commits
+    # nothing, so its partitions come back to the worker from the worker's own commits.
+    topics = sorted({p.input_topic for p in deployment.pipelines.values()})
+    probe = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": deployment.group_id,
+            "enable.auto.commit": False,
+            **roundrobin,
+        }
+    )
+    probe.subscribe(topics)
+    try:
+        deadline = time.monotonic() + 120
+        while not probe.assignment():
+            assert time.monotonic() < deadline, "the probe was never assigned a partition"
+            probe.poll(0.5)  # the join happens inside poll; its messages are never processed
+        wait_for_event(worker, log_path, "jobs_aborted", timeout_s=120)
+    finally:
+        probe.close()
+    serve_to_the_end(deployment, jobs, [(worker, log_path)])
+    aborted = [e for e in log_events(log_path.read_text()) if e["event"] == "jobs_aborted"]
     print(f"\naborted on revoke: {aborted}")
     assert any(e["in_engine"] > 0 for e in aborted), aborted
     assert_exactly_once(deployment, jobs)
