@@ -8,6 +8,7 @@
 
 from workers.core.config.base import REPO_ROOT, ConfigError
 from workers.core.config.catalog import AdapterCatalog, AdapterEntry, load_catalog
+from workers.core.config.engine import EngineSettings
 from workers.core.config.pipelines import (
     BASE_TARGET,
     ClassifierRouting,
@@ -24,7 +25,6 @@ from workers.core.config.settings import (
     AdapterSettings,
     AdmissionSettings,
     DeliverySettings,
-    EngineSettings,
     MergeSettings,
     Settings,
     ShadowSettings,
