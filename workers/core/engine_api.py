@@ -1,14 +1,14 @@
 """The engine's narrow interface and the values that cross it. Pure types, no vLLM.
 
-The rest of the worker sees only `Engine`: tokenize a prompt, register an adapter, add
-`GenerationRequest`s and step the engine until each finishes (or run a whole batch at once).
-`workers.engine.vllm_engine.VllmEngine` implements it with one offline vLLM `LLM` holding many
-LoRA adapters on one base model.
+The rest of the worker sees only `Engine`: tokenize a prompt or render a chat, register an
+adapter, add `GenerationRequest`s and step the engine until each finishes (or run a whole batch
+at once). `workers.engine.vllm_engine.VllmEngine` implements it with one offline vLLM `LLM`
+holding many LoRA adapters on one base model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +63,15 @@ class GenerationRequest:
     temperature: float
     seed: int | None
     json_schema: dict[str, Any] | None = None  # constrain the output to this JSON Schema
+    # The rest of vLLM's SamplingParams a job may set (bounds: workers.core.contracts).
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,15 @@ class AdapterLoadError(Exception):
     """The engine refused an adapter; the message names it. The engine keeps serving."""
 
 
+class ChatTemplateMissing(Exception):
+    """`render_chat` without a template: the model's tokenizer has none and none was given."""
+
+
+class ChatRenderError(Exception):
+    """The chat template refused these messages (e.g. its `raise_exception` on roles that do not
+    alternate); the message says why. The job is at fault, not the engine."""
+
+
 class EngineDied(Exception):
     """The engine process died during a call; `restart()` brings it back."""
 
@@ -85,6 +103,14 @@ class Engine(Protocol):
     max_model_len: int
 
     def tokenize(self, prompt: str) -> list[int]: ...
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, str]], chat_template: str | None
+    ) -> list[int]:
+        """The prompt token ids of a conversation with the generation prompt, as `LLM.chat`
+        renders it; `chat_template` None: the tokenizer's own. Raises `ChatTemplateMissing`
+        or `ChatRenderError`."""
+        ...
 
     def register_adapter(self, adapter: AdapterHandle) -> None: ...
 
