@@ -22,6 +22,12 @@ from pydantic import ValidationError
 from workers.adapters.compose import CompositionMethod
 from workers.bulk.plan import MergeMode
 from workers.core.config import ConfigError, PipelineConfig, Settings, load_catalog, load_pipelines
+from workers.core.config.sources import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_NAME,
+    LoadedSettings,
+    effective_rows,
+)
 from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN, contract_schemas
 
 EXIT_USAGE = 2
@@ -57,6 +63,15 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="lora-workers",
         description=__doc__.splitlines()[0],
         formatter_class=_HelpWithDefaults,
+        epilog=_SETTINGS_HELP,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version_of()}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"configuration file (default: ${CONFIG_ENV}, else ./{DEFAULT_CONFIG_NAME} if "
+        "there is one)",
     )
     parser.add_argument(
         "--bootstrap-servers",
@@ -148,6 +163,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
     command_parser(commands, "results", "print result counts by task, adapter and status")
 
+    config = command_parser(commands, "config", "the effective configuration")
+    config_commands = config.add_subparsers(
+        dest="config_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
+    )
+    command_parser(config_commands, "show", "print every setting, its value and where it came from")
+
+    init = command_parser(
+        commands,
+        "init",
+        "make a project folder: configuration file, pipelines/, schemas/, and the demo "
+        "model and adapters with their catalog",
+    )
+    init.add_argument("directory", type=Path, help="a new or empty folder")
+
     top = command_parser(commands, "top", "a live view of one worker, from its metrics endpoint")
     top.add_argument(
         "--url", default="http://localhost:9400/metrics", help="the worker's metrics endpoint"
@@ -233,7 +262,22 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CATALOG_HELP = "adapter catalog YAML (default: the repository's models/catalog.yaml)"
+_CATALOG_HELP = "adapter catalog YAML (default: the configuration's `catalog`)"
+_SETTINGS_HELP = (
+    "Settings come from, highest first: flags, LORA_WORKERS_* environment variables (nested "
+    "with __, e.g. LORA_WORKERS_ENGINE__MAX_LORAS=4), the configuration file, defaults. "
+    "`lora-workers config show` prints each setting and its source; docs/configuration.md "
+    "lists them all."
+)
+
+
+def _version_of() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora-workers")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def _positive_int(text: str) -> int:
@@ -322,6 +366,10 @@ def _tenants(text: str) -> list[str]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    return _loaded_settings(args).settings
+
+
+def _loaded_settings(args: argparse.Namespace) -> LoadedSettings:
     overrides: dict[str, Any] = {}
     if args.bootstrap_servers:
         overrides["bootstrap_servers"] = args.bootstrap_servers
@@ -331,11 +379,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["group_id"] = args.group_id
     if getattr(args, "catalog", None):
         overrides["catalog"] = args.catalog
-    return Settings(**overrides)
+    return Settings.load(overrides, args.config)
 
 
 def _pipelines(settings: Settings) -> dict[str, PipelineConfig]:
-    return load_pipelines(settings.pipelines_dir, settings.schemas_dir)
+    return load_pipelines(settings.pipelines_dir)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -420,6 +468,32 @@ def _cmd_results(args: argparse.Namespace) -> int:
         [p.dlq_topic for p in pipelines] + [settings.unknown_task_dlq],
     )
     print_report(report)
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    loaded = _loaded_settings(args)
+    title = f"Configuration (file: {loaded.config_file or 'none'})"
+    table = Table(title=title, title_justify="left")
+    for column in ("setting", "value", "from"):
+        table.add_column(column, overflow="fold")
+    for row in effective_rows(loaded):
+        table.add_row(*row)
+    Console(width=max(shutil.get_terminal_size().columns, 120)).print(table)
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from workers.scaffold import init_project
+
+    written = init_project(args.directory)
+    print(f"wrote {len(written)} files to {args.directory}:")
+    for name in ("lora-workers.yaml", "pipelines/", "schemas/", "models/catalog.yaml"):
+        print(f"  {args.directory / name}")
+    print(f"next: cd {args.directory} && lora-workers check")
     return 0
 
 
@@ -539,6 +613,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "top": _cmd_top,
     "adapters": _cmd_adapters,
     "schemas": _cmd_schemas_export,
+    "config": _cmd_config_show,
+    "init": _cmd_init,
 }
 
 

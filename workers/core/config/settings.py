@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from workers.core.admission import AdmissionPolicy
-from workers.core.config.base import REPO_ROOT, ConfigError, _Strict
+from workers.core.config.base import ConfigError, _Strict
 from workers.core.config.engine import EngineSettings
+from workers.core.config.sources import (
+    CheckedEnvSource,
+    ConfigFileSource,
+    LoadedSettings,
+    load_settings,
+)
 from workers.core.contracts import ADAPTER_NAME_PATTERN
 
 # --- worker settings -------------------------------------------------------------------------
@@ -62,9 +68,10 @@ LLAMA_LORA_MODULES = frozenset(
 
 
 class AdapterSettings(_Strict):
-    allowed_roots: list[Path] = Field(
-        default_factory=lambda: [REPO_ROOT / "models"],
-        description="Adapter directories must resolve (symlinks followed) inside one of these.",
+    allowed_roots: list[Path] | None = Field(
+        default=None,
+        description="Adapter directories must resolve (symlinks followed) inside one of these "
+        "(default: the catalog's folder).",
     )
     updates_topic: str = "adapters.updates"
     status_topic: str = "adapters.status"
@@ -223,9 +230,14 @@ class Settings(BaseSettings):
         "membership and a stable transactional.id, so a restarted worker gets its partitions "
         "back without a rebalance and aborts its predecessor's open transaction at once.",
     )
-    pipelines_dir: Path = REPO_ROOT / "pipelines"
-    schemas_dir: Path = REPO_ROOT / "schemas"
-    catalog: Path = REPO_ROOT / "models" / "catalog.yaml"
+    # Relative defaults resolve against the configuration file's folder (without a file, the
+    # current directory): a project folder made by `lora-workers init` works as it is.
+    pipelines_dir: Path = Field(
+        default=Path("pipelines"), description="The folder of pipeline YAML files, one per task."
+    )
+    catalog: Path = Field(
+        default=Path("catalog.yaml"), description="The adapter catalog: what may be served."
+    )
     unknown_task_dlq: str = "jobs.dlq"
     kafka: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings for every client."
@@ -243,6 +255,40 @@ class Settings(BaseSettings):
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     sizes: SizeSettings = Field(default_factory=SizeSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) > environment > configuration file > defaults.
+        return init_settings, CheckedEnvSource(settings_cls), ConfigFileSource(settings_cls)
+
+    @classmethod
+    def load(
+        cls, overrides: dict[str, Any] | None = None, config: Path | None = None
+    ) -> LoadedSettings:
+        """Settings from flags (`overrides`), environment, file and defaults, with where each
+        value came from; any error is a `ConfigError` of one line naming its source."""
+        return load_settings(cls, overrides or {}, config)
+
+    @model_validator(mode="after")
+    def _roots_default_to_the_catalogs_folder(self) -> Settings:
+        if self.adapters.allowed_roots is None:
+            roots = [self.catalog.resolve().parent]
+            object.__setattr__(
+                self, "adapters", self.adapters.model_copy(update={"allowed_roots": roots})
+            )
+        return self
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        assert self.adapters.allowed_roots is not None  # filled in by the validator above
+        return self.adapters.allowed_roots
 
     @property
     def transactional_id(self) -> str:
