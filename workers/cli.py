@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -472,17 +473,14 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+    # Plain lines, never wrapped: easy to read, grep and diff.
     loaded = _loaded_settings(args)
-    title = f"Configuration (file: {loaded.config_file or 'none'})"
-    table = Table(title=title, title_justify="left")
-    for column in ("setting", "value", "from"):
-        table.add_column(column, overflow="fold")
-    for row in effective_rows(loaded):
-        table.add_row(*row)
-    Console(width=max(shutil.get_terminal_size().columns, 120)).print(table)
+    rows = effective_rows(loaded)
+    print(f"# configuration file: {loaded.config_file or 'none'}")
+    name_width = max(len(name) for name, _, _ in rows)
+    value_width = min(max(len(value) for _, value, _ in rows), 60)
+    for name, value, origin in rows:
+        print(f"{name:<{name_width}}  {value:<{value_width}}  # {origin}")
     return 0
 
 
@@ -636,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except KafkaException as exc:
         print(f"lora-workers: kafka error: {exc.args[0]}", file=sys.stderr)
         code = EXIT_FAILURE
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except OSError as exc:  # a port in use, an unwritable output path, a missing file
         print(f"lora-workers: error: {exc}", file=sys.stderr)
         code = EXIT_FAILURE

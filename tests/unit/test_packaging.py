@@ -1,0 +1,81 @@
+"""The built wheel works away from the checkout: `--version`, `init` and `config show` from a
+folder that knows nothing of the repository.
+
+The wheel is built without its dependencies and put on PYTHONPATH ahead of the editable
+install, so the code and data that run are the wheel's own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(out), str(ROOT)],
+        check=True, capture_output=True, timeout=300, cwd=out,
+    )  # fmt: skip
+    wheel = next(out.glob("lora_workers-*.whl"))
+    target = tmp_path_factory.mktemp("site")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    return target
+
+
+def run_cli(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("LORA_WORKERS_") and key != "KAFKA_BOOTSTRAP_SERVERS"
+    }
+    env["PYTHONPATH"] = str(site)
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_wheel_runs_its_own_code(installed_wheel: Path, tmp_path: Path) -> None:
+    probe = run_cli(installed_wheel, tmp_path, "--version")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.startswith("lora-workers ")
+    where = subprocess.run(
+        [sys.executable, "-c", "import workers; print(workers.__file__)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(installed_wheel)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.strip().startswith(str(installed_wheel))
+
+
+def test_init_from_the_wheel_makes_a_project_that_configures_itself(
+    installed_wheel: Path, tmp_path: Path
+) -> None:
+    made = run_cli(installed_wheel, tmp_path, "init", "proj")
+    assert made.returncode == 0, made.stderr
+    project = tmp_path / "proj"
+    for name in ("lora-workers.yaml", "models/catalog.yaml", "models/tiny-llama/config.json"):
+        assert (project / name).is_file(), name
+    assert (project / "pipelines" / "classify.yaml").is_file()
+    assert (project / "schemas" / "classify.output.schema.json").is_file()
+    shown = run_cli(installed_wheel, project, "config", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert str(project / "models" / "tiny-llama") in shown.stdout
+    assert str(ROOT) not in shown.stdout  # nothing points back into the checkout
