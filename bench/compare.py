@@ -324,7 +324,7 @@ def bulk_vs_run_batch(
     jobs = zoo_jobs(zoo_inputs(args.batch_jobs, seed=3), args.tokens, prefix="j")
     schemas = {
         task: p.output_schema
-        for task, p in load_pipelines(Settings().pipelines_dir, Settings().schemas_dir).items()
+        for task, p in load_pipelines(Settings().pipelines_dir).items()
     }
     ours, theirs = scratch / "jobs.jsonl", scratch / "batch.jsonl"
     ours.write_text("".join(json.dumps(job) + "\n" for job in jobs))

@@ -372,7 +372,7 @@ def _raw_requests(
     engine: VllmEngine, adapters_dir: Path, pairs: list[tuple[str, str]], tokens: int
 ) -> list[GenerationRequest]:
     """The same jobs as the worker builds them: prompt, adapter, budget and output schema."""
-    pipelines = load_pipelines(Settings().pipelines_dir, Settings().schemas_dir)
+    pipelines = load_pipelines(Settings().pipelines_dir)
     handles = {
         source: AdapterHandle(source, "1", str(adapters_dir / source), i + 1)
         for i, source in enumerate(TASK_OF)

@@ -42,7 +42,7 @@ def run_worker(
     metrics_port: int | None = None,
 ) -> RunSummary:
     bootstrap = settings.require_bootstrap()
-    pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
+    pipelines = load_pipelines(settings.pipelines_dir)
     catalog = load_catalog(settings.catalog)
     readiness = Readiness()
     server = None if metrics_port is None else serve(metrics_port, readiness)
@@ -151,7 +151,7 @@ def _dedicated_to(
 def run_bulk(
     settings: Settings, options: BulkOptions, merge: MergeMode = MergeMode.AUTO
 ) -> TieredSummary:
-    pipelines = load_pipelines(settings.pipelines_dir, settings.schemas_dir)
+    pipelines = load_pipelines(settings.pipelines_dir)
     if options.task is not None:
         if options.task not in pipelines:
             raise ConfigError(f"no pipeline {options.task!r}; known: {sorted(pipelines)}")

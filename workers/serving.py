@@ -261,6 +261,7 @@ def start_serving(
             known_tasks=set(pipelines),
             router=router,
             tokenize=engine.tokenize,
+            render_chat=engine.render_chat,
             max_model_len=engine.max_model_len,
             max_job_bytes=settings.sizes.max_job_bytes,
         )

@@ -169,7 +169,7 @@ def deploy(bootstrap: str, tmp_path: Path, pipelines: Path = ROOT / "pipelines")
         document["result_topic"] = f"results.{task}.{suffix}"
         (pipelines_dir / source.name).write_text(yaml.safe_dump(document))
     deployment = Deployment(
-        bootstrap, suffix, pipelines_dir, load_pipelines(pipelines_dir, ROOT / "schemas")
+        bootstrap, suffix, pipelines_dir, load_pipelines(pipelines_dir)
     )
     created = deployment.cli("topics", "create", "--partitions", "3")
     assert created.returncode == 0, created.stderr

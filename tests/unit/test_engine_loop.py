@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -110,6 +110,11 @@ class FakeEngine:
 
     def tokenize(self, prompt: str) -> list[int]:
         return [len(prompt)]
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, str]], chat_template: str | None
+    ) -> list[int]:
+        return [len(messages)]
 
     def register_adapter(self, adapter: AdapterHandle) -> None: ...
 

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.engine_fakes import byte_chat, byte_tokens
 from workers.core.config import load_pipelines
 from workers.core.contracts import Job
 from workers.core.engine_api import AdapterHandle
@@ -12,7 +13,7 @@ from workers.core.prepare import JobPreparer
 from workers.core.routing import Router
 
 ROOT = Path(__file__).resolve().parents[2]
-PIPELINES = load_pipelines(ROOT / "pipelines", ROOT / "schemas")
+PIPELINES = load_pipelines(ROOT / "pipelines")
 ADAPTERS = {
     name: AdapterHandle(name, "1", f"/a/{name}", i)
     for i, name in enumerate(["classifier", "customer-tone", "partner-tone", "summarizer"], 1)
@@ -30,7 +31,8 @@ def preparer(max_model_len: int = 512) -> JobPreparer:
         pipelines_by_topic={p.input_topic: p for p in PIPELINES.values()},
         known_tasks=set(PIPELINES),
         router=Router(resolve),
-        tokenize=lambda text: list(text.encode()),  # one "token" per byte is enough here
+        tokenize=byte_tokens,
+        render_chat=byte_chat,
         max_model_len=max_model_len,
         max_job_bytes=4096,
     )

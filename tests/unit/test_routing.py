@@ -4,6 +4,7 @@ from collections.abc import Sequence
 import pytest
 from pydantic import ValidationError
 
+from tests.unit.engine_fakes import byte_chat, byte_tokens
 from workers.core.config import (
     ClassifierRouting,
     EmbeddingRouting,
@@ -148,7 +149,8 @@ def preparer(pipeline: PipelineConfig, router: Router) -> JobPreparer:
         pipelines_by_topic={pipeline.input_topic: pipeline},
         known_tasks={pipeline.task},
         router=router,
-        tokenize=lambda text: list(text.encode()),
+        tokenize=byte_tokens,
+        render_chat=byte_chat,
         max_model_len=512,
         max_job_bytes=4096,
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.engine_fakes import byte_chat, byte_tokens
 from tests.unit.kafka_fakes import FakeBroker, FakeSource
 from workers.core.config import Settings, load_pipelines
 from workers.core.contracts import Job, Result, ResultStatus, Timings, Usage
@@ -31,7 +32,7 @@ from workers.kafka.transactions import ExactlyOnceSink
 from workers.worker import RunLimits, Worker
 
 ROOT = Path(__file__).resolve().parents[2]
-PIPELINES = load_pipelines(ROOT / "pipelines", ROOT / "schemas")
+PIPELINES = load_pipelines(ROOT / "pipelines")
 TOPIC = PIPELINES["classify"].input_topic
 RESULTS = PIPELINES["classify"].result_topic
 DLQ = PIPELINES["classify"].dlq_topic
@@ -169,7 +170,8 @@ def _serving(loop: InstantLoop) -> Any:
         pipelines_by_topic={p.input_topic: p for p in PIPELINES.values()},
         known_tasks=set(PIPELINES),
         router=Router(_resolve),
-        tokenize=lambda text: list(text.encode()),
+        tokenize=byte_tokens,
+        render_chat=byte_chat,
         max_model_len=512,
         max_job_bytes=4096,
     )

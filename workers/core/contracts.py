@@ -7,10 +7,18 @@ keeps the files in sync, so non-Python producers and consumers can validate the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Adapter names travel in jobs and in vLLM LoRA names; a path-like name must never get through.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -20,36 +28,126 @@ class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _published_as(filename: str) -> ConfigDict:
-    """Config of a contract exported to schemas/: strict, immutable, with its schema $id."""
-    return ConfigDict(
-        extra="forbid",
-        frozen=True,
-        json_schema_extra={"$id": f"https://lora-workers.dev/schemas/{filename}"},
+def _published_as(
+    filename: str, amend: Callable[[dict[str, Any]], None] | None = None
+) -> ConfigDict:
+    """Config of a contract exported to schemas/: strict, immutable, with its schema $id;
+    `amend` adds what pydantic cannot say itself (e.g. a oneOf between fields)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["$id"] = f"https://lora-workers.dev/schemas/{filename}"
+        if amend is not None:
+            amend(schema)
+
+    return ConfigDict(extra="forbid", frozen=True, json_schema_extra=extra)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def validation_details(exc: ValidationError) -> str:
+    """A pydantic error as one line: `field.path: reason; ...` (the root is `(root)`)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {one_line(e['msg'])}"
+        for e in exc.errors()
     )
 
 
-# Sampling seeds the engine accepts: a signed 64-bit generator seed, kept non-negative.
-MAX_SEED = 2**63 - 1
+# --- jobs ------------------------------------------------------------------------------------
+
+# The sampling bounds vLLM's SamplingParams accepts (`_verify_args`), shared by job params and
+# pipeline defaults, so a job that passes them never fails in the engine. NaN and infinities are
+# refused everywhere: they pass every comparison check.
+MAX_SEED = 2**63 - 1  # a signed 64-bit generator seed, kept non-negative
+MAX_TOKENS = 4096
+MAX_TOP_K = 1_000_000  # above any vocabulary (vLLM clamps to it); 0 = off
+MAX_REPETITION_PENALTY = 100.0  # vLLM takes any finite value above 0; beyond this is noise
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # presence, frequency
+MinTokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class JobParams(_Contract):
-    """Per-job sampling overrides; unset fields fall back to the pipeline's defaults. The bounds
-    are what the engine accepts, so a job that passes them never fails in the engine."""
+    """Per-job sampling overrides; unset fields fall back to the pipeline's defaults and must stay
+    within its limits. The bounds here are what the engine accepts."""
 
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    seed: Seed | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = Field(default=None, description="0 turns top-k off.")
+    min_p: MinP | None = None
+    stop: StopList | None = Field(default=None, description="Strings that end generation.")
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    min_tokens: MinTokens | None = None
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> JobParams:
+        if (
+            self.min_tokens is not None
+            and self.max_tokens is not None
+            and self.min_tokens > self.max_tokens
+        ):
+            raise ValueError(
+                f"params.min_tokens {self.min_tokens} is above params.max_tokens {self.max_tokens}"
+            )
+        return self
+
+
+# A job's text: one input, or each message's content. Far past any model's context; the
+# worker's max_job_bytes is the tighter bound on a whole message.
+MAX_TEXT_CHARS = 1_000_000
+MAX_MESSAGES = 256
+
+
+class ChatMessage(_Contract):
+    """One turn of a conversation, as OpenAI's and vLLM's chat APIs take it (text only)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+def _input_or_messages(schema: dict[str, Any]) -> None:
+    """In the JSON Schema: `input` and `messages` are never null, and exactly one is given."""
+    for name in ("input", "messages"):
+        prop = schema["properties"][name]
+        (given,) = [v for v in prop.pop("anyOf") if v != {"type": "null"}]
+        prop.pop("default", None)
+        prop.update(given)
+    schema["oneOf"] = [{"required": ["input"]}, {"required": ["messages"]}]
 
 
 class Job(_Contract):
-    """One LLM job, published as JSON to the task's input topic (key: job_id)."""
+    """One LLM job, published as JSON to the task's input topic (key: job_id). It carries
+    exactly one of `input` (text) or `messages` (a conversation)."""
 
-    model_config = _published_as("job.schema.json")
+    model_config = _published_as("job.schema.json", _input_or_messages)
 
     job_id: str = Field(min_length=1, max_length=256)
     task: str = Field(min_length=1, max_length=128)
-    input: str
+    input: str | None = Field(
+        default=None, max_length=MAX_TEXT_CHARS, description="The text; or give `messages`."
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="The conversation, on a pipeline with `chat:`; or give `input`.",
+    )
     tenant: str | None = Field(default=None, min_length=1, max_length=128)
     adapter: str | None = Field(
         default=None,
@@ -60,6 +158,40 @@ class Job(_Contract):
     metadata: dict[str, Any] | None = Field(
         default=None, description="Opaque to the worker; copied to the result."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_input_or_messages(cls, data: Any) -> Any:
+        # Presence, not value: the schema's oneOf counts keys, and a null is refused below.
+        if isinstance(data, dict):
+            given = [key for key in ("input", "messages") if key in data]
+            if len(given) != 1:
+                raise ValueError(
+                    f"input/messages: a job gives exactly one of them, got {given or 'neither'}"
+                )
+        return data
+
+    @field_validator("input", "messages")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _has_a_user_turn(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("needs at least one user message")
+        return messages
+
+    @property
+    def text(self) -> str:
+        """What classifier and embedding routes read: the input, or the last user message."""
+        if self.input is not None:
+            return self.input
+        assert self.messages is not None  # one of the two, by validation
+        return next(m.content for m in reversed(self.messages) if m.role == "user")
 
 
 class AdapterRef(_Contract):

@@ -25,6 +25,7 @@ class JobError(StrEnum):
     ADAPTER_FORBIDDEN = "adapter_forbidden"  # the adapter's tenant list excludes the job's tenant
     ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its files failed the checks on a reload
     CONTEXT_EXCEEDED = "context_exceeded"  # prompt plus max_tokens exceed the model's context
+    CHAT_TEMPLATE_MISSING = "chat_template_missing"  # a chat job; no template in model or pipeline
     ENGINE_CRASH = "engine_crash"  # the engine died `crash_attempts` times on this job alone
     INTERNAL_ERROR = "internal_error"  # anything else this message alone raised (a bug or a limit)
     RESULT_TOO_LARGE = "result_too_large"  # an error result in place of one too large to write

@@ -9,15 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 from pydantic import ValidationError
 
 from workers.core.config import PipelineConfig
-from workers.core.contracts import Job, Result, RouteInfo
-from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.core.config.pipelines import SamplingOutOfBounds
+from workers.core.contracts import Job, Result, RouteInfo, validation_details
+from workers.core.engine_api import (
+    AdapterHandle,
+    ChatRenderError,
+    ChatTemplateMissing,
+    GenerationRequest,
+)
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage, traced
 from workers.core.routing import Router, embedding_route, rule_route
@@ -104,11 +110,8 @@ def decode_job(value: bytes | None) -> Job:
     try:
         return Job.model_validate(document)
     except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        )
         raise JobRejected(
-            JobError.INVALID_JOB, f"job does not match the job schema: {details}"
+            JobError.INVALID_JOB, f"job does not match the job schema: {validation_details(exc)}"
         ) from exc
 
 
@@ -148,6 +151,8 @@ class JobPreparer:
     known_tasks: set[str]
     router: Router
     tokenize: Callable[[str], list[int]]
+    # Engine.render_chat: a conversation and a template override (None: the tokenizer's own).
+    render_chat: Callable[[Sequence[Mapping[str, str]], str | None], list[int]]
     max_model_len: int
     max_job_bytes: int
 
@@ -216,7 +221,7 @@ class JobPreparer:
             try:
                 if self.router.nearest is None:
                     raise RuntimeError("no embedding router is configured")
-                nearest = self.router.nearest(task, [job.job.input for _, job in jobs])
+                nearest = self.router.nearest(task, [job.job.text for _, job in jobs])
                 embedding = jobs[0][1].pipeline.routing.embedding
                 if embedding is None:
                     raise RuntimeError(f"pipeline {task!r} has no embedding routing")
@@ -243,20 +248,27 @@ class JobPreparer:
                 f"job for task {job.task!r} arrived on {message.topic}, "
                 f"the topic of task {pipeline.task!r}",
             )
-        params = job.params
-        defaults = pipeline.sampling
-        max_tokens = params.max_tokens if params and params.max_tokens else defaults.max_tokens
+        try:
+            sampling = pipeline.sampling.for_job(job.params)
+        except SamplingOutOfBounds as exc:
+            raise JobRejected(JobError.INVALID_JOB, str(exc)) from exc
         request = GenerationRequest(
-            prompt_token_ids=self._prompt(pipeline.render_prompt(job.input), max_tokens),
-            adapter=None,
-            max_tokens=max_tokens,
-            temperature=(
-                params.temperature
-                if params and params.temperature is not None
-                else defaults.temperature
+            prompt_token_ids=self._within_context(
+                self._prompt_ids(job, pipeline), sampling.max_tokens
             ),
-            seed=params.seed if params and params.seed is not None else defaults.seed,
+            adapter=None,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            seed=sampling.seed,
             json_schema=pipeline.output_schema if pipeline.structured_output else None,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            stop=tuple(sampling.stop),
+            repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            min_tokens=sampling.min_tokens,
         )
         prepared = PreparedJob(
             job=job,
@@ -271,9 +283,10 @@ class JobPreparer:
         if route is not None or classifier is None:
             return dataclasses.replace(prepared, route=route)  # None: routed by embedding
         template = classifier.prompt_template or pipeline.prompt_template
+        assert template is not None  # PipelineConfig requires one where a classifier routes
         classifying = GenerationRequest(
-            prompt_token_ids=self._prompt(
-                template.replace("{input}", job.input), classifier.max_tokens
+            prompt_token_ids=self._within_context(
+                self.tokenize(template.replace("{input}", job.text)), classifier.max_tokens
             ),
             adapter=None,  # the classifier's version, picked in route_all
             max_tokens=classifier.max_tokens,
@@ -283,8 +296,28 @@ class JobPreparer:
         )
         return dataclasses.replace(prepared, request=classifying, classifying=request)
 
-    def _prompt(self, prompt: str, max_tokens: int) -> list[int]:
-        prompt_ids = self.tokenize(prompt)
+    def _prompt_ids(self, job: Job, pipeline: PipelineConfig) -> list[int]:
+        """The job's prompt as token ids: its pipeline's chat rendering, else its text template."""
+        if pipeline.chat is None:
+            if job.input is None:
+                raise JobRejected(
+                    JobError.INVALID_JOB, f"pipeline {pipeline.task} takes input, not messages"
+                )
+            return self.tokenize(pipeline.render_prompt(job.input))
+        try:
+            return self.render_chat(pipeline.conversation(job), pipeline.chat.template)
+        except ChatTemplateMissing as exc:
+            raise JobRejected(
+                JobError.CHAT_TEMPLATE_MISSING,
+                f"pipeline {pipeline.task} renders chats, but the model has no chat template and "
+                "the pipeline sets no chat.template",
+            ) from exc
+        except ChatRenderError as exc:
+            raise JobRejected(
+                JobError.INVALID_JOB, f"messages: the chat template refused them: {exc}"
+            ) from exc
+
+    def _within_context(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise JobRejected(
                 JobError.CONTEXT_EXCEEDED,
