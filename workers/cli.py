@@ -143,6 +143,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--summary-json", type=Path, help="also write the run's summary to this file, as JSON"
     )
     bulk.add_argument("--catalog", type=Path, help=_CATALOG_HELP)
+    bulk.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (rows, pipelines, adapters, the tier of each) and exit: nothing "
+        "is generated or written",
+    )
 
     publish = command_parser(commands, "publish", "publish jobs from a file to a topic")
     publish.add_argument("--topic", required=True, help="the input topic, e.g. jobs.classify")
@@ -404,19 +410,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bulk(args: argparse.Namespace) -> int:
     from workers.bulk.runner import BulkOptions, print_summary
     from workers.bulk.tiers import print_phases, summary_document
-    from workers.runtime import run_bulk
+    from workers.runtime import bulk_run
 
     if args.summary_json is not None and not args.summary_json.parent.is_dir():
         raise ConfigError(f"--summary-json {args.summary_json}: no such directory")
     options = BulkOptions(
         args.input, args.output, args.pipeline, args.rows_per_file, args.row_group_size, args.run_id
     )
-    summary = run_bulk(_settings(args), options, MergeMode(args.merge))
+    run = bulk_run(_settings(args), options, MergeMode(args.merge))
+    if args.dry_run:
+        _print_plan(run.dry_run(), args.merge)
+        return 0
+    summary = run.run()
     print_summary(summary)
     print_phases(summary)
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(summary_document(summary), indent=2) + "\n")
     return 0
+
+
+def _print_plan(dry: Any, mode: str) -> None:
+    """A bulk run's plan (`workers.bulk.tiers.DryRun`), as plain lines."""
+    from workers.core.contracts import ServedBy
+
+    found, plan = dry.survey, dry.plan
+    to_serve = sum(d.jobs for d in found.demand.values())
+    print(
+        f"bulk plan, run {dry.run_id}, merge {mode}: {found.rows_read} rows read, "
+        f"{found.skipped} already written, {to_serve} to serve, "
+        f"{len(found.unroutable)} unroutable (written as error rows)"
+    )
+    tiers = {
+        name: phase.served_by.value
+        for phase in plan.phases
+        for name in phase.adapters
+        if phase.served_by is ServedBy.MERGED or name in found.demand
+    }
+    print(f"{'adapter':<32} {'jobs':>8} {'token budget':>13}  tier")
+    for (name, demand), label in zip(found.demand.items(), dry.labels, strict=True):
+        tier = tiers.get(name, ServedBy.LORA.value)
+        print(f"{label:<32} {demand.jobs:>8} {demand.token_budget:>13}  {tier}")
+    others = ", ".join(f"{m.value} {s:.0f} s" for m, s in plan.estimates.items())
+    print(f"estimated {plan.estimate_s:.0f} s ({others}); nothing was generated or written")
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import structlog
 
-from workers.adapters.checks import AdapterRequirements, adapter_digest
+from workers.adapters.checks import adapter_digest
 from workers.adapters.feed import AdapterUpdateFeed
 from workers.adapters.merged import MergedCheckpoints
 from workers.bulk.plan import MergeMode
@@ -23,12 +23,13 @@ from workers.core.config import (
 from workers.core.contracts import AdapterStatus
 from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.errors import AdapterRejected
+from workers.engine.model import EngineValues, engine_values
 from workers.health import Readiness, serve
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
 from workers.kafka.status import NoticeWriter, last_serving_states, read_statuses
 from workers.kafka.transactions import ExactlyOnceSink
-from workers.serving import MergedCheck, check_dedicated, start_serving
+from workers.serving import MergedCheck, adapter_requirements, check_dedicated, start_serving
 from workers.worker import RunLimits, RunSummary, Worker
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ def run_worker(
     bootstrap = settings.require_bootstrap()
     pipelines = load_pipelines(settings.pipelines_dir)
     catalog = load_catalog(settings.catalog)
+    # Before any Kafka client: a model or rank problem is a one-line configuration error.
+    values = engine_values(settings.engine, catalog)
     readiness = Readiness()
     server = None if metrics_port is None else serve(metrics_port, readiness)
 
@@ -69,7 +72,7 @@ def run_worker(
     merged, merge, check, reference = None, None, None, None
     dedicated = settings.merge.dedicated_adapter
     if dedicated is not None:
-        catalog, merged, merge = _dedicated_to(dedicated, settings, pipelines, catalog)
+        catalog, merged, merge = _dedicated_to(dedicated, settings, values, pipelines, catalog)
         # The LoRA path's answers first, on an engine started for them and closed again.
         check = MergedCheck(settings, pipelines, catalog)
         reference = check.reference(merged.adapter)
@@ -84,6 +87,7 @@ def run_worker(
         merge=merge,
         shadows=True,
         check=check,
+        values=values,
     )
     try:
         if check is not None and reference is not None:
@@ -122,7 +126,11 @@ def run_worker(
 
 
 def _dedicated_to(
-    name: str, settings: Settings, pipelines: dict[str, PipelineConfig], catalog: AdapterCatalog
+    name: str,
+    settings: Settings,
+    values: EngineValues,
+    pipelines: dict[str, PipelineConfig],
+    catalog: AdapterCatalog,
 ) -> tuple[AdapterCatalog, MergedModel, Callable[[AdapterHandle], MergedModel]]:
     """The catalog, merged checkpoint and merge function of a worker that serves one adapter
     merged; `ConfigError` if its pipelines route anywhere else."""
@@ -131,12 +139,7 @@ def _dedicated_to(
     if entry is None:
         raise ConfigError(f"merge.dedicated_adapter {name!r} is not in the catalog")
     checkpoints = MergedCheckpoints(
-        settings.merge,
-        settings.engine.model,
-        AdapterRequirements.of(
-            settings.adapters, catalog.base_model, settings.engine.max_lora_rank
-        ),
-        settings.engine.dtype,
+        settings.merge, values.model.path, adapter_requirements(settings, values), values.dtype
     )
     handle = AdapterHandle(
         entry.name, entry.version, str(entry.path), 0, adapter_digest(entry.path)
@@ -148,9 +151,8 @@ def _dedicated_to(
     return catalog.model_copy(update={"adapters": [entry]}), merged, checkpoints.get
 
 
-def run_bulk(
-    settings: Settings, options: BulkOptions, merge: MergeMode = MergeMode.AUTO
-) -> TieredSummary:
+def bulk_run(settings: Settings, options: BulkOptions, merge: MergeMode) -> TieredBulkRun:
+    """A bulk run, its inputs checked; `.run()` serves it, `.dry_run()` only plans it."""
     pipelines = load_pipelines(settings.pipelines_dir)
     if options.task is not None:
         if options.task not in pipelines:
@@ -165,4 +167,10 @@ def run_bulk(
     def log_status(status: AdapterStatus) -> None:
         log.info("adapter_status", **status.model_dump(mode="json"))
 
-    return TieredBulkRun(settings, pipelines, catalog, options, merge, log_status).run()
+    return TieredBulkRun(settings, pipelines, catalog, options, merge, log_status)
+
+
+def run_bulk(
+    settings: Settings, options: BulkOptions, merge: MergeMode = MergeMode.AUTO
+) -> TieredSummary:
+    return bulk_run(settings, options, merge).run()

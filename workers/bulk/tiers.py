@@ -20,6 +20,7 @@ again.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from workers.adapters.checks import AdapterRequirements, adapter_digest
+from workers.adapters.checks import adapter_digest
 from workers.adapters.merged import MergedCheckpoints
 from workers.bulk.agreement import Agreement, Probe, compare, greedy, run_probes, sample_rows
 from workers.bulk.jobfiles import read_rows
@@ -60,8 +61,9 @@ from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.errors import JobRejected
 from workers.core.prepare import decode_job
 from workers.core.routing import rule_route
+from workers.engine.model import engine_values
 from workers.parquet.dataset import existing_job_ids
-from workers.serving import Serving, check_routing, start_serving
+from workers.serving import Serving, adapter_requirements, check_routing, start_serving
 
 log = structlog.get_logger(__name__)
 
@@ -154,6 +156,14 @@ class TieredSummary(BulkSummary):
     retried: int = 0  # rows an earlier start ended with a transient error, served again
 
 
+@dataclass
+class DryRun:
+    run_id: str
+    survey: Survey
+    plan: RunPlan
+    labels: list[str]  # name@version of each adapter in survey.demand, in its order
+
+
 class TieredBulkRun:
     def __init__(
         self,
@@ -174,13 +184,12 @@ class TieredBulkRun:
         self._console = console
         self._costs_path = settings.merge.cache_dir / COSTS_FILE
         self._costs = load_costs(self._costs_path)
+        self._values = engine_values(settings.engine, catalog)
         self._checkpoints = MergedCheckpoints(
             settings.merge,
-            settings.engine.model,
-            AdapterRequirements.of(
-                settings.adapters, catalog.base_model, settings.engine.max_lora_rank
-            ),
-            settings.engine.dtype,
+            self._values.model.path,
+            adapter_requirements(settings, self._values),
+            self._values.dtype,
         )
         self._handles: dict[str, AdapterHandle] = {}
 
@@ -190,11 +199,17 @@ class TieredBulkRun:
         with run_lock(self._options.output_dir, run_id):
             return self._run(run_id)
 
-    def _run(self, run_id: str) -> TieredSummary:
-        started = time.monotonic()
+    def dry_run(self) -> DryRun:
+        """What `run` would do, from the jobs and the stored costs alone: nothing is generated,
+        written or deleted."""
+        check_routing(self._pipelines, set(self._catalog.by_name))
+        run_id = self._options.run_id or default_run_id(self._options.input_path)
         marker = _run_marker(run_id)
-        retried = drop_transient_rows(self._options.output_dir, marker)
         done = existing_job_ids(self._options.output_dir, stem_marker=marker)
+        found, plan = self._plan(done)
+        return DryRun(run_id, found, plan, self._labels(list(found.demand)))
+
+    def _plan(self, done: set[str]) -> tuple[Survey, RunPlan]:
         found = survey(
             self._options.input_path,
             self._pipelines,
@@ -205,7 +220,14 @@ class TieredBulkRun:
         # Which checkpoints are cached matters only to a plan that may merge; asking hashes the
         # base model once, which `never` need not pay for.
         cached = set() if self._mode is MergeMode.NEVER else self._cached_adapters(found)
-        plan = plan_run(found.demand, self._mode, self._costs, cached)
+        return found, plan_run(found.demand, self._mode, self._costs, cached)
+
+    def _run(self, run_id: str) -> TieredSummary:
+        started = time.monotonic()
+        marker = _run_marker(run_id)
+        retried = drop_transient_rows(self._options.output_dir, marker)
+        done = existing_job_ids(self._options.output_dir, stem_marker=marker)
+        found, plan = self._plan(done)
         log.info(
             "bulk_plan",
             mode=self._mode.value,
@@ -375,12 +397,13 @@ class TieredBulkRun:
         if merged is not None:
             only = [a for a in catalog.adapters if a.name == merged.adapter.name]
             catalog = catalog.model_copy(update={"adapters": only})
-        settings = self._settings
+        settings, values = self._settings, self._values
         if merged is not None:
             engine = settings.engine.model_copy(
                 update={"max_num_seqs": settings.merge.max_num_seqs}
             )
             settings = settings.model_copy(update={"engine": engine})
+            values = dataclasses.replace(values, settings=engine)
         try:
             serving = start_serving(
                 settings,
@@ -390,6 +413,7 @@ class TieredBulkRun:
                 merged=merged,
                 engine_depth=settings.admission.engine_depth
                 or BULK_DEPTH_PER_SEQ * settings.engine.max_num_seqs,
+                values=values,
             )
         except Exception as exc:
             if merged is None:
