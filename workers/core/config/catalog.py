@@ -6,10 +6,15 @@ from functools import cached_property
 from pathlib import Path
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from workers.core.config.base import ConfigError, _Strict
-from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN
+from workers.core.contracts import (
+    ADAPTER_NAME_PATTERN,
+    VERSION_PATTERN,
+    one_line,
+    validation_details,
+)
 
 # --- adapters --------------------------------------------------------------------------------
 
@@ -41,9 +46,14 @@ class AdapterCatalog(_Strict):
 def load_catalog(path: Path) -> AdapterCatalog:
     try:
         raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the catalog: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {one_line(str(exc))}") from exc
+    try:
         catalog = AdapterCatalog.model_validate(raw)
-    except (OSError, yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {validation_details(exc)}") from exc
     # Paths in the catalog are relative to the catalog file, so the zoo can move as one folder.
     resolved = [
         a.model_copy(update={"path": (path.parent / a.path).resolve()}) for a in catalog.adapters
