@@ -28,6 +28,7 @@ from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import OutputChecker
 from workers.core.routing import NearestAdapters, Router
 from workers.engine.loop import EngineLoop, LoopLimits
+from workers.engine.model import EngineValues, engine_values, identify
 from workers.engine.vllm_engine import VllmEngine
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,11 @@ def check_routing(pipelines: dict[str, PipelineConfig], known_adapters: set[str]
         missing = sorted(str(n) for n in names if n is not None and n not in known_adapters)
         if missing:
             raise ConfigError(f"pipeline {pipeline.task!r} routes to unknown adapters {missing}")
+
+
+def adapter_requirements(settings: Settings, values: EngineValues) -> AdapterRequirements:
+    """What an adapter must be to serve on this engine's model (`workers.adapters.checks`)."""
+    return AdapterRequirements.of(settings.adapters, values.model, values.max_lora_rank, identify)
 
 
 def check_dedicated(pipelines: dict[str, PipelineConfig], adapter: str) -> None:
@@ -213,6 +219,7 @@ def start_serving(
     engine_depth: int | None = None,
     shadows: bool = False,
     check: MergedCheck | None = None,
+    values: EngineValues | None = None,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
@@ -224,14 +231,14 @@ def start_serving(
     `shadows`: jobs of an adapter with a shadow version also run on it (the Kafka worker).
     `check`: a new version's merged checkpoint serves only if it agrees with the version on
     the LoRA path; else the engine goes back to the version before, which serves again, and
-    the new one is rejected on the status topic."""
-    engine = VllmEngine(settings.engine, merged)
+    the new one is rejected on the status topic. `values`: the engine's (`engine_values`),
+    when the caller has them already."""
+    values = values or engine_values(settings.engine, catalog)
+    engine = VllmEngine(values, merged)
     try:
         registry = AdapterRegistry(
             engine,
-            AdapterRequirements.of(
-                settings.adapters, catalog.base_model, settings.engine.max_lora_rank
-            ),
+            adapter_requirements(settings, values),
             worker_id=settings.worker_id,
             on_status=on_status,
             only=None if merged is None else merged.adapter.name,

@@ -20,6 +20,7 @@ from workers.core.contracts import (
     AdapterVersionSpec,
     ShadowSpec,
 )
+from workers.engine.model import catalog_ranks, identify, lora_rank, read_model_info
 from workers.kafka.status import read_statuses
 from workers.kafka.topics import read_to_end
 
@@ -147,13 +148,17 @@ def publish_version(
     weight: float,
     tenants: list[str] | None,
     hot: bool,
-    max_lora_rank: int,
+    max_lora_rank: int | None,
     shadow: float | None = None,
 ) -> AdapterUpdate:
     """Check the adapter locally (the same checks a worker runs before loading), then write the
     adapter's new state to the updates topic: serving `weight` of its traffic, or as a shadow
-    run on `shadow` of its jobs. Raises `AdapterRejected` for a bad adapter."""
-    requirements = AdapterRequirements.of(settings.adapters, base_model, max_lora_rank)
+    run on `shadow` of its jobs. Raises `AdapterRejected` for a bad adapter. `max_lora_rank`
+    None: the workers' (engine.max_lora_rank, else the catalog's largest)."""
+    if max_lora_rank is None:
+        max_lora_rank = lora_rank(settings.engine, catalog_ranks(load_catalog(settings.catalog)))
+    model = read_model_info(settings.engine.model)
+    requirements = AdapterRequirements.of(settings.adapters, model, max_lora_rank, identify)
     inspect_adapter(str(path), requirements, expected_sha256=None, claimed_base_model=base_model)
     current = current_state(settings, name)
     sha256 = adapter_digest(path)

@@ -7,19 +7,28 @@ from a mismatch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from workers.core.config import AdapterSettings
 from workers.core.errors import AdapterError, AdapterRejected
 
+if TYPE_CHECKING:  # the engine's model reader does I/O this module must not import
+    from workers.engine.model import ModelInfo
+
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_FILE = "adapter_config.json"
 # PEFT writes about 1 kB; a config far larger is not one, and is not read whole.
 MAX_CONFIG_BYTES = 256 * 1024
+# A safetensors header lists names, dtypes and shapes: a few MB even for large models.
+MAX_HEADER_BYTES = 100 * 2**20
+PEFT_PREFIX = "base_model.model."
 
 
 class AdapterConfigFile(BaseModel):
@@ -78,21 +87,39 @@ def same_base_model(claimed: str, served: str) -> bool:
     return PurePath(claimed.rstrip("/")).name == PurePath(served.rstrip("/")).name
 
 
+def _no_identity(_name: str) -> ModelInfo | None:
+    return None
+
+
 @dataclass(frozen=True)
 class AdapterRequirements:
     """What this deployment can serve: adapters for its base model, within its engine's rank
-    limit and LoRA modules, from directories under its allowed roots."""
+    limit and LoRA modules, from directories under its allowed roots.
+
+    `model`: the served model's identity and weight shapes, which an adapter's must fit;
+    `identify` resolves a base model an adapter names to its identity where it is local (a
+    directory or the Hugging Face cache), None where only the name is known."""
 
     base_model: str
     max_rank: int
     supported_modules: frozenset[str]
     allowed_roots: tuple[Path, ...]
+    model: ModelInfo | None = None
+    identify: Callable[[str], ModelInfo | None] = _no_identity
 
     @classmethod
-    def of(cls, settings: AdapterSettings, base_model: str, max_rank: int) -> AdapterRequirements:
-        return cls(
-            base_model, max_rank, settings.supported_target_modules, tuple(settings.allowed_roots)
-        )
+    def of(
+        cls,
+        settings: AdapterSettings,
+        model: ModelInfo,
+        max_rank: int,
+        identify: Callable[[str], ModelInfo | None] = _no_identity,
+    ) -> AdapterRequirements:
+        # adapters.supported_target_modules narrows the model's modules only when set.
+        modules = model.lora_modules or settings.supported_target_modules
+        if "supported_target_modules" in settings.model_fields_set:
+            modules = modules & settings.supported_target_modules
+        return cls(model.name, max_rank, modules, tuple(settings.allowed_roots), model, identify)
 
 
 def inspect_adapter(
@@ -117,7 +144,6 @@ def _inspect(
     expected_sha256: str | None,
     claimed_base_model: str,
 ) -> AdapterFacts:
-    served_base_model = requirements.base_model
     max_rank = requirements.max_rank
     supported_modules = requirements.supported_modules
     path = resolve_inside_roots(raw_path, requirements.allowed_roots)
@@ -131,17 +157,12 @@ def _inspect(
                 AdapterError.CHECKSUM_MISMATCH,
                 f"{raw_path} has sha256 {actual}, expected {expected_sha256}",
             )
-    config = _read_config(path / CONFIG_FILE)
+    config = read_adapter_config(path / CONFIG_FILE)
     modules = frozenset(
         [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
     )
     own_base = config.base_model_name_or_path or ""
-    for base in (claimed_base_model, own_base):
-        if base and not same_base_model(base, served_base_model):
-            raise AdapterRejected(
-                AdapterError.BASE_MODEL_MISMATCH,
-                f"adapter was trained on {base!r}, this worker serves {served_base_model!r}",
-            )
+    _check_same_base(raw_path, path, (own_base, claimed_base_model), requirements)
     if config.r > max_rank:
         raise AdapterRejected(
             AdapterError.RANK_TOO_LARGE, f"rank {config.r} exceeds max_lora_rank {max_rank}"
@@ -175,7 +196,104 @@ def _exists(path: Path) -> bool:
     return path.is_symlink() or path.exists()  # a dangling link is there, and broken
 
 
-def _read_config(config_path: Path) -> AdapterConfigFile:
+def _check_same_base(
+    raw_path: str, path: Path, names: Sequence[str], requirements: AdapterRequirements
+) -> None:
+    """The adapter was trained on the served model: every base it names resolves to the same
+    identity (architecture, hidden size, vocabulary) or, where it resolves nowhere, has the
+    same name; and its weights' shapes fit the model's, module by module."""
+    served = requirements.model
+    served_side = served.describe() if served is not None else repr(requirements.base_model)
+    for name in dict.fromkeys(n for n in names if n):
+        known = requirements.identify(name)
+        if known is not None and served is not None:
+            if _identity(known) != _identity(served):
+                _mismatch(raw_path, known.describe(), served_side)
+        elif not same_base_model(name, requirements.base_model):
+            _mismatch(raw_path, repr(name), served_side)
+    weights = path / WEIGHT_FILES[0]
+    if served is None or not served.weight_shapes or not weights.is_file():
+        return  # a .bin adapter's shapes need torch to read; the engine checks them
+    try:
+        shapes = weight_shapes(weights)
+    except ValueError as exc:
+        raise AdapterRejected(AdapterError.FILES_UNREADABLE, f"{raw_path}: {exc}") from exc
+    misfit = _misfit(shapes, served.weight_shapes)
+    if misfit is not None:
+        trained_on = next((n for n in names if n), "another model")
+        _mismatch(raw_path, f"{trained_on!r} ({misfit})", served_side)
+
+
+def _identity(model: ModelInfo) -> tuple[str, int, int]:
+    return (model.architecture, model.hidden_size, model.vocab_size)
+
+
+def _mismatch(raw_path: str, trained_on: str, serves: str) -> None:
+    raise AdapterRejected(
+        AdapterError.BASE_MODEL_MISMATCH,
+        f"adapter {raw_path} was trained on {trained_on}; this worker serves {serves}",
+    )
+
+
+def _misfit(
+    adapter: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Why the adapter's LoRA matrices cannot apply to the model's weights (None: they fit).
+    A linear weight is (out, in): lora_A must be (r, in), lora_B (out, r); an embedding is
+    (vocab, hidden): lora_embedding_A (r, vocab), lora_embedding_B (hidden, r)."""
+    for key, shape in sorted(adapter.items()):
+        parts = key.removeprefix(PEFT_PREFIX).split(".")
+        kinds = [p for p in parts if p in _LORA_AXES]
+        if len(shape) != 2 or len(kinds) != 1:
+            continue  # not a LoRA matrix (a bias, a DoRA magnitude)
+        kind = kinds[0]
+        module = ".".join(parts[: parts.index(kind)])
+        weight = model.get(f"{module}.weight")
+        if weight is None and module.endswith("lm_head"):  # tied to the input embeddings
+            weight = next((v for k, v in model.items() if k.endswith("embed_tokens.weight")), None)
+        if weight is None:
+            return f"it adapts {module}, which the model does not have"
+        axis, model_axis = _LORA_AXES[kind]
+        if len(weight) == 2 and shape[axis] != weight[model_axis]:
+            return (
+                f"its {module}.{kind} is {shape[0]}x{shape[1]}, "
+                f"the model's {module} weight is {weight[0]}x{weight[1]}"
+            )
+    return None
+
+
+# Which axis of each LoRA matrix must equal which axis of the adapted weight.
+_LORA_AXES = {
+    "lora_A": (1, 1),
+    "lora_B": (0, 0),
+    "lora_embedding_A": (1, 0),
+    "lora_embedding_B": (0, 1),
+}
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header; no tensor is read.
+    ValueError if the header is not one."""
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path.name} is not a safetensors file")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path.name}: a safetensors header of {size} bytes")
+        try:
+            header = json.loads(file.read(size))
+            return {
+                name: tuple(int(n) for n in entry["shape"])
+                for name, entry in header.items()
+                if name != "__metadata__"
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path.name}: unreadable safetensors header ({exc})") from exc
+
+
+def read_adapter_config(config_path: Path) -> AdapterConfigFile:
+    """adapter_config.json, checked; `AdapterRejected` if it is not a valid one."""
     with config_path.open("rb") as file:
         raw = file.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:

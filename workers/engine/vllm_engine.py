@@ -11,26 +11,29 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from workers.core.config import EngineSettings
 from workers.core.engine_api import (
     AdapterHandle,
     AdapterLoadError,
+    ChatRenderError,
+    ChatTemplateMissing,
     EngineDied,
     Generation,
     GenerationRequest,
     MergedModel,
     ServedBy,
 )
+from workers.engine.model import EngineValues
 from workers.engine.reaper import watch_worker
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from vllm import LLM, RequestOutput, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -86,18 +89,20 @@ class VllmEngine:
     adapter version merged into it, at the base model's speed, and refuses every other job
     (the base model's included, which the merged weights would mis-serve)."""
 
-    def __init__(self, settings: EngineSettings, merged: MergedModel | None = None) -> None:
+    def __init__(self, values: EngineValues, merged: MergedModel | None = None) -> None:
+        settings = values.settings
         # vLLM configures its logging at import, to stdout by default; stdout is the CLI's.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.vllm_log_level)
         from transformers import AutoTokenizer
 
+        self.values = values
         self.settings = settings
         self.merged = merged
         self._merged_handles: dict[int, AdapterHandle] = {}
         # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
         # on the generating one, and it survives engine restarts.
-        self._tokenizer = AutoTokenizer.from_pretrained(str(settings.model))
+        self._tokenizer = AutoTokenizer.from_pretrained(str(values.model.path))
         self._lora_requests: dict[int, LoRARequest] = {}
         self._pinned: set[int] = set()
         self._base_request: LoRARequest | None = None
@@ -105,10 +110,10 @@ class VllmEngine:
         # Before the first engine process exists: a worker killed while the engine starts must
         # not leave it behind either.
         self._reaper = watch_worker(os.getpid())
-        if settings.base_via_identity_adapter and merged is None:
+        if values.identity_adapter and merged is None:
             from vllm.lora.request import LoRARequest
 
-            identity = write_identity_adapter(settings.model, self._scratch / "identity")
+            identity = write_identity_adapter(values.model.path, self._scratch / "identity")
             self._base_request = LoRARequest(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity))
         self._llm: LLM = self._start_llm()
         self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
@@ -116,30 +121,19 @@ class VllmEngine:
     def _start_llm(self) -> LLM:
         from vllm import LLM
 
-        settings = self.settings
+        values, settings = self.values, self.settings
         lora = (
             {}
             if self.merged is not None
             else {
                 "enable_lora": True,
                 "max_loras": settings.max_loras,
-                "max_lora_rank": settings.max_lora_rank,
+                "max_lora_rank": values.max_lora_rank,
                 "max_cpu_loras": settings.max_cpu_loras,
             }
         )
-        llm = LLM(
-            model=str(settings.model if self.merged is None else self.merged.path),
-            tokenizer=str(settings.model),
-            dtype=settings.dtype,
-            **lora,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
-            # Without an explicit size the CPU backend reserves a fraction of all host memory,
-            # which fails next to Kafka and the test process.
-            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
-        )
+        model = values.model.path if self.merged is None else self.merged.path
+        llm = LLM(model=str(model), tokenizer=str(values.model.path), **lora, **values.llm_kwargs())
         _unblock_on_engine_death(llm)
         if self._base_request is not None and not llm.llm_engine.add_lora(self._base_request):
             raise AdapterLoadError("the base model's identity adapter did not load")
@@ -183,6 +177,15 @@ class VllmEngine:
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt))
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, str]], chat_template: str | None
+    ) -> list[int]:
+        """As vLLM 0.32's `LLM.chat` renders a text conversation (renderers/hf.py,
+        entrypoints/common/offline.py): the template (given, else the tokenizer's) applied as
+        text with the generation prompt, then tokenized without special tokens, since the
+        template writes its own BOS/EOS."""
+        return render_chat(self._tokenizer, messages, chat_template)
 
     def register_adapter(self, adapter: AdapterHandle) -> None:
         from vllm.lora.request import LoRARequest
@@ -356,6 +359,32 @@ def _prompt(request: GenerationRequest) -> TokensPrompt:
     return TokensPrompt(prompt_token_ids=request.prompt_token_ids)
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, str]],
+    chat_template: str | None,
+) -> list[int]:
+    """`VllmEngine.render_chat` on `tokenizer` (checks use it without an engine)."""
+    template = chat_template or tokenizer.chat_template
+    if not template:
+        raise ChatTemplateMissing(
+            f"{tokenizer.name_or_path}: the tokenizer has no chat template and the pipeline "
+            "gives none"
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages],
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+            continue_final_message=False,
+            tools=None,
+        )
+    except Exception as exc:  # the template's raise_exception, or a Jinja error
+        raise ChatRenderError(f"the chat template refused these messages: {exc}") from exc
+    return list(tokenizer.encode(str(text), add_special_tokens=False))
+
+
 def _sampling_params(request: GenerationRequest) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
@@ -364,6 +393,14 @@ def _sampling_params(request: GenerationRequest) -> SamplingParams:
         max_tokens=request.max_tokens,
         temperature=request.temperature,
         seed=request.seed,
+        top_p=request.top_p,
+        top_k=request.top_k,  # 0 is vLLM 0.32's "off" too
+        min_p=request.min_p,
+        stop=list(request.stop) or None,
+        repetition_penalty=request.repetition_penalty,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        min_tokens=request.min_tokens,
         structured_outputs=None
         if request.json_schema is None
         else StructuredOutputsParams(json=request.json_schema),
