@@ -1,12 +1,26 @@
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.unit.engine_fakes import byte_chat, byte_tokens
-from workers.core.config import load_pipelines
+from workers.core.config import (
+    ChatRendering,
+    PipelineConfig,
+    SamplingDefaults,
+    SamplingLimits,
+    StopLimit,
+    load_pipelines,
+)
 from workers.core.contracts import Job
-from workers.core.engine_api import AdapterHandle
+from workers.core.engine_api import (
+    AdapterHandle,
+    ChatRenderError,
+    ChatTemplateMissing,
+    GenerationRequest,
+)
 from workers.core.errors import JobRejected
 from workers.core.messages import SourceMessage
 from workers.core.prepare import JobPreparer
@@ -79,3 +93,131 @@ def test_poison_is_rejected_with_its_code(value: bytes | None, code: str) -> Non
     with pytest.raises(JobRejected) as rejected:
         preparer().prepare(message(value))
     assert rejected.value.code == code
+
+
+CHAT = PipelineConfig(
+    task="assist",
+    chat=ChatRendering(system="Be brief."),
+    sampling=SamplingDefaults(
+        max_tokens=16,
+        top_p=0.9,
+        limits=SamplingLimits(temperature=(0.0, 1.0), stop=StopLimit(count=2, length=8)),
+    ),
+)
+TEXT = PipelineConfig(task="echo", prompt_template="say {input}")
+BOTH = PipelineConfig(
+    task="both", prompt_template="Summarize: {input}", chat=ChatRendering(template="T|")
+)
+
+
+def chat_preparer(render_chat: Callable[..., list[int]] = byte_chat) -> JobPreparer:
+    pipelines = {p.input_topic: p for p in (CHAT, TEXT, BOTH)}
+    return dataclasses.replace(
+        preparer(),
+        pipelines_by_topic=pipelines,
+        known_tasks={p.task for p in pipelines.values()},
+        render_chat=render_chat,
+    )
+
+
+def prepared_prompt(pipeline: PipelineConfig, **fields: object) -> str:
+    job = chat_preparer().prepare(
+        message(encoded(job_id="1", task=pipeline.task, **fields), f"jobs.{pipeline.task}")
+    )
+    return bytes(job.request.prompt_token_ids).decode()
+
+
+def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def test_chat_jobs_render_with_the_pipeline_system_message_first() -> None:
+    messages = turns(("user", "hi"), ("assistant", "hello"), ("user", "refund?"))
+    assert prepared_prompt(CHAT, messages=messages) == (
+        "<system>Be brief.<user>hi<assistant>hello<user>refund?<assistant>"
+    )
+    own_system = turns(("system", "Be formal."), ("user", "hi"))
+    assert prepared_prompt(CHAT, messages=own_system) == "<system>Be formal.<user>hi<assistant>"
+    # An input job on a chat pipeline is one user message.
+    assert prepared_prompt(CHAT, input="hi") == "<system>Be brief.<user>hi<assistant>"
+
+
+def test_a_pipeline_with_both_fills_the_user_message_and_passes_its_template() -> None:
+    assert prepared_prompt(BOTH, input="the memo") == "T|<user>Summarize: the memo<assistant>"
+    assert prepared_prompt(BOTH, messages=turns(("user", "hi"))) == "T|<user>hi<assistant>"
+    assert prepared_prompt(TEXT, input="hi") == "say hi"
+
+
+def test_a_chat_job_carries_every_sampling_field_to_the_engine() -> None:
+    params = {
+        "temperature": 0.5,
+        "top_k": 40,
+        "min_p": 0.1,
+        "stop": ["END"],
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.3,
+        "frequency_penalty": -0.3,
+        "min_tokens": 2,
+        "seed": 5,
+    }
+    body = encoded(job_id="1", task="assist", messages=turns(("user", "hi")), params=params)
+    request = chat_preparer().prepare(message(body, "jobs.assist")).request
+    assert request == GenerationRequest(
+        prompt_token_ids=request.prompt_token_ids,
+        adapter=None,
+        max_tokens=16,  # the pipeline's default
+        temperature=0.5,
+        seed=5,
+        top_p=0.9,  # the pipeline's default
+        top_k=40,
+        min_p=0.1,
+        stop=("END",),
+        repetition_penalty=1.2,
+        presence_penalty=0.3,
+        frequency_penalty=-0.3,
+        min_tokens=2,
+    )
+
+
+def rejection(value: bytes, topic: str, render_chat: Callable[..., list[int]] = byte_chat) -> str:
+    with pytest.raises(JobRejected) as rejected:
+        chat_preparer(render_chat).prepare(message(value, topic))
+    return f"{rejected.value.code}: {rejected.value.message}"
+
+
+def test_chat_and_sampling_refusals_are_dead_letters_naming_the_field() -> None:
+    chat_job = {"job_id": "1", "task": "assist", "messages": turns(("user", "hi"))}
+    assert rejection(
+        encoded(job_id="1", task="echo", messages=turns(("user", "hi"))), "jobs.echo"
+    ) == ("invalid_job: pipeline echo takes input, not messages")
+    assert rejection(encoded(**chat_job, params={"temperature": 1.5}), "jobs.assist") == (
+        "invalid_job: params.temperature: 1.5 is above the pipeline's limit 1.0"
+    )
+    assert rejection(encoded(**chat_job, params={"stop": ["a", "b", "c"]}), "jobs.assist") == (
+        "invalid_job: params.stop: 3 strings are more than the pipeline's limit 2"
+    )
+    assert rejection(encoded(**chat_job, params={"min_tokens": 20}), "jobs.assist") == (
+        "invalid_job: params.min_tokens: 20 is above max_tokens 16"
+    )
+    assert rejection(encoded(**chat_job, params={"top_p": float("nan")}), "jobs.assist").startswith(
+        "invalid_job: job does not match the job schema: params.top_p"
+    )
+    long_chat = {**chat_job, "messages": turns(("user", "x" * 600))}
+    assert rejection(encoded(**long_chat), "jobs.assist").startswith("context_exceeded")
+
+
+def test_a_model_without_a_chat_template_and_a_refusing_template_are_dead_letters() -> None:
+    def no_template(messages: object, chat_template: str | None) -> list[int]:
+        raise ChatTemplateMissing("no chat template")
+
+    def alternating(messages: object, chat_template: str | None) -> list[int]:
+        raise ChatRenderError("Conversation roles must alternate user/assistant")
+
+    body = encoded(job_id="1", task="assist", input="hi")
+    assert rejection(body, "jobs.assist", no_template).startswith(
+        "chat_template_missing: pipeline assist renders chats, but the model has no chat template"
+    )
+    assert rejection(body, "jobs.assist", alternating) == (
+        "invalid_job: messages: the chat template refused them: Conversation roles must "
+        "alternate user/assistant"
+    )

@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from tests.unit.engine_fakes import byte_chat, byte_tokens
 from workers.core.config import (
+    ChatRendering,
     ClassifierRouting,
     EmbeddingRouting,
     PipelineConfig,
@@ -227,3 +228,37 @@ def test_an_embedding_failure_rejects_the_batch_not_the_worker() -> None:
         [message({"job_id": "1", "task": "reply", "input": "refund"})]
     )
     assert isinstance(jobs[0], JobRejected) and jobs[0].code == "internal_error"
+
+
+def test_model_routes_read_a_chat_jobs_last_user_message() -> None:
+    conversation = [
+        {"role": "user", "content": "it rains"},
+        {"role": "assistant", "content": "sorry?"},
+        {"role": "user", "content": "a refund please"},
+    ]
+    texts: list[str] = []
+
+    def nearest(task: str, inputs: Sequence[str]) -> list[tuple[str, float]]:
+        texts.extend(inputs)
+        return [("billing", 0.9) for _ in inputs]
+
+    by_embedding = PipelineConfig(
+        task="reply",
+        chat=ChatRendering(),
+        routing=RoutingConfig(embedding=EmbeddingRouting(examples={"billing": ["refund"]})),
+    )
+    body = {"job_id": "1", "task": "reply", "messages": conversation}
+    routed = preparer(by_embedding, Router(resolve, nearest=nearest)).prepare(message(body))
+    assert texts == ["a refund please"] and routed.adapter is REGISTERED["billing"]
+
+    by_classifier = PipelineConfig(
+        task="reply",
+        chat=ChatRendering(),
+        routing=RoutingConfig(
+            classifier=CLASSIFIER.model_copy(update={"prompt_template": "c: {input}"})
+        ),
+    )
+    first = preparer(by_classifier, Router(resolve)).prepare(message(body))
+    assert first.request.prompt_token_ids == list(b"c: a refund please")
+    assert first.classifying is not None  # the job's own request: the rendered chat
+    assert bytes(first.classifying.prompt_token_ids).startswith(b"<user>it rains")

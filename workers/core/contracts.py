@@ -49,7 +49,8 @@ def one_line(text: str) -> str:
 def validation_details(exc: ValidationError) -> str:
     """A pydantic error as one line: `field.path: reason; ...` (the root is `(root)`)."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {one_line(e['msg'])}"
+        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: "
+        f"{one_line(e['msg']).removeprefix('Value error, ')}"
         for e in exc.errors()
     )
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import structlog
 from pydantic import ValidationError
 
-from workers.core.config import PipelineConfig
-from workers.core.config.pipelines import SamplingOutOfBounds
+from workers.core.config import PipelineConfig, SamplingOutOfBounds
 from workers.core.contracts import Job, Result, RouteInfo, validation_details
 from workers.core.engine_api import (
     AdapterHandle,

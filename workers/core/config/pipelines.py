@@ -141,7 +141,7 @@ class SamplingDefaults(SamplingValues):
         for field in SamplingValues.model_fields:
             reason = self.limits.violation(field, getattr(self, field))
             if reason is not None:
-                raise ValueError(f"sampling.{field}: the default {reason}")
+                raise ValueError(f"{field}: the default {reason}")
         return self
 
     def for_job(self, params: JobParams | None) -> SamplingValues:
