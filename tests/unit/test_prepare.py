@@ -211,13 +211,15 @@ def test_a_model_without_a_chat_template_and_a_refusing_template_are_dead_letter
         raise ChatTemplateMissing("no chat template")
 
     def alternating(messages: object, chat_template: str | None) -> list[int]:
-        raise ChatRenderError("Conversation roles must alternate user/assistant")
+        raise ChatRenderError(
+            "the chat template refused these messages: roles must alternate user/assistant"
+        )
 
     body = encoded(job_id="1", task="assist", input="hi")
     assert rejection(body, "jobs.assist", no_template).startswith(
         "chat_template_missing: pipeline assist renders chats, but the model has no chat template"
     )
     assert rejection(body, "jobs.assist", alternating) == (
-        "invalid_job: messages: the chat template refused them: Conversation roles must "
+        "invalid_job: messages: the chat template refused these messages: roles must "
         "alternate user/assistant"
     )

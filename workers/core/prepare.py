@@ -313,7 +313,8 @@ class JobPreparer:
             ) from exc
         except ChatRenderError as exc:
             raise JobRejected(
-                JobError.INVALID_JOB, f"messages: the chat template refused them: {exc}"
+                JobError.INVALID_JOB,
+                f"messages: {exc}",  # the engine says the template refused
             ) from exc
 
     def _within_context(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
