@@ -170,6 +170,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     command_parser(commands, "results", "print result counts by task, adapter and status")
 
+    command_parser(
+        commands,
+        "check",
+        "validate settings, pipelines, catalog and model offline (no broker, no engine); "
+        "exit 0 when all pass, 1 otherwise",
+    )
+
     config = command_parser(commands, "config", "the effective configuration")
     config_commands = config.add_subparsers(
         dest="config_command", required=True, parser_class=_OneLineParser, metavar="COMMAND"
@@ -519,6 +526,26 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.check import run_checks
+
+    loaded = _loaded_settings(args)
+    rows = run_checks(loaded.settings)
+    table = Table(title=f"lora-workers check ({loaded.config_file or 'no configuration file'})")
+    for column in ("area", "item", "", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        mark = "[green]ok[/green]" if row.ok else "[red]FAIL[/red]"
+        table.add_row(row.area, row.item, mark, row.detail)
+    Console(width=max(shutil.get_terminal_size().columns, 120)).print(table)
+    failed = sum(not row.ok for row in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return EXIT_FAILURE if failed else 0
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from workers.scaffold import init_project
 
@@ -647,6 +674,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "adapters": _cmd_adapters,
     "schemas": _cmd_schemas_export,
     "config": _cmd_config_show,
+    "check": _cmd_check,
     "init": _cmd_init,
 }
 

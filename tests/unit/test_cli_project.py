@@ -95,3 +95,16 @@ def test_bulk_dry_run_plans_without_writing(tmp_path: Path) -> None:
     tiers = {line.split()[0]: line.split()[-1] for line in shown.stdout.splitlines()[2:-1]}
     assert tiers["classifier@1"] == "merged"
     assert sum(int(line.split()[1]) for line in shown.stdout.splitlines()[2:-1]) == 3
+
+
+def test_check_passes_on_a_new_project_and_fails_on_a_broken_one(tmp_path: Path) -> None:
+    assert cli("init", "proj", cwd=tmp_path).returncode == 0
+    project = tmp_path / "proj"
+    passed = cli("check", cwd=project)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert passed.stdout.strip().endswith("0 failed")
+    (project / "models" / "adapters" / "summarizer" / "adapter_config.json").unlink()
+    failed = cli("check", cwd=project)
+    assert failed.returncode == 1
+    assert "summarizer" in failed.stdout
+    assert failed.stdout.strip().endswith("1 failed")
