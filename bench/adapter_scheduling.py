@@ -35,6 +35,7 @@ from workers.core.prepare import PreparedJob
 from workers.core.processing import Answered, OutputChecker
 from workers.core.routing import Router
 from workers.engine.loop import EngineLoop, LoopLimits
+from workers.engine.model import engine_values
 from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
@@ -68,15 +69,14 @@ class PolicyFigures:
 def bench_engine(model: Path, max_loras: int, max_cpu_loras: int) -> VllmEngine:
     # Every job names an adapter, so no identity adapter is needed to take a slot; 256 sequences
     # as the worker's default, which the loop keeps filled.
-    return VllmEngine(
-        EngineSettings(
-            model=model,
-            max_loras=max_loras,
-            max_cpu_loras=max_cpu_loras,
-            base_via_identity_adapter=False,
-            max_num_seqs=ENGINE_DEPTH,
-        )
+    settings = EngineSettings(
+        model=model,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        base_via_identity_adapter=False,
+        max_num_seqs=ENGINE_DEPTH,
     )
+    return VllmEngine(engine_values(settings, {}))  # zoo adapters: rank 8, the default
 
 
 def traffic(count: int, adapters: int, distribution: str, seed: int) -> list[int]:

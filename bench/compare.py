@@ -67,6 +67,7 @@ from tests.broker import kafka_broker
 from workers.core.admission import AdmissionPolicy
 from workers.core.config import EngineSettings, Settings, load_pipelines
 from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.engine.model import engine_values
 from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
@@ -323,8 +324,7 @@ def bulk_vs_run_batch(
     """Rows, and run_batch's time over bulk's: whole commands, and after engine start-up."""
     jobs = zoo_jobs(zoo_inputs(args.batch_jobs, seed=3), args.tokens, prefix="j")
     schemas = {
-        task: p.output_schema
-        for task, p in load_pipelines(Settings().pipelines_dir).items()
+        task: p.output_schema for task, p in load_pipelines(Settings().pipelines_dir).items()
     }
     ours, theirs = scratch / "jobs.jsonl", scratch / "batch.jsonl"
     ours.write_text("".join(json.dumps(job) + "\n" for job in jobs))
@@ -362,15 +362,17 @@ def bulk_vs_run_batch(
     )
     phases = json.loads((scratch / "bulk-summary.json").read_text())["phases"]
     bulk_work_s = sum(phase["serve_s"] for phase in phases)
-    settings = EngineSettings()
+    # The values our worker's engine starts with, for vLLM's run_batch too.
+    values = engine_values(EngineSettings(model=args.model), {})
+    settings = values.settings
     run_batch_s, log = timed(
         [
             *(sys.executable, "-m", "vllm.entrypoints.openai.run_batch"),
             *("-i", str(theirs), "-o", str(scratch / "run-batch-out.jsonl")),
             *("--model", str(args.model), "--enable-lora", "--max-loras", "5"),
             *("--lora-modules", *[f"{s}={args.adapters / s}" for s in TASK_OF]),
-            *("--max-lora-rank", str(settings.max_lora_rank), "--dtype", settings.dtype),
-            *("--enforce-eager", "--max-model-len", str(settings.max_model_len)),
+            *("--max-lora-rank", str(values.max_lora_rank), "--dtype", values.dtype),
+            *("--enforce-eager", "--max-model-len", str(values.max_model_len)),
             *("--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 2**30))),
             *("--chat-template", str(template)),
         ],
@@ -421,7 +423,8 @@ def memory(args: argparse.Namespace, scratch: Path) -> tuple[list[Row], float]:
     rows: list[Row] = []
     ratios: list[float] = []
     for host_cache in (args.memory_host_cache, max(top, 2)):
-        engine = VllmEngine(EngineSettings(model=args.model, max_loras=2, max_cpu_loras=host_cache))
+        settings = EngineSettings(model=args.model, max_loras=2, max_cpu_loras=host_cache)
+        engine = VllmEngine(engine_values(settings, {}))  # zoo adapters: rank 8, the default
         cache = "all resident" if host_cache >= top else f"host cache of {host_cache}"
         try:
             registered = 0

@@ -40,6 +40,7 @@ from tests.broker import kafka_broker
 from tests.integration.harness import deploy, job_record, produce
 from workers.core.config import Settings, load_pipelines
 from workers.core.engine_api import AdapterHandle, GenerationRequest
+from workers.engine.model import engine_values
 from workers.engine.vllm_engine import VllmEngine
 from workers.logs import configure_logging
 
@@ -278,7 +279,8 @@ def measure_pipeline(
     scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     # The raw engine starts first and idles while the workers run, so every raw call comes
     # seconds after its pipeline runs: side by side even when the machine's load changes.
-    engine = VllmEngine(Settings().engine.model_copy(update={"model": model}))
+    settings = Settings().engine.model_copy(update={"model": str(model)})
+    engine = VllmEngine(engine_values(settings, {}))  # zoo adapters: rank 8, the default
     running: list[RunningWorker] = []
     try:
         raw = _raw_requests(engine, adapters_dir, pairs, tokens)

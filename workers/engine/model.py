@@ -19,6 +19,8 @@ from workers.core.config import AdapterCatalog, ConfigError, EngineSettings
 from workers.core.config.engine import VLLM_LORA_RANKS
 
 CONFIG_FILE = "config.json"
+# max_lora_rank for a catalog with no adapters (later ones need an explicit rank above it).
+EMPTY_CATALOG_RANK = 8
 # Keys model configs use for their context length, most common first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
@@ -241,7 +243,7 @@ def lora_rank(settings: EngineSettings, ranks: Mapping[str, int]) -> int:
                 f"catalog adapter {name!r}; raise it or leave it unset (the catalog's largest)"
             )
         return settings.max_lora_rank
-    largest = max(ranks.values(), default=min(VLLM_LORA_RANKS[1:]))
+    largest = max(ranks.values(), default=EMPTY_CATALOG_RANK)
     fitting = [r for r in VLLM_LORA_RANKS if r >= largest]
     if not fitting:
         raise ConfigError(f"adapter rank {largest} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
