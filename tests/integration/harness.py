@@ -167,10 +167,14 @@ def deploy(bootstrap: str, tmp_path: Path, pipelines: Path = ROOT / "pipelines")
         task = document["task"]
         document["input_topic"] = f"jobs.{task}.{suffix}"
         document["result_topic"] = f"results.{task}.{suffix}"
+        # Paths in a pipeline are relative to its file: the copy points at the originals.
+        if "output_schema" in document:
+            document["output_schema"] = str(source.parent / document["output_schema"])
+        chat = document.get("chat") or {}
+        if "template" in chat:
+            chat["template"] = str(source.parent / chat["template"])
         (pipelines_dir / source.name).write_text(yaml.safe_dump(document))
-    deployment = Deployment(
-        bootstrap, suffix, pipelines_dir, load_pipelines(pipelines_dir)
-    )
+    deployment = Deployment(bootstrap, suffix, pipelines_dir, load_pipelines(pipelines_dir))
     created = deployment.cli("topics", "create", "--partitions", "3")
     assert created.returncode == 0, created.stderr
     return deployment
