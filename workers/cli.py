@@ -613,13 +613,14 @@ def _composed(args: argparse.Namespace, settings: Settings) -> Path:
     """Build the composed adapter (`adapters compose`); its directory."""
     from workers.adapters.admin import source_paths
     from workers.adapters.compose import CompositionError, compose_adapter
+    from workers.engine.model import resolve_model
 
     out = args.out or settings.adapters.allowed_roots[0] / "composed" / args.name / args.version
     try:
         path = compose_adapter(
             source_paths(settings, args.sources),
             method=CompositionMethod(args.method),
-            base_model_dir=settings.engine.model,
+            base_model_dir=resolve_model(settings.engine.model),
             out_dir=out,
             density=args.density,
         )

@@ -108,3 +108,17 @@ def test_check_passes_on_a_new_project_and_fails_on_a_broken_one(tmp_path: Path)
     assert failed.returncode == 1
     assert "summarizer" in failed.stdout
     assert failed.stdout.strip().endswith("1 failed")
+
+
+def test_without_vllm_check_and_run_say_how_to_install_it(tmp_path: Path) -> None:
+    # A `vllm` that cannot be imported shadows the installed one, as on a machine without it.
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("raise ImportError('no vllm here')\n")
+    checked = cli("check", PYTHONPATH=str(tmp_path))
+    assert checked.returncode == 1
+    assert "vLLM is not installed" in checked.stdout
+    ran = cli("--bootstrap-servers", "127.0.0.1:1", "run", PYTHONPATH=str(tmp_path))
+    assert ran.returncode == 2
+    assert (
+        ran.stderr.strip().splitlines()[-1].startswith("lora-workers: error: vLLM is not installed")
+    )

@@ -107,5 +107,5 @@ def test_every_cli_argument_has_help_with_its_default() -> None:
                 continue
             assert action.help, f"{parser.prog} {action.dest} has no help"
             shown = formatter._get_help_string(action) % {"default": action.default}
-            if action.option_strings and action.default not in (None, False):
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
                 assert str(action.default) in shown, f"{parser.prog} {action.dest}: {shown}"

