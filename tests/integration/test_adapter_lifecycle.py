@@ -380,8 +380,13 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
     other_base = tmp_path / "other-llama"
     save_other_base(other_base)
     save_random_lora(other_base, root / "foreign", rank=8)
-    # Same shapes problem, but its config claims our base: only the engine can catch it.
+    # Its config claims our base, but its weights' shapes are another model's: the identity
+    # check refuses it before the engine sees it.
     save_random_lora(other_base, root / "disguised", rank=8, claimed_base="tiny-llama")
+    # Intact headers, data cut short: only loading it can tell.
+    shutil.copytree(good, root / "truncated")
+    weights = root / "truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
     shutil.copytree(good, tmp_path / "outside")
     (root / "escape").symlink_to(tmp_path / "outside")
     # Written straight to the topic, past `adapters publish`: reading these files once stopped
@@ -399,7 +404,8 @@ def test_bad_updates_are_rejected_and_the_previous_version_keeps_serving(
         BadUpdate("base_model_mismatch", "b3", str(good), base_model="other-llama"),
         BadUpdate("base_model_mismatch", "b4", str(root / "foreign")),
         BadUpdate("rank_too_large", "b5", str(root / "rank16")),
-        BadUpdate("load_failed", "b8", str(root / "disguised")),
+        BadUpdate("base_model_mismatch", "b8", str(root / "disguised")),
+        BadUpdate("load_failed", "b11", str(root / "truncated")),
         BadUpdate("path_outside_roots", "b6", str(tmp_path / "outside")),
         BadUpdate("path_outside_roots", "b7", str(root / "escape")),
         BadUpdate("files_missing", "b9", str(root / "dangling")),

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from workers.core.config.base import REPO_ROOT, _Strict
+from workers.core.config.base import _Strict
 
 # LoRA ranks vLLM 0.32 accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -19,9 +19,10 @@ class EngineSettings(_Strict):
     with."""
 
     model: str = Field(
-        default=str(REPO_ROOT / "models" / "tiny-llama"),
-        description="A model directory, or a Hugging Face hub id already in the local cache "
-        "(read offline: never downloaded at run time).",
+        default="models/tiny-llama",  # the demo zoo of a project folder (`lora-workers init`)
+        description="A model directory (relative: to the configuration file's folder), or a "
+        "Hugging Face hub id already in the local cache (read offline: never downloaded at "
+        "run time).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",

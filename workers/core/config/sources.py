@@ -165,17 +165,21 @@ def _relative_to(folder: Path, value: Any) -> Any:
     return value
 
 
-def _relative_defaults(model: type[BaseModel], folder: Path) -> dict[str, Any]:
+def _relative_defaults(
+    model: type[BaseModel], folder: Path, prefix: Location = ()
+) -> dict[str, Any]:
     """Relative path defaults, anchored at the file's folder (absolute ones stay)."""
     anchored: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         inner = _model_of(field.annotation)
         if inner is not None:
-            nested = _relative_defaults(inner, folder)
+            nested = _relative_defaults(inner, folder, (*prefix, name))
             if nested:
                 anchored[name] = nested
         elif isinstance(field.default, Path) and not field.default.is_absolute():
             anchored[name] = str(folder / field.default)
+        elif (*prefix, name) in PATH_OR_NAME and (folder / str(field.default)).exists():
+            anchored[name] = str(folder / str(field.default))
     return anchored
 
 
