@@ -4,28 +4,16 @@ bulk --dry-run. None needs a broker or an engine."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.unit.cli_process import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("LORA_WORKERS_") and k != "KAFKA_BOOTSTRAP_SERVERS"
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=cwd,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(args, cwd, **env)
 
 
 def test_help_tells_where_settings_come_from() -> None:

@@ -9,15 +9,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.unit.cli_process import run_cli
 from workers.cli import _build_parser
 from workers.core.config import Settings
 
@@ -113,19 +112,7 @@ RUNNABLE = [
 
 def run_line(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env, argv = split(command)
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("LORA_WORKERS_") and k != "KAFKA_BOOTSTRAP_SERVERS"
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *argv],
-        cwd=cwd,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(argv, cwd, **env)
 
 
 @pytest.fixture(scope="module")

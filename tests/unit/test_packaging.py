@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.cli_process import run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,25 +35,12 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def run_cli(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("LORA_WORKERS_") and key != "KAFKA_BOOTSTRAP_SERVERS"
-    }
-    env["PYTHONPATH"] = str(site)
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def run_wheel(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(args, cwd, timeout=120, PYTHONPATH=str(site))
 
 
 def test_the_wheel_runs_its_own_code(installed_wheel: Path, tmp_path: Path) -> None:
-    probe = run_cli(installed_wheel, tmp_path, "--version")
+    probe = run_wheel(installed_wheel, tmp_path, "--version")
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.startswith("lora-workers ")
     where = subprocess.run(
@@ -68,14 +57,14 @@ def test_the_wheel_runs_its_own_code(installed_wheel: Path, tmp_path: Path) -> N
 def test_init_from_the_wheel_makes_a_project_that_configures_itself(
     installed_wheel: Path, tmp_path: Path
 ) -> None:
-    made = run_cli(installed_wheel, tmp_path, "init", "proj")
+    made = run_wheel(installed_wheel, tmp_path, "init", "proj")
     assert made.returncode == 0, made.stderr
     project = tmp_path / "proj"
     for name in ("lora-workers.yaml", "models/catalog.yaml", "models/tiny-llama/config.json"):
         assert (project / name).is_file(), name
     assert (project / "pipelines" / "classify.yaml").is_file()
     assert (project / "schemas" / "classify.output.schema.json").is_file()
-    shown = run_cli(installed_wheel, project, "config", "show")
+    shown = run_wheel(installed_wheel, project, "config", "show")
     assert shown.returncode == 0, shown.stderr
     assert str(project / "models" / "tiny-llama") in shown.stdout
     assert str(ROOT) not in shown.stdout  # nothing points back into the checkout
