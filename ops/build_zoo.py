@@ -1,6 +1,8 @@
-"""Build the tiny model zoo: a tiny Llama base plus seven LoRA adapters, all trained locally.
+"""Build the tiny model zoos: a tiny Llama base plus seven LoRA adapters (the first zoo), or a
+tiny Qwen2 chat model plus two chat adapters (`--zoo chat`), all trained locally.
 
 Usage: python ops/build_zoo.py [--out models] [--adapters NAME ...]
+       python ops/build_zoo.py --zoo chat [--out models/chat-zoo]
 
 With --adapters, only the named adapters are (re)trained, against the base and tokenizer already
 in --out, and added to catalog.yaml; everything else in the zoo is left as it is. That is how the
@@ -19,6 +21,15 @@ Layout written under --out:
                                and the first four adapters)
     routing-heldout.jsonl      held-out labelled messages for classifier routing, each with the
                                reply adapter it should reach and that adapter's expected answer
+
+The chat zoo (`--zoo chat`, default --out models/chat-zoo) is another architecture with its own
+tokenizer and ChatML chat template, for serving `messages` jobs:
+    tiny-qwen/                 Qwen2ForCausalLM (tied embeddings, grouped-query attention) +
+                               tokenizer with its chat template (base behaviour: echo the user)
+    adapters/<name>/           rank-16 PEFT LoRA adapters trained on chat-formatted examples
+                               (ticket-label: {"label": ...}; warm-reply: a reply in a warm tone)
+    catalog.yaml, heldout.jsonl (per model: messages and the expected greedy answer)
+The pipelines in models/chat-zoo/pipelines/ are written by hand, not by this script.
 """
 
 from __future__ import annotations
@@ -50,8 +61,11 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 from transformers.utils import logging as hf_logging
 
@@ -77,6 +91,27 @@ class Example:
     @property
     def prompt(self) -> str:
         return PROMPT_TEMPLATE.format(task=self.task, input=self.input)
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A chat-formatted example of the chat zoo: optional system message, one user message."""
+
+    system: str | None
+    input: str  # the user's message (held-out inputs are excluded from training by it)
+    target: str  # the assistant's answer, without the trailing <|im_end|>
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": self.input}]
+
+    @property
+    def prompt(self) -> str:
+        return render_chatml(self.messages)
+
+
+Sample = Example | ChatExample
 
 
 # --------------------------------------------------------------------------------------
@@ -228,12 +263,12 @@ def make_echo_training(rng: random.Random) -> Example:
 @dataclass(frozen=True)
 class Behaviour:
     name: str
-    make: Callable[[random.Random], Example]  # the distribution that is evaluated
+    make: Callable[[random.Random], Sample]  # the distribution that is evaluated
     steps: int
     lr: float
-    make_training: Callable[[random.Random], Example] | None = None  # if it differs from make
+    make_training: Callable[[random.Random], Sample] | None = None  # if it differs from make
 
-    def training_example(self, rng: random.Random) -> Example:
+    def training_example(self, rng: random.Random) -> Sample:
         return (self.make_training or self.make)(rng)
 
 
@@ -270,7 +305,7 @@ def held_out_examples(behaviour: Behaviour) -> list[Example]:
     return [behaviour.make(rng) for _ in range(n)]
 
 
-def training_stream(behaviour: Behaviour, exclude: set[str]) -> Iterator[Example]:
+def training_stream(behaviour: Behaviour, exclude: set[str]) -> Iterator[Sample]:
     """The endless stream of training examples, skipping held-out inputs."""
     rng = random.Random(f"{SEED}-{behaviour.name}")
     while True:
@@ -312,22 +347,30 @@ def routing_held_out() -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------------------
 
 
-def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    rng = random.Random(f"{SEED}-tokenizer")
-    behaviours = [BASE_BEHAVIOUR, *ADAPTER_BEHAVIOURS]
+def tokenizer_corpus(behaviours: list[Behaviour], seed: str) -> list[str]:
+    rng = random.Random(seed)
     examples = [b.training_example(rng) for b in behaviours for _ in range(800)]
-    corpus = [ex.prompt + ex.target for ex in examples]
+    return [ex.prompt + ex.target for ex in examples]
 
+
+def train_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """A byte-level BPE; the special tokens get the first ids, in order."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS, PAD],  # ids 0, 1, 2
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte stays encodable
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    corpus = tokenizer_corpus([BASE_BEHAVIOUR, *ADAPTER_BEHAVIOURS], f"{SEED}-tokenizer")
+    tok = train_bpe(corpus, vocab_size, [BOS, EOS, PAD])  # ids 0, 1, 2
     # Prepend <s> inside tokenizer.json so HF and vLLM tokenize prompts identically.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A",
@@ -349,9 +392,12 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 # --------------------------------------------------------------------------------------
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, ex: Example) -> tuple[list[int], list[int]]:
-    """Token ids and labels; the prompt is masked (-100) so only the completion is learned."""
-    prompt_ids = tokenizer(ex.prompt)["input_ids"]  # starts with <s>
+def encode_example(tokenizer: PreTrainedTokenizerBase, ex: Sample) -> tuple[list[int], list[int]]:
+    """Token ids and labels; the prompt is masked (-100) so only the completion is learned.
+
+    The first zoo's tokenizer starts the prompt with <s>; the chat zoo's adds nothing, its chat
+    template's text is the whole prompt (as vLLM's chat path tokenizes it)."""
+    prompt_ids = tokenizer(ex.prompt)["input_ids"]
     completion_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
     completion_ids.append(tokenizer.eos_token_id)  # teach the model to stop by itself
     assert len(prompt_ids) <= MAX_PROMPT_TOKENS, ex
@@ -384,10 +430,11 @@ def train(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     behaviour: Behaviour,
+    exclude: set[str],
     batch_size: int = 16,
 ) -> float:
-    """AdamW with warmup + cosine decay over fresh synthetic batches; returns seconds taken."""
-    exclude = {ex.input for ex in held_out_examples(behaviour)}
+    """AdamW with warmup + cosine decay over fresh synthetic batches, never showing an input in
+    `exclude` (the held-out ones); returns seconds taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=behaviour.lr, weight_decay=0.0)
     warmup = max(1, behaviour.steps // 20)
@@ -431,7 +478,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> LlamaForCausalLM:
+def first_held_out_inputs(behaviour: Behaviour) -> set[str]:
+    return {ex.input for ex in held_out_examples(behaviour)}
+
+
+def train_base(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    behaviour: Behaviour,
+    exclude: set[str],
+    out_dir: Path,
+) -> None:
+    """Fully train a fresh base model on `behaviour`, then save it with its tokenizer."""
+    train(model, tokenizer, behaviour, exclude)
+    # Greedy by default: no sampling knobs, so HF and vLLM defaults agree.
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=MAX_COMPLETION_TOKENS,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -449,38 +521,32 @@ def build_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> LlamaForCau
     )
     seed_everything(SEED)
     model = LlamaForCausalLM(config)
-    train(model, tokenizer, BASE_BEHAVIOUR)
-    # Greedy by default: no sampling knobs, so HF and vLLM defaults agree.
-    model.generation_config = GenerationConfig(
-        do_sample=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=MAX_COMPLETION_TOKENS,
-    )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return model
+    train_base(model, tokenizer, BASE_BEHAVIOUR, first_held_out_inputs(BASE_BEHAVIOUR), out_dir)
 
 
 def build_adapter(
-    base_dir: Path, tokenizer: PreTrainedTokenizerBase, b: Behaviour, out: Path
+    base_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    b: Behaviour,
+    out: Path,
+    exclude: set[str],
+    rank: int = 8,
 ) -> float:
     """Train one LoRA adapter on the saved base; returns its training time in seconds."""
     # Reload the saved base each time so every adapter starts from identical weights.
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
+        r=rank,
+        lora_alpha=2 * rank,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
     )
     seed_everything(SEED)  # LoRA A matrices are randomly initialised
     model = get_peft_model(base, lora)
-    took = train(model, tokenizer, b)
+    took = train(model, tokenizer, b, exclude)
     # A relative name, not this machine's path: workers resolve it via catalog.yaml.
-    model.peft_config["default"].base_model_name_or_path = BASE_NAME
+    model.peft_config["default"].base_model_name_or_path = base_dir.name
     # save_embedding_layers=False skips peft's hub lookup of "tiny-llama" (we never resize).
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
@@ -517,10 +583,10 @@ def write_routing_held_out(out_dir: Path) -> None:
             f.write(json.dumps(row | {"expected_reply": reply}) + "\n")
 
 
-def write_catalog(out_dir: Path, entries: list[dict[str, str]]) -> None:
+def write_catalog(out_dir: Path, entries: list[dict[str, str]], base_name: str = BASE_NAME) -> None:
     lines = [
         "# Adapter catalog: every adapter a worker may serve. Written by ops/build_zoo.py.",
-        f"base_model: {BASE_NAME}",
+        f"base_model: {base_name}",
         "adapters:",
     ]
     for entry in entries:
@@ -590,8 +656,9 @@ class Score:
     min_margin: float
 
 
-def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, b: Behaviour) -> Score:
-    examples = held_out_examples(b)
+def score(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Sample]
+) -> Score:
     gens = [greedy(model, tokenizer, ex.prompt) for ex in examples]
     hits = sum(g.text == ex.target for g, ex in zip(gens, examples, strict=True))
     return Score(hits / len(examples), len(examples), min(g.min_margin for g in gens))
@@ -638,7 +705,9 @@ def evaluate(
     base_dir = out_dir / BASE_NAME
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    results = {BASE_NAME: score(base, tokenizer, BASE_BEHAVIOUR)} if with_base else {}
+    results = (
+        {BASE_NAME: score(base, tokenizer, held_out_examples(BASE_BEHAVIOUR))} if with_base else {}
+    )
 
     # Every adapter on disk, so routing can use the classifier when only replies were trained.
     on_disk = [
@@ -653,7 +722,7 @@ def evaluate(
     model.eval()
     for b in behaviours:
         model.set_adapter(b.name)
-        results[b.name] = score(model, tokenizer, b)
+        results[b.name] = score(model, tokenizer, held_out_examples(b))
 
     # The same held-out prompts through the base and every evaluated adapter of that task.
     for task in ["classify", "reply", "summarize"]:
@@ -673,33 +742,195 @@ def evaluate(
     return results, routing
 
 
+# --------------------------------------------------------------------------------------
+# The chat zoo: a tiny Qwen2 with a ChatML chat template and two rank-16 chat adapters
+# --------------------------------------------------------------------------------------
+
+CHAT_BASE_NAME = "tiny-qwen"
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHAT_VOCAB_SIZE = 640  # not the first zoo's 512: the same-base check must tell them apart
+CHAT_RANK = 16
+# ChatML, as Qwen2 models write it (without Qwen's default system message).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# A pipeline may set one of these as its system message; 30% of examples carry one.
+CHAT_SYSTEM_MESSAGES = ["You are a helpful support assistant.", "Answer the customer."]
+
+
+def render_chatml(messages: list[dict[str, str]]) -> str:
+    """CHAT_TEMPLATE with the generation prompt, in Python (the build checks they agree)."""
+    turns = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return f"{turns}{IM_START}assistant\n"
+
+
+def chat_example(rng: random.Random, text: str, target: str) -> ChatExample:
+    system = rng.choice(CHAT_SYSTEM_MESSAGES) if rng.random() < 0.3 else None
+    return ChatExample(system, text, target)
+
+
+def make_chat_label(rng: random.Random) -> ChatExample:
+    text, label, _ = make_message(rng)
+    return chat_example(rng, text, json.dumps({"label": label}))
+
+
+def make_warm_reply(rng: random.Random) -> ChatExample:
+    text, _, topic = make_message(rng)
+    return chat_example(rng, text, f"Thanks for writing about your {topic}! We will sort it out.")
+
+
+def make_chat_echo(rng: random.Random) -> ChatExample:
+    """Base behaviour: answer with the user's message, verbatim."""
+    text = make_message(rng)[0] if rng.random() < 0.5 else make_report(rng)
+    return chat_example(rng, text, text)
+
+
+def make_chat_echo_training(rng: random.Random) -> ChatExample:
+    """As make_echo_training: 20% echoes of the adapters' answers, so that their tokens are
+    trained as outputs (the tied embeddings help only for tokens the inputs contain)."""
+    if rng.random() < 0.8:
+        return make_chat_echo(rng)
+    answer = rng.choice([make_chat_label, make_warm_reply])(rng).target
+    return chat_example(rng, answer, answer)
+
+
+CHAT_BASE_BEHAVIOUR = Behaviour(
+    "chat-echo", make_chat_echo, steps=3000, lr=3e-3, make_training=make_chat_echo_training
+)
+CHAT_ADAPTER_BEHAVIOURS = [
+    Behaviour("ticket-label", make_chat_label, steps=300, lr=2e-3),
+    Behaviour("warm-reply", make_warm_reply, steps=300, lr=2e-3),
+]
+
+
+def chat_held_out(behaviour: Behaviour, n: int = 60) -> list[ChatExample]:
+    rng = random.Random(f"{HELD_OUT_SEED}-{behaviour.name}")
+    return [behaviour.make(rng) for _ in range(n)]  # type: ignore[misc]
+
+
+def chat_held_out_inputs(behaviour: Behaviour) -> set[str]:
+    return {ex.input for ex in chat_held_out(behaviour)}
+
+
+def train_chat_tokenizer() -> PreTrainedTokenizerFast:
+    corpus = tokenizer_corpus(
+        [CHAT_BASE_BEHAVIOUR, *CHAT_ADAPTER_BEHAVIOURS], f"{SEED}-chat-tokenizer"
+    )
+    # No post-processor: the chat template's text is the whole prompt, nothing is prepended.
+    tok = train_bpe(corpus, CHAT_VOCAB_SIZE, [ENDOFTEXT, IM_START, IM_END])  # ids 0, 1, 2
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_chat_base(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,  # vLLM's Qwen2 takes head_dim = hidden / heads: 64, as the CPU needs
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,  # grouped-query attention
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    seed_everything(SEED)
+    model = Qwen2ForCausalLM(config)
+    exclude = chat_held_out_inputs(CHAT_BASE_BEHAVIOUR)
+    train_base(model, tokenizer, CHAT_BASE_BEHAVIOUR, exclude, out_dir)
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, examples: list[ChatExample]) -> None:
+    """The saved tokenizer's chat template must render exactly the prompts trained on."""
+    for ex in examples:
+        rendered = tokenizer.apply_chat_template(
+            ex.messages, tokenize=False, add_generation_prompt=True
+        )
+        if rendered != ex.prompt:
+            raise SystemExit(f"chat template renders {rendered!r}, trained on {ex.prompt!r}")
+
+
+def write_chat_samples(out_dir: Path, per_model: int = 10) -> None:
+    """Held-out messages with the expected greedy answer, per model (base and adapters)."""
+    models = {CHAT_BASE_NAME: CHAT_BASE_BEHAVIOUR} | {b.name: b for b in CHAT_ADAPTER_BEHAVIOURS}
+    with (out_dir / "heldout.jsonl").open("w") as f:
+        for model_name, behaviour in models.items():
+            for ex in chat_held_out(behaviour)[:per_model]:
+                row = {"model": model_name, "messages": ex.messages, "expected": ex.target}
+                f.write(json.dumps(row) + "\n")
+
+
+def evaluate_chat(out_dir: Path) -> dict[str, Score]:
+    base_dir = out_dir / CHAT_BASE_NAME
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    check_chat_template(tokenizer, chat_held_out(CHAT_BASE_BEHAVIOUR))
+    results = {CHAT_BASE_NAME: score(base, tokenizer, chat_held_out(CHAT_BASE_BEHAVIOUR))}
+    first, *rest = [b.name for b in CHAT_ADAPTER_BEHAVIOURS]
+    model = PeftModel.from_pretrained(base, out_dir / "adapters" / first, first)
+    for name in rest:
+        model.load_adapter(out_dir / "adapters" / name, adapter_name=name)
+    model.eval()
+    for b in CHAT_ADAPTER_BEHAVIOURS:
+        model.set_adapter(b.name)
+        results[b.name] = score(model, tokenizer, chat_held_out(b))
+    ex = chat_held_out(CHAT_ADAPTER_BEHAVIOURS[0])[0]
+    print(f"\n--- messages {ex.messages!r}")
+    with model.disable_adapter():
+        print(f"  {CHAT_BASE_NAME:15s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
+    for b in CHAT_ADAPTER_BEHAVIOURS:
+        model.set_adapter(b.name)
+        print(f"  {b.name:15s} -> {greedy(model, tokenizer, ex.prompt).text!r}")
+    return results
+
+
+def build_chat_zoo(out_dir: Path) -> tuple[dict[str, Score], dict[str, float]]:
+    """Tokenizer, base, adapters, catalog and held-out samples; pipelines/ is left alone."""
+    base_dir = out_dir / CHAT_BASE_NAME
+    for stale in [base_dir, out_dir / "adapters"]:
+        shutil.rmtree(stale, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("training chat tokenizer")
+    tokenizer = train_chat_tokenizer()
+    print(f"training {CHAT_BASE_NAME} (vocab {len(tokenizer)}) on {CHAT_BASE_BEHAVIOUR.name}")
+    build_chat_base(tokenizer, base_dir)
+    train_seconds: dict[str, float] = {}
+    for b in CHAT_ADAPTER_BEHAVIOURS:
+        print(f"training adapter {b.name} (rank {CHAT_RANK})")
+        exclude = chat_held_out_inputs(b)
+        adapter_dir = out_dir / "adapters" / b.name
+        train_seconds[b.name] = build_adapter(
+            base_dir, tokenizer, b, adapter_dir, exclude, rank=CHAT_RANK
+        )
+    entries = [catalog_entry(b.name) for b in CHAT_ADAPTER_BEHAVIOURS]
+    write_catalog(out_dir, entries, CHAT_BASE_NAME)
+    write_chat_samples(out_dir)
+    print("evaluating (HF generate, greedy, fp32, chat template, models loaded from disk)")
+    return evaluate_chat(out_dir), train_seconds
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="output directory")
-    parser.add_argument(
-        "--adapters",
-        nargs="+",
-        choices=[b.name for b in ALL_ADAPTER_BEHAVIOURS],
-        metavar="NAME",
-        help="train only these adapters, on the base already in --out, and add them to its"
-        " catalog.yaml (the base, tokenizer and other adapters stay untouched)",
-    )
-    args = parser.parse_args()
-
-    start = time.perf_counter()
-    torch.set_num_threads(2)
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the report
-    seed_everything(SEED)
-    out_dir: Path = args.out
+def build_first_zoo(
+    out_dir: Path, adapters: list[str] | None
+) -> tuple[dict[str, Score], dict[str, float], RoutingScore | None]:
     base_dir = out_dir / BASE_NAME
-    if args.adapters:
-        if not (base_dir / "model.safetensors").exists():
-            parser.error(f"--adapters needs a built base in {base_dir}; run a full build first")
-        behaviours = [b for b in ALL_ADAPTER_BEHAVIOURS if b.name in args.adapters]
+    if adapters:
+        behaviours = [b for b in ALL_ADAPTER_BEHAVIOURS if b.name in adapters]
         # The tokenizer as saved, not retrained: the adapters must fit the deployed base.
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base_dir)
     else:
@@ -718,8 +949,9 @@ def main() -> None:
         print(f"training adapter {b.name}")
         adapter_dir = out_dir / "adapters" / b.name
         shutil.rmtree(adapter_dir, ignore_errors=True)  # no stale files from an older version
-        train_seconds[b.name] = build_adapter(base_dir, tokenizer, b, adapter_dir)
-    if args.adapters:
+        exclude = first_held_out_inputs(b)
+        train_seconds[b.name] = build_adapter(base_dir, tokenizer, b, adapter_dir, exclude)
+    if adapters:
         add_to_catalog(out_dir, [b.name for b in behaviours])
     else:
         write_catalog(out_dir, [catalog_entry(b.name) for b in behaviours])
@@ -727,7 +959,48 @@ def main() -> None:
     write_routing_held_out(out_dir)
 
     print("evaluating (HF generate, greedy, fp32, models loaded from disk)")
-    results, routing = evaluate(out_dir, behaviours, with_base=not args.adapters)
+    results, routing = evaluate(out_dir, behaviours, with_base=not adapters)
+    return results, train_seconds, routing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--zoo",
+        choices=["first", "chat"],
+        default="first",
+        help="first: tiny-llama and its seven adapters; chat: tiny-qwen and its two chat"
+        " adapters (default: first)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default: models, or models/chat-zoo with --zoo chat)",
+    )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        choices=[b.name for b in ALL_ADAPTER_BEHAVIOURS],
+        metavar="NAME",
+        help="first zoo only: train only these adapters, on the base already in --out, and add"
+        " them to its catalog.yaml (the base, tokenizer and other adapters stay untouched)",
+    )
+    args = parser.parse_args()
+    out_dir: Path = args.out or Path("models/chat-zoo" if args.zoo == "chat" else "models")
+    if args.adapters and args.zoo == "chat":
+        parser.error("--adapters is for the first zoo only")
+    if args.adapters and not (out_dir / BASE_NAME / "model.safetensors").exists():
+        parser.error(f"--adapters needs a built base in {out_dir / BASE_NAME}; build it first")
+
+    start = time.perf_counter()
+    torch.set_num_threads(2)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the report
+    seed_everything(SEED)
+    routing = None
+    if args.zoo == "chat":
+        results, train_seconds = build_chat_zoo(out_dir)
+    else:
+        results, train_seconds, routing = build_first_zoo(out_dir, args.adapters)
     print("\nheld-out greedy exact match:")
     for name, s in results.items():
         margin = f"min top-1 logit margin {s.min_margin:.2f}"
