@@ -1,11 +1,15 @@
-"""structlog set up to write one JSON object per line to stderr."""
+"""structlog set up to write one JSON object per line to stderr; librdkafka's own log joins it
+at debug level."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from functools import cache
 
 import structlog
+
+LIBRDKAFKA_LOGGER = "lora_workers.librdkafka"
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -24,3 +28,23 @@ def configure_logging(level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+class _ToStructlog(logging.Handler):
+    """librdkafka's lines (`%3|...|FAIL|...` on stderr by default) as debug events: the errors
+    that matter reach the log once, through each client's error callback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger(LIBRDKAFKA_LOGGER).debug(
+            "librdkafka", level=record.levelname.lower(), message=record.getMessage()
+        )
+
+
+@cache
+def librdkafka_logger() -> logging.Logger:
+    """The stdlib logger every Kafka client is given (confluent-kafka's `logger=`)."""
+    logger = logging.getLogger(LIBRDKAFKA_LOGGER)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # never to the root logger's stderr handler
+    logger.addHandler(_ToStructlog())
+    return logger

@@ -240,7 +240,14 @@ class Settings(BaseSettings):
     )
     unknown_task_dlq: str = "jobs.dlq"
     kafka: dict[str, str] = Field(
-        default_factory=dict, description="Extra librdkafka settings for every client."
+        default_factory=dict,
+        description="librdkafka settings for every client (TLS, SASL, timeouts); in a "
+        "variable's name `_` stands for `.`: LORA_WORKERS_KAFKA__SECURITY_PROTOCOL.",
+    )
+    kafka_secret_files: dict[str, Path] = Field(
+        default_factory=dict,
+        description="librdkafka settings read from files as each client is built, e.g. "
+        "sasl.password: /run/secrets/kafka-password (never printed).",
     )
     commit_interval_ms: int = Field(
         default=100,

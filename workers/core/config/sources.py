@@ -41,6 +41,9 @@ Location = tuple[str, ...]
 # something next to the configuration file is that path.
 PATH_OR_NAME: frozenset[Location] = frozenset({("engine", "model")})
 
+# librdkafka's only string-valued key with an underscore: every other `_` stands for a `.`.
+LIBRDKAFKA_UNDERSCORED = frozenset({"log_level"})
+
 # Set by `load_settings` while it builds a `Settings`: the file to read (None: none at all).
 _CHOSEN_FILE: ContextVar[Path | bool | None] = ContextVar("chosen_config_file", default=False)
 
@@ -162,6 +165,8 @@ def _relative_to(folder: Path, value: Any) -> Any:
         return str(folder / value) if not Path(value).is_absolute() else value
     if isinstance(value, list):
         return [_relative_to(folder, item) for item in value]
+    if isinstance(value, dict):
+        return {key: _relative_to(folder, item) for key, item in value.items()}
     return value
 
 
@@ -222,6 +227,12 @@ def _environ() -> Mapping[str, str]:
 
 def known_variables(model: type[BaseModel]) -> list[str]:
     return [ENV_PREFIX + "__".join(loc).upper() for loc in _leaf_names(model)]
+
+
+def librdkafka_key(name: str) -> str:
+    """`sasl_password` (from LORA_WORKERS_KAFKA__SASL_PASSWORD) -> `sasl.password`: shell
+    variable names cannot hold dots, and librdkafka's keys (but one) have no underscores."""
+    return name if name in LIBRDKAFKA_UNDERSCORED else name.replace("_", ".")
 
 
 def check_environment(model: type[BaseModel], environ: Mapping[str, str]) -> None:
@@ -329,7 +340,9 @@ def _origin_of(location: Location, origins: Mapping[Location, str]) -> str:
 
 
 def is_secret(location: Location) -> bool:
-    name = location[-1].lower()
+    if location[0] == "kafka_secret_files":
+        return False  # where a secret is, not the secret
+    name = librdkafka_key(location[-1].lower())  # sasl_password from a variable too
     return any(word in name for word in SECRET_WORDS)
 
 
