@@ -167,6 +167,12 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--replication-factor", type=_positive_int, default=1, help="replicas per partition"
     )
+    create.add_argument(
+        "--acls",
+        action="store_true",
+        help="also print and create the worker, publisher and adapter-admin ACLs "
+        "(docs/security.md); needs a principal allowed to create ACLs",
+    )
 
     command_parser(commands, "results", "print result counts by task, adapter and status")
 
@@ -493,10 +499,18 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
     from workers.kafka.topics import create_topics, pipeline_topics
 
     settings = _settings(args)
-    topics = pipeline_topics(settings, _pipelines(settings), args.partitions)
+    pipelines = _pipelines(settings)
+    topics = pipeline_topics(settings, pipelines, args.partitions)
     outcome = create_topics(settings.require_bootstrap(), topics, args.replication_factor)
     for topic, state in sorted(outcome.items()):
         print(f"{state:8} {topic}")
+    if args.acls:
+        from workers.kafka.acls import acl_set, apply_acls
+
+        grants = acl_set(settings, pipelines)
+        for grant in grants:
+            print(f"acl      {grant.line()}")
+        apply_acls(settings, grants)
     return 0
 
 
