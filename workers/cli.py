@@ -1,7 +1,8 @@
 """lora-workers: Kafka-driven workers serving many LoRA adapters on one vLLM base model.
 
-Every failure the user can fix (a bad flag, a missing file, no broker address) ends with one
-readable line on stderr and a non-zero exit code.
+Every failure the user can fix (a bad flag, a missing file, no broker address, a cluster that
+cannot be reached or refuses the credentials) ends with one readable line on stderr and a
+non-zero exit code.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from workers.core.config.sources import (
     effective_rows,
 )
 from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN, contract_schemas
+from workers.kafka.clients import KafkaConnection, KafkaUnavailable, describe, probe
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -402,6 +404,14 @@ def _loaded_settings(args: argparse.Namespace) -> LoadedSettings:
     return Settings.load(overrides, args.config)
 
 
+def _kafka(settings: Settings) -> KafkaConnection:
+    """The cluster's connection, probed first: one line within seconds if it cannot be used,
+    rather than a client retrying (and librdkafka complaining) for a minute."""
+    kafka = KafkaConnection.from_settings(settings)
+    probe(kafka)
+    return kafka
+
+
 def _pipelines(settings: Settings) -> dict[str, PipelineConfig]:
     return load_pipelines(settings.pipelines_dir)
 
@@ -472,16 +482,17 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from workers.kafka.publish import publish_rows
 
     settings = _settings(args)
-    bootstrap = settings.require_bootstrap()
-    if args.file == "-":
+    settings.require_bootstrap()
+    path = None if args.file == "-" else Path(args.file)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"cannot read {args.file}: no such file")
+    kafka = _kafka(settings)
+    if path is None:
         # Bytes, not text: a line that is not UTF-8 is published as it is, for the worker to
         # dead-letter with its reason, instead of ending the whole publish.
-        report = publish_rows(bootstrap, args.topic, numbered_lines(sys.stdin.buffer))
+        report = publish_rows(kafka, args.topic, numbered_lines(sys.stdin.buffer))
     else:
-        path = Path(args.file)
-        if not path.is_file():
-            raise ConfigError(f"cannot read {args.file}: no such file")
-        report = publish_rows(bootstrap, args.topic, numbered_rows(path), count_rows(path))
+        report = publish_rows(kafka, args.topic, numbered_rows(path), count_rows(path))
     for line, reason in report.errors[:MAX_ERRORS_SHOWN]:
         where = f"line {line}" if line else "publish"
         print(f"lora-workers: {where}: {reason}", file=sys.stderr)
@@ -501,7 +512,7 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
     settings = _settings(args)
     pipelines = _pipelines(settings)
     topics = pipeline_topics(settings, pipelines, args.partitions)
-    outcome = create_topics(settings.require_bootstrap(), topics, args.replication_factor)
+    outcome = create_topics(_kafka(settings), topics, args.replication_factor)
     for topic, state in sorted(outcome.items()):
         print(f"{state:8} {topic}")
     if args.acls:
@@ -520,7 +531,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings(args)
     pipelines = _pipelines(settings).values()
     report = collect(
-        settings.require_bootstrap(),
+        _kafka(settings),
         [p.result_topic for p in pipelines],
         [p.dlq_topic for p in pipelines] + [settings.unknown_task_dlq],
     )
@@ -591,6 +602,7 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
     from workers.core.errors import AdapterRejected
 
     settings = _settings(args)
+    _kafka(settings)  # every adapters command reads the topics first
     if args.adapters_command == "list":
         _print_adapters(list_adapters(settings))
         return 0
@@ -709,8 +721,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except (ConfigError, ValidationError) as exc:
         print(f"lora-workers: error: {_first_line(exc)}", file=sys.stderr)
         code = EXIT_USAGE
+    except KafkaUnavailable as exc:
+        print(f"lora-workers: error: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
     except KafkaException as exc:
-        print(f"lora-workers: kafka error: {exc.args[0]}", file=sys.stderr)
+        print(f"lora-workers: kafka error: {describe(exc.args[0])}", file=sys.stderr)
         code = EXIT_FAILURE
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,6 +25,7 @@ from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.errors import AdapterRejected
 from workers.engine.model import EngineValues, engine_values
 from workers.health import Readiness, serve
+from workers.kafka.clients import KafkaConnection, probe
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
 from workers.kafka.status import NoticeWriter, last_serving_states, read_statuses
@@ -42,33 +43,34 @@ def run_worker(
     idle_exit_s: float | None = None,
     metrics_port: int | None = None,
 ) -> RunSummary:
-    bootstrap = settings.require_bootstrap()
+    kafka = KafkaConnection.from_settings(settings)
     pipelines = load_pipelines(settings.pipelines_dir)
     catalog = load_catalog(settings.catalog)
     # Before any Kafka client: a model or rank problem is a one-line configuration error.
     values = engine_values(settings.engine, catalog)
     readiness = Readiness()
     server = None if metrics_port is None else serve(metrics_port, readiness)
+    # One line, within seconds, if the cluster cannot be used (rather than clients retrying).
+    probe(kafka)
 
     sink: ResultSink = (
         ExactlyOnceSink(
-            bootstrap,
+            kafka,
             settings.transactional_id,
             settings.delivery.transaction_timeout_ms,
             settings.sizes,
-            settings.kafka,
         )
         if settings.delivery.mode == "exactly_once"
-        else AtLeastOnceSink(bootstrap, settings.sizes, settings.kafka)
+        else AtLeastOnceSink(kafka, settings.sizes)
     )
     # Before the engine starts: a killed predecessor's open transaction is fenced and aborted
     # while the engine loads, so its partitions are readable when the worker first consumes.
     sink.start()
     # What the fleet serves, for adapters whose good state was compacted under a rejected one.
-    last_serving = last_serving_states(read_statuses(bootstrap, settings.adapters.status_topic))
-    statuses = NoticeWriter(bootstrap, settings.adapters.status_topic, settings.kafka)
-    evaluations = NoticeWriter(bootstrap, settings.adapters.evaluations_topic, settings.kafka)
-    updates = AdapterUpdateFeed(bootstrap, settings.adapters.updates_topic, settings.kafka)
+    last_serving = last_serving_states(read_statuses(kafka, settings.adapters.status_topic))
+    statuses = NoticeWriter(kafka, settings.adapters.status_topic)
+    evaluations = NoticeWriter(kafka, settings.adapters.evaluations_topic)
+    updates = AdapterUpdateFeed(kafka, settings.adapters.updates_topic)
     merged, merge, check, reference = None, None, None, None
     dedicated = settings.merge.dedicated_adapter
     if dedicated is not None:
@@ -104,10 +106,10 @@ def run_worker(
             serving,
             updates,
             source_factory=lambda handlers: KafkaJobSource(
-                bootstrap,
+                kafka,
                 settings.group_id,
                 sorted(p.input_topic for p in pipelines.values()),
-                settings.kafka,
+                None,
                 handlers,
                 instance_id=settings.instance_id,
             ),

@@ -242,3 +242,18 @@ def test_probing_an_unreachable_cluster_is_one_line_naming_it_and_the_cause() ->
 def test_probing_an_unknown_host_names_name_resolution() -> None:
     with pytest.raises(KafkaUnavailable, match="name resolution failed"):
         clients.probe("nohost.invalid:9092", timeout_s=2.0)
+
+
+# --- one place builds clients ------------------------------------------------------------------
+
+
+def test_no_kafka_client_is_built_outside_the_builder() -> None:
+    built_here = ROOT / "workers" / "kafka" / "clients.py"
+    hand_built = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "workers").rglob("*.py"))
+        if path != built_here
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\b(Consumer|Producer|AdminClient)\(", line)
+    ]
+    assert hand_built == []

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message
 
 from workers.adapters.checks import AdapterRequirements, adapter_digest, inspect_adapter
 from workers.adapters.registry import update_from_catalog
@@ -21,6 +21,7 @@ from workers.core.contracts import (
     ShadowSpec,
 )
 from workers.engine.model import catalog_ranks, identify, lora_rank, read_model_info
+from workers.kafka.clients import KafkaConnection, KafkaUnavailable, describe, producer
 from workers.kafka.status import read_statuses
 from workers.kafka.topics import read_to_end
 
@@ -28,7 +29,8 @@ from workers.kafka.topics import read_to_end
 def current_updates(settings: Settings) -> dict[str, AdapterUpdate]:
     """The latest valid state per adapter name on the updates topic (tombstones drop it)."""
     states: dict[str, AdapterUpdate] = {}
-    for message in read_to_end(settings.require_bootstrap(), [settings.adapters.updates_topic]):
+    kafka = KafkaConnection.from_settings(settings)
+    for message in read_to_end(kafka, [settings.adapters.updates_topic]):
         record = decode_update(message.key(), message.value())
         if record.update is not None:
             states[record.name] = record.update
@@ -113,11 +115,25 @@ def encoded(state: AdapterUpdate) -> bytes:
 
 
 def _publish(settings: Settings, state: AdapterUpdate) -> None:
+    """Write the state; `KafkaUnavailable` (one line) if the broker refuses it, e.g. a
+    principal not allowed to write the updates topic."""
     value = encoded(state)
-    producer = Producer({"bootstrap.servers": settings.require_bootstrap(), "acks": "all"})
-    producer.produce(settings.adapters.updates_topic, key=state.name.encode(), value=value)
-    if producer.flush(30):
+    kafka = KafkaConnection.from_settings(settings)
+    topic = settings.adapters.updates_topic
+    refused: list[KafkaError] = []
+
+    def delivered(error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            refused.append(error)
+
+    writer = producer(kafka, {"acks": "all"})
+    writer.produce(topic, key=state.name.encode(), value=value, on_delivery=delivered)
+    if writer.flush(30):
         raise TimeoutError("the adapter update was not acknowledged within 30 s")
+    if refused:
+        raise KafkaUnavailable(
+            f"cannot publish to {topic} at {kafka.bootstrap_servers}: {describe(refused[0])}"
+        )
 
 
 def current_state(
@@ -203,7 +219,8 @@ class AdapterListing:
 def list_adapters(settings: Settings) -> list[AdapterListing]:
     latest: dict[tuple[str, str | None], AdapterStatus] = {}
     evaluated: dict[tuple[str, str | None], AdapterStatus] = {}
-    for status in read_statuses(settings.require_bootstrap(), settings.adapters.status_topic):
+    kafka = KafkaConnection.from_settings(settings)
+    for status in read_statuses(kafka, settings.adapters.status_topic):
         latest[(status.name, status.version)] = status
         if status.state is AdapterState.SHADOW and status.evaluation is not None:
             evaluated[(status.name, status.version)] = status

@@ -11,27 +11,26 @@ import uuid
 from collections.abc import Callable
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from workers.adapters.updates import UpdateRecord, decode_update
+from workers.kafka.clients import KafkaConnection, consumer
 from workers.kafka.topics import watermarks, with_metadata_retries
 
 log = structlog.get_logger(__name__)
 
 
 class AdapterUpdateFeed:
-    def __init__(self, bootstrap_servers: str, topic: str, extra_config: dict[str, str]) -> None:
+    def __init__(self, kafka: KafkaConnection | str, topic: str) -> None:
         self._topic = topic
-        self._consumer = Consumer(
+        self._consumer = consumer(
+            kafka,
             {
-                "bootstrap.servers": bootstrap_servers,
                 # A throwaway group id: offsets are never committed, the topic is replayed.
                 "group.id": f"lora-workers-adapters-{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
-                **extra_config,
             },
-            logger=None,
         )
         metadata = with_metadata_retries(lambda: self._consumer.list_topics(topic, timeout=30))
         partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}

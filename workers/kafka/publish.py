@@ -8,10 +8,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from workers.kafka.clients import KafkaConnection, producer
 from workers.kafka.sinks import produce_waiting_for_room
 
 
@@ -37,20 +38,13 @@ def job_key(value: bytes) -> bytes | None:
 
 
 def publish_rows(
-    bootstrap_servers: str, topic: str, rows: Iterable[tuple[int, bytes]], total: int | None = None
+    kafka: KafkaConnection | str,
+    topic: str,
+    rows: Iterable[tuple[int, bytes]],
+    total: int | None = None,
 ) -> PublishReport:
     report = PublishReport()
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "linger.ms": 10,
-            # A fresh broker answers "coordinator loading" once; librdkafka retries, so only
-            # errors are worth printing to an operator.
-            "log_level": 3,
-        },
-        logger=None,
-    )
+    writer = producer(kafka, {"enable.idempotence": True, "linger.ms": 10})
 
     def delivered(line: int, error: KafkaError | None, _message: Message) -> None:
         if error is None:
@@ -74,13 +68,13 @@ def publish_rows(
             # One line that cannot be written is reported with its number; the rest go on.
             try:
                 produce_waiting_for_room(
-                    producer, topic, key=key, value=value, on_delivery=partial(delivered, line)
+                    writer, topic, key=key, value=value, on_delivery=partial(delivered, line)
                 )
             except KafkaException as exc:
                 report.errors.append((line, str(exc.args[0])))
-            producer.poll(0)
+            writer.poll(0)
             progress.advance(bar)
-    remaining = producer.flush(60)
+    remaining = writer.flush(60)
     if remaining:
         report.errors.append((0, f"{remaining} messages not acknowledged within 60 s"))
     report.errors.sort()

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers.core.contracts import adapter_label
+from workers.kafka.clients import KafkaConnection
 from workers.kafka.topics import read_to_end
 
 
@@ -21,17 +22,17 @@ class ResultsReport:
 
 
 def collect(
-    bootstrap_servers: str, result_topics: list[str], dlq_topics: list[str]
+    kafka: KafkaConnection | str, result_topics: list[str], dlq_topics: list[str]
 ) -> ResultsReport:
     report = ResultsReport()
-    for message in read_to_end(bootstrap_servers, result_topics):
+    for message in read_to_end(kafka, result_topics):
         result = json.loads(message.value())
         adapter = result["adapter"]
         label = adapter_label(adapter and adapter["name"], adapter and adapter["version"])
         key = (result["task"], label, result["status"])
         report.counts[key] += 1
         report.examples.setdefault(key, result["raw_output"])
-    for message in read_to_end(bootstrap_servers, dlq_topics):
+    for message in read_to_end(kafka, dlq_topics):
         headers = dict(message.headers() or [])
         code = (headers.get("dlq.error.code") or b"?").decode()
         report.dead_letters[(message.topic(), code)] += 1

@@ -30,6 +30,8 @@ from workers.core.messages import (
     traceparent_of,
 )
 from workers.core.offsets import CommitPoint, Ledger, TopicPartitionKey
+from workers.kafka import clients
+from workers.kafka.clients import KafkaConnection
 
 log = structlog.get_logger(__name__)
 
@@ -255,10 +257,9 @@ def cannot_be_written(error: KafkaError) -> bool:
     return error.code() in RECORD_ERRORS
 
 
-def producer_config(bootstrap_servers: str, sizes: SizeSettings) -> dict[str, Any]:
-    """What every answer-writing producer shares: the broker and the record size limit."""
+def producer_config(sizes: SizeSettings) -> dict[str, Any]:
+    """What every answer-writing producer shares: the record size limit, batching."""
     return {
-        "bootstrap.servers": bootstrap_servers,
         "message.max.bytes": sizes.max_message_bytes,
         "linger.ms": 5,
         "compression.type": "lz4",
@@ -268,18 +269,15 @@ def producer_config(bootstrap_servers: str, sizes: SizeSettings) -> dict[str, An
 class AtLeastOnceSink:
     """Writes each answer at once; its offset is finished when the broker acknowledged it."""
 
-    def __init__(
-        self, bootstrap_servers: str, sizes: SizeSettings, extra_config: dict[str, str]
-    ) -> None:
-        self._producer = Producer(
+    def __init__(self, kafka: KafkaConnection | str, sizes: SizeSettings) -> None:
+        self._producer = clients.producer(
+            kafka,
             {
-                **producer_config(bootstrap_servers, sizes),
+                **producer_config(sizes),
                 # Idempotence keeps librdkafka's retries from writing a result twice.
                 "enable.idempotence": True,
                 "acks": "all",
-                **extra_config,
             },
-            logger=None,
         )
         self._fatal: str | None = None
         self._to_retry: list[tuple[float, Position, OutputRecord, OnDone]] = []

@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, T
 
 from workers.core.messages import SourceMessage
 from workers.core.offsets import CommitPoint, Ledger
+from workers.kafka.clients import KafkaConnection, consumer
 
 log = structlog.get_logger(__name__)
 
@@ -38,15 +39,14 @@ class RebalanceHandlers:
 class KafkaJobSource:
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: KafkaConnection | str,
         group_id: str,
         topics: list[str],
-        extra_config: dict[str, str],
+        extra_config: dict[str, str] | None,
         handlers: RebalanceHandlers,
         instance_id: str | None = None,
     ) -> None:
         config = {
-            "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -57,7 +57,7 @@ class KafkaJobSource:
             # Jobs published in an aborted transaction are never served.
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
-            **extra_config,
+            **(extra_config or {}),  # per-source overrides (tests)
         }
         if instance_id is not None:
             # Static membership: a restart within session.timeout.ms keeps the assignment.
@@ -69,7 +69,7 @@ class KafkaJobSource:
         self._cooperative = "cooperative" in str(config["partition.assignment.strategy"])
         self._waiting_since: float | None = None  # for fetch_pending's warning
         self._waiting_reported = False
-        self._consumer = Consumer(config, logger=None)
+        self._consumer = consumer(kafka, config)
         self._consumer.subscribe(
             topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )

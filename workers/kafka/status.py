@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 from pydantic import BaseModel, ValidationError
 
 from workers.core.contracts import AdapterState, AdapterStatus, AdapterUpdate
+from workers.kafka.clients import KafkaConnection, producer
 from workers.kafka.topics import read_to_end
 
 log = structlog.get_logger(__name__)
@@ -21,11 +22,14 @@ ROOM_WAIT_S = 0.1
 class NoticeWriter:
     """Writes keyed JSON records to one topic; a lost record is logged, never fatal."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, extra_config: dict[str, str]) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConnection | str,
+        topic: str,
+        extra_config: dict[str, str] | None = None,
+    ) -> None:
         self._topic = topic
-        self._producer = Producer(
-            {"bootstrap.servers": bootstrap_servers, "acks": "all", **extra_config}, logger=None
-        )
+        self._producer = producer(kafka, {"acks": "all", **(extra_config or {})})
 
     def write(self, key: str, record: BaseModel) -> None:
         def delivered(error: KafkaError | None, _message: Message) -> None:
@@ -57,10 +61,10 @@ class NoticeWriter:
         self._producer.flush(10)
 
 
-def read_statuses(bootstrap_servers: str, topic: str) -> list[AdapterStatus]:
+def read_statuses(kafka: KafkaConnection | str, topic: str) -> list[AdapterStatus]:
     """Every status on the topic, in order; a record that is not a status is skipped."""
     statuses: list[AdapterStatus] = []
-    for message in read_to_end(bootstrap_servers, [topic]):
+    for message in read_to_end(kafka, [topic]):
         try:
             statuses.append(AdapterStatus.model_validate_json(message.value() or b""))
         except ValidationError:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
 from workers.core.config import PipelineConfig, Settings
+from workers.kafka.clients import KafkaConnection, admin_client, reader
 
 log = structlog.get_logger(__name__)
 
@@ -89,10 +89,10 @@ def pipeline_topics(
 
 
 def create_topics(
-    bootstrap_servers: str, topics: list[TopicSpec], replication_factor: int
+    kafka: KafkaConnection | str, topics: list[TopicSpec], replication_factor: int
 ) -> dict[str, str]:
     """Create topics that do not exist yet; returns topic -> "created" | "exists"."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = admin_client(kafka)
     futures = admin.create_topics(
         [
             NewTopic(
@@ -136,18 +136,10 @@ def _partitions(consumer: Consumer, topics: list[str]) -> list[tuple[str, list[i
 
 
 def read_to_end(
-    bootstrap_servers: str, topics: list[str], *, isolation: str = "read_committed"
+    kafka: KafkaConnection | str, topics: list[str], *, isolation: str = "read_committed"
 ) -> Iterator[Message]:
     """Every message currently in `topics`, from the beginning to the high watermark."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": f"lora-workers-reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": isolation,
-        },
-        logger=None,
-    )
+    consumer = reader(kafka, isolation=isolation)
     try:
         assignment: list[TopicPartition] = []
         remaining: dict[tuple[str, int], int] = {}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
@@ -40,6 +41,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from workers import metrics
 from workers.core.config import SizeSettings
 from workers.core.offsets import CommitPoint, TopicPartitionKey
+from workers.kafka.clients import KafkaConnection, transactional_producer
 from workers.kafka.sinks import (
     CommitSource,
     OnDone,
@@ -63,10 +65,6 @@ T = TypeVar("T")
 ProducerFactory = Callable[[dict[str, Any]], Producer]
 
 
-def _new_producer(config: dict[str, Any]) -> Producer:
-    return Producer(config, logger=None)
-
-
 class CommitInDoubt(Exception):
     """`commit_transaction` ended without saying whether the transaction committed."""
 
@@ -74,21 +72,21 @@ class CommitInDoubt(Exception):
 class ExactlyOnceSink:
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: KafkaConnection | str,
         transactional_id: str,
         transaction_timeout_ms: int,
         sizes: SizeSettings,
-        extra_config: dict[str, str],
-        producer_factory: ProducerFactory = _new_producer,
+        extra_config: dict[str, str] | None = None,
+        producer_factory: ProducerFactory | None = None,
     ) -> None:
-        self._new_producer = producer_factory
+        self._new_producer = producer_factory or partial(transactional_producer, kafka)
         self._config: dict[str, Any] = {
-            **producer_config(bootstrap_servers, sizes),
+            **producer_config(sizes),
             # Stable per replica (see Settings.instance_id): the next producer with this id
             # aborts whatever a killed predecessor left open.
             "transactional.id": transactional_id,
             "transaction.timeout.ms": transaction_timeout_ms,
-            **extra_config,
+            **(extra_config or {}),  # per-sink overrides (tests)
         }
         # How long retriable commit errors are retried; past it the outcome is in doubt. The
         # coordinator does not abort a commit that reached it, so it must be settled, not assumed.
