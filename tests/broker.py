@@ -15,6 +15,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,51 @@ def _local_broker(state_dir: Path) -> Iterator[str]:
     line = started.stdout.strip().splitlines()[-1]
     try:
         yield line.removeprefix("KAFKA_BOOTSTRAP_SERVERS=")
+    finally:
+        subprocess.run([str(script), "stop"], env=env, capture_output=True, timeout=120)
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    """A broker from `ops/kafka-local start --secure`: TLS + SCRAM-SHA-512 + ACLs, with the
+    `admin` super user and the worker, publisher and adapter-admin principals."""
+
+    bootstrap: str
+    state_dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.state_dir / "tls" / "ca.pem"
+
+    def env(self, principal: str) -> dict[str, str]:
+        """The principal's settings as `lora-workers` reads them from the environment."""
+        lines = (self.state_dir / f"{principal}.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def librdkafka(self, principal: str) -> dict[str, str]:
+        """The same settings as a librdkafka configuration, bootstrap servers included."""
+        prefix = "LORA_WORKERS_KAFKA__"
+        return {"bootstrap.servers": self.bootstrap} | {
+            key.removeprefix(prefix).lower().replace("_", "."): value
+            for key, value in self.env(principal).items()
+            if key.startswith(prefix)
+        }
+
+
+@contextmanager
+def secure_local_broker(state_dir: Path) -> Iterator[SecureBroker]:
+    """Its own secured broker (the shared one stays plaintext), stopped afterwards."""
+    script = ROOT / "ops" / "kafka-local"
+    env = {**os.environ, "KAFKA_LOCAL_STATE": str(state_dir)}
+    env.pop("KAFKA_LOCAL_KEEP_FAILED", None)
+    started = subprocess.run(
+        [str(script), "start", "--secure"], env=env, capture_output=True, text=True, timeout=300
+    )
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"ops/kafka-local start --secure failed: {started.stderr.strip()}")
+        line = started.stdout.strip().splitlines()[-1]
+        yield SecureBroker(line.removeprefix("KAFKA_BOOTSTRAP_SERVERS="), state_dir)
     finally:
         subprocess.run([str(script), "stop"], env=env, capture_output=True, timeout=120)
 
