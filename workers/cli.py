@@ -32,6 +32,7 @@ from workers.core.config.sources import (
 )
 from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN, contract_schemas
 from workers.kafka.clients import KafkaConnection, KafkaUnavailable, describe, probe
+from workers.kafka.sinks import DeliveryFailed
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -723,6 +724,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = EXIT_USAGE
     except KafkaUnavailable as exc:
         print(f"lora-workers: error: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except DeliveryFailed as exc:  # e.g. the result and dead-letter topics both denied
+        print(f"lora-workers: error: cannot write answers: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
     except KafkaException as exc:
         print(f"lora-workers: kafka error: {describe(exc.args[0])}", file=sys.stderr)

@@ -257,3 +257,16 @@ def test_no_kafka_client_is_built_outside_the_builder() -> None:
         if re.search(r"\b(Consumer|Producer|AdminClient)\(", line)
     ]
     assert hand_built == []
+
+
+def test_the_line_drops_librdkafkas_timing_and_falls_back_to_the_request_error() -> None:
+    refused = error(
+        KafkaError._TRANSPORT, "b:1/bootstrap: Connection refused (after 0ms in state CONNECT)"
+    )
+    assert describe(refused) == "connection refused: b:1/bootstrap: Connection refused"
+    reporter = ErrorReporter("b:1", period_s=10.0, quiet=True)
+    failed = error(KafkaError._TRANSPORT, "Failed to get metadata: Local: Broker transport failure")
+    assert str(reporter.unavailable(failed)) == (
+        "cannot use Kafka at b:1: connection failed: "
+        "Failed to get metadata: Local: Broker transport failure"
+    )

@@ -26,6 +26,7 @@ per cause per reconnect backoff period (`reconnect.backoff.max.ms`, 10 s by defa
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -50,6 +51,8 @@ log = structlog.get_logger(__name__)
 PROBE_TIMEOUT_S = 10.0
 DEFAULT_BACKOFF_MAX_MS = 10_000  # librdkafka's reconnect.backoff.max.ms
 MAX_DETAIL_CHARS = 300
+# librdkafka's timing suffix: "(after 0ms in state CONNECT, 1 identical error(s) suppressed)".
+_STATE_SUFFIX = re.compile(r"\s*\(after \d+ms in state [^)]*\)\s*$")
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ def classify(error: KafkaError) -> Cause | None:
 def describe(error: KafkaError) -> str:
     """One line: the cause, then librdkafka's own words."""
     cause = classify(error)
-    detail = error.str().splitlines()[0][:MAX_DETAIL_CHARS] if error.str() else error.name()
+    text = error.str().splitlines()[0] if error.str() else error.name()
+    detail = _STATE_SUFFIX.sub("", text)[:MAX_DETAIL_CHARS]
     if cause is Cause.AUTHORIZATION:
         return f"{cause.value} ({_AUTHORIZATION[error.code()]}): {detail}"
     return f"{cause.value}: {detail}" if cause is not None else detail
@@ -192,7 +196,9 @@ class ErrorReporter:
         )
 
     def unavailable(self, fallback: KafkaError | str) -> KafkaUnavailable:
-        why = describe(self.worst) if self.worst is not None else str(fallback)
+        """The one line: the most telling error seen, else what the request itself raised."""
+        worst = self.worst if self.worst is not None else fallback
+        why = describe(worst) if isinstance(worst, KafkaError) else worst
         return KafkaUnavailable(f"cannot use Kafka at {self._bootstrap}: {why}")
 
 

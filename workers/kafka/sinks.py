@@ -31,7 +31,7 @@ from workers.core.messages import (
 )
 from workers.core.offsets import CommitPoint, Ledger, TopicPartitionKey
 from workers.kafka import clients
-from workers.kafka.clients import KafkaConnection
+from workers.kafka.clients import KafkaConnection, describe
 
 log = structlog.get_logger(__name__)
 
@@ -174,7 +174,9 @@ def stand_in_for(record: OutputRecord, position: Position, error: str) -> Output
     """The minimal `undeliverable` dead letter that replaces an answer the broker refused for
     good (counted and logged); `DeliveryFailed` if the refused record already was one."""
     if record.undeliverable:
-        raise DeliveryFailed(f"even the undeliverable answer for {position} failed: {error}")
+        raise DeliveryFailed(
+            f"even the undeliverable answer for {position} to {record.topic} failed: {error}"
+        )
     metrics.UNDELIVERABLE.inc()
     log.error("answer_undeliverable", topic=record.topic, source=position, error=error)
     return undeliverable_record(record, position, f"writing to {record.topic}: {error}")
@@ -292,7 +294,7 @@ class AtLeastOnceSink:
             elif error.fatal():
                 self._fatal = str(error)
             elif cannot_be_written(error):
-                self._give_up(position, record, on_done, str(error))
+                self._give_up(position, record, on_done, describe(error))
             else:
                 # Not taken after librdkafka's own retries (e.g. the broker was away longer
                 # than message.timeout.ms): write it again later, never drop it.

@@ -41,7 +41,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from workers import metrics
 from workers.core.config import SizeSettings
 from workers.core.offsets import CommitPoint, TopicPartitionKey
-from workers.kafka.clients import KafkaConnection, transactional_producer
+from workers.kafka.clients import KafkaConnection, describe, transactional_producer
 from workers.kafka.sinks import (
     CommitSource,
     OnDone,
@@ -244,7 +244,7 @@ class ExactlyOnceSink:
         for at, error in failed:
             record = self._held.get((at[0], at[1]), {}).get(at[2])
             if record is not None and cannot_be_written(error):
-                self._hold_stand_in(at, record, str(error))
+                self._hold_stand_in(at, record, describe(error))
 
     def _hold_stand_in(self, at: Position, record: OutputRecord, error: str) -> OutputRecord:
         minimal = stand_in_for(record, at, error)

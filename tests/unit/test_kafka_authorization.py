@@ -1,0 +1,151 @@
+"""Authorization errors at run time are answers, not crashes: a worker denied one result topic
+dead-letters those answers as `undeliverable` and commits the rest; denied its dead-letter topic
+too, it stops with one line. `adapters publish` refused by the broker is one line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from tests.unit.kafka_fakes import FakeBroker, FakeProducer, FakeSource
+from workers.adapters import admin
+from workers.core.config import Settings, SizeSettings
+from workers.core.contracts import AdapterUpdate, AdapterVersionSpec
+from workers.core.offsets import CommitPoint, Ledger
+from workers.kafka.clients import KafkaUnavailable
+from workers.kafka.sinks import DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DeliveryFailed, OutputRecord
+from workers.kafka.transactions import ExactlyOnceSink
+
+TOPIC = "jobs.classify"
+DENIED = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "Broker: Topic authorization failed")
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("workers.kafka.transactions.time.sleep", lambda _s: None)
+
+
+class DeniedTopicsProducer(FakeProducer):
+    """A producer whose principal may not write some topics: their records' delivery reports
+    say so and the transaction must be aborted, as librdkafka reports them."""
+
+    def __init__(self, broker: FakeBroker, config: dict[str, Any], denied: set[str]) -> None:
+        super().__init__(broker, config)
+        self.denied = denied
+        self.headers: list[Any] = []
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: Any = None,
+        on_delivery: Any = None,
+    ) -> None:
+        if topic not in self.denied:
+            self.headers.append((topic, headers))
+            super().produce(topic, key, value, headers, on_delivery)
+            return
+        self._refused = True
+        self._callbacks.append(lambda: on_delivery and on_delivery(DENIED, None))
+
+
+def denying(broker: FakeBroker, denied: set[str]) -> ExactlyOnceSink:
+    producers: list[DeniedTopicsProducer] = []
+
+    def new_producer(config: dict[str, Any]) -> DeniedTopicsProducer:
+        producer = DeniedTopicsProducer(broker, config, denied)
+        producers.append(producer)
+        return producer
+
+    sink = ExactlyOnceSink("fake:9092", "tx", 60_000, SizeSettings(), producer_factory=new_producer)
+    sink.producers = producers  # type: ignore[attr-defined]
+    return sink
+
+
+def answer(offset: int, topic: str) -> OutputRecord:
+    return OutputRecord(
+        topic=topic,
+        key=f"job-{offset}".encode(),
+        value=f"answer {offset}".encode(),
+        headers=[],
+        dead_letter_topic="jobs.classify.dlq",
+    )
+
+
+def up_to(position: int) -> dict[tuple[str, int], CommitPoint]:
+    return {(TOPIC, 0): CommitPoint(position, Ledger(position))}
+
+
+def test_answers_to_a_denied_result_topic_are_dead_lettered_and_the_rest_commit() -> None:
+    broker = FakeBroker()
+    sink = denying(broker, {"results.denied"})
+    source = FakeSource(broker)
+    topics = ["results.classify", "results.denied", "results.classify"]
+    for offset, topic in enumerate(topics):
+        sink.write((TOPIC, 0, offset), answer(offset, topic), lambda: None)
+    assert not sink.commit(up_to(3), source)  # aborted: one record was refused
+    assert sink.commit(up_to(3), source)
+    assert broker.log == [
+        ("results.classify", b"answer 0"),
+        ("jobs.classify.dlq", None),  # the minimal undeliverable answer, no payload
+        ("results.classify", b"answer 2"),
+    ]
+    assert broker.committed[(TOPIC, 0)][0] == 3
+    written = sink.producers[-1].headers  # type: ignore[attr-defined]
+    headers = dict(next(h for topic, h in written if topic == "jobs.classify.dlq"))
+    assert headers[DLQ_ERROR_CODE] == b"undeliverable"
+    assert headers[DLQ_ERROR_MESSAGE] == (
+        b"writing to results.denied: not authorized (topic): Broker: Topic authorization failed"
+    )
+
+
+def test_a_denied_dead_letter_topic_too_stops_the_worker_with_one_line() -> None:
+    broker = FakeBroker()
+    sink = denying(broker, {"results.denied", "jobs.classify.dlq"})
+    source = FakeSource(broker)
+    sink.write((TOPIC, 0, 0), answer(0, "results.denied"), lambda: None)
+    assert not sink.commit(up_to(1), source)
+    with pytest.raises(DeliveryFailed) as raised:
+        sink.commit(up_to(1), source)
+    assert str(raised.value) == (
+        "even the undeliverable answer for ('jobs.classify', 0, 0) to jobs.classify.dlq failed: "
+        "not authorized (topic): Broker: Topic authorization failed"
+    )
+    assert broker.log == [] and broker.committed == {}  # nothing committed: served again
+
+
+class RefusingProducer:
+    """A producer the broker refuses every record of, as it does a principal without Write."""
+
+    def __init__(self, _kafka: object, _config: dict[str, Any]) -> None:
+        self._delivered: list[Any] = []
+
+    def produce(self, _topic: str, key: bytes, value: bytes, on_delivery: Any) -> None:
+        self._delivered.append(on_delivery)
+
+    def flush(self, _timeout: float) -> int:
+        for delivered in self._delivered:
+            delivered(DENIED, None)
+        return 0
+
+
+def test_adapters_publish_refused_by_the_broker_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admin, "producer", RefusingProducer)
+    settings = Settings(bootstrap_servers="broker:9093")
+    state = AdapterUpdate(
+        name="classifier",
+        base_model="tiny-llama",
+        versions=[AdapterVersionSpec(version="v2", path="/a/classifier", sha256="0" * 64)],
+        published_at_ms=1,
+    )
+    with pytest.raises(KafkaUnavailable) as raised:
+        admin._publish(settings, state)
+    assert str(raised.value) == (
+        "cannot publish to adapters.updates at broker:9093: "
+        "not authorized (topic): Broker: Topic authorization failed"
+    )
