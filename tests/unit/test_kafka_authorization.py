@@ -1,21 +1,24 @@
 """Authorization errors at run time are answers, not crashes: a worker denied one result topic
 dead-letters those answers as `undeliverable` and commits the rest; denied its dead-letter topic
-too, it stops with one line. `adapters publish` refused by the broker is one line."""
+too, or its group or transactional id, it stops with one line. `adapters publish` refused by the
+broker is one line."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from tests.unit.kafka_fakes import FakeBroker, FakeProducer, FakeSource
 from workers.adapters import admin
 from workers.core.config import Settings, SizeSettings
 from workers.core.contracts import AdapterUpdate, AdapterVersionSpec
 from workers.core.offsets import CommitPoint, Ledger
-from workers.kafka.clients import KafkaUnavailable
+from workers.kafka import source
+from workers.kafka.clients import KafkaUnavailable, describe
 from workers.kafka.sinks import DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DeliveryFailed, OutputRecord
+from workers.kafka.source import KafkaJobSource, RebalanceHandlers
 from workers.kafka.transactions import ExactlyOnceSink
 
 TOPIC = "jobs.classify"
@@ -149,3 +152,81 @@ def test_adapters_publish_refused_by_the_broker_is_one_line(
         "cannot publish to adapters.updates at broker:9093: "
         "not authorized (topic): Broker: Topic authorization failed"
     )
+
+
+class DeniedTransactionalIdProducer(FakeProducer):
+    def init_transactions(self, _timeout: float) -> None:
+        raise KafkaException(
+            KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "denied", fatal=True)
+        )
+
+
+def test_a_denied_transactional_id_stops_the_worker_at_start() -> None:
+    broker = FakeBroker()
+    sink = ExactlyOnceSink(
+        "fake:9092",
+        "tx",
+        60_000,
+        SizeSettings(),
+        producer_factory=lambda config: DeniedTransactionalIdProducer(broker, config),
+    )
+    with pytest.raises(KafkaException) as raised:
+        sink.start()  # not retried at every commit for ever
+    assert describe(raised.value.args[0]) == "not authorized (transactional id): denied"
+
+
+class DeniedGroupProducer(FakeProducer):
+    def send_offsets_to_transaction(self, *_args: Any) -> None:
+        raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED, "denied"))
+
+
+def test_a_denied_group_stops_the_worker_instead_of_retrying_the_commit() -> None:
+    broker = FakeBroker()
+    sink = ExactlyOnceSink(
+        "fake:9092",
+        "tx",
+        60_000,
+        SizeSettings(),
+        producer_factory=lambda config: DeniedGroupProducer(broker, config),
+    )
+    sink.write((TOPIC, 0, 0), answer(0, "results.classify"), lambda: None)
+    with pytest.raises(KafkaException):
+        sink.commit(up_to(1), FakeSource(broker))
+    assert broker.log == []
+
+
+class ErrorMessage:
+    def __init__(self, error: KafkaError) -> None:
+        self._error = error
+
+    def error(self) -> KafkaError:
+        return self._error
+
+
+class DeniedConsumer:
+    """A consumer whose group the broker refuses: every consume() returns that error."""
+
+    def __init__(self, _kafka: object, _config: dict[str, Any]) -> None:
+        pass
+
+    def subscribe(self, _topics: list[str], **_callbacks: Any) -> None:
+        pass
+
+    def consume(self, num_messages: int, timeout: float) -> list[ErrorMessage]:
+        return [ErrorMessage(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED, "denied"))]
+
+
+def test_a_denied_group_is_one_error_from_the_source_not_a_warning_per_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(source, "consumer", DeniedConsumer)
+    jobs = KafkaJobSource(
+        "fake:9092",
+        "lora-workers",
+        [TOPIC],
+        None,
+        RebalanceHandlers(revoked=lambda _p: None, lost=lambda _p: None),
+    )
+    with pytest.raises(KafkaException) as raised:
+        jobs.consume(10, 0.1)
+    assert describe(raised.value.args[0]) == "not authorized (group): denied"

@@ -133,6 +133,15 @@ def classify(error: KafkaError) -> Cause | None:
     return None
 
 
+def denied_for_good(error: KafkaError) -> bool:
+    """Refused the group, the transactional id or the cluster: no answer can route around it
+    (unlike a denied topic, whose answers are dead-lettered), so the worker stops."""
+    return (
+        classify(error) is Cause.AUTHORIZATION
+        and error.code() != KafkaError.TOPIC_AUTHORIZATION_FAILED
+    )
+
+
 def describe(error: KafkaError) -> str:
     """One line: the cause, then librdkafka's own words."""
     cause = classify(error)

@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, T
 
 from workers.core.messages import SourceMessage
 from workers.core.offsets import CommitPoint, Ledger
-from workers.kafka.clients import KafkaConnection, consumer
+from workers.kafka.clients import KafkaConnection, consumer, denied_for_good
 
 log = structlog.get_logger(__name__)
 
@@ -128,8 +128,8 @@ class KafkaJobSource:
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
+                if error.fatal() or denied_for_good(error):
+                    raise KafkaException(error)  # e.g. the group denied: one line, not a flood
                 # Transient broker errors are retried by librdkafka; note them and move on.
                 log.warning("consume_error", error=str(error))
                 continue

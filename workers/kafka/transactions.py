@@ -41,7 +41,12 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from workers import metrics
 from workers.core.config import SizeSettings
 from workers.core.offsets import CommitPoint, TopicPartitionKey
-from workers.kafka.clients import KafkaConnection, describe, transactional_producer
+from workers.kafka.clients import (
+    KafkaConnection,
+    denied_for_good,
+    describe,
+    transactional_producer,
+)
 from workers.kafka.sinks import (
     CommitSource,
     OnDone,
@@ -104,6 +109,8 @@ class ExactlyOnceSink:
         try:
             self._ready_producer()
         except KafkaException as exc:
+            if denied_for_good(exc.args[0]):
+                raise  # e.g. the transactional id denied: no later commit can do better
             log.warning("transactional_producer_not_ready", error=str(exc.args[0]))
             self._producer = None
 
@@ -165,6 +172,8 @@ class ExactlyOnceSink:
             # Settled now, or at the start of a later commit: nothing is sent before that.
             return self._settle_doubt(source) is True
         except KafkaException as exc:
+            if denied_for_good(exc.args[0]):
+                raise  # the group or transactional id denied: the worker stops, one line
             self._recover(exc.args[0])
             self._replace_undeliverable(failed)
             return False
