@@ -221,7 +221,8 @@ def test_a_misconfigured_client_fails_fast_in_one_line(
 
 def test_the_secure_compose_stack_gives_each_service_its_principal() -> None:
     """`docker compose config` accepts the override, and every Kafka client in the stack
-    connects over TLS + SCRAM as its own principal, its password from a file."""
+    connects over TLS + SCRAM as its own principal, its password from a file on a volume no
+    other client mounts."""
     rendered = subprocess.run(
         [*SECURE_COMPOSE, "config", "--format", "json"],
         cwd=ROOT,
@@ -233,16 +234,14 @@ def test_the_secure_compose_stack_gives_each_service_its_principal() -> None:
     services = json.loads(rendered.stdout)["services"]
     assert services["kafka"]["entrypoint"] == ["/ops/secure/kafka-start"]
     assert "kafka-secrets" in services["kafka"]["depends_on"]
-    for service, principal in [
-        ("topics", "admin"),
-        ("worker", "worker"),
-        ("publisher", "publisher"),
-    ]:
+    clients = [("topics", "admin"), ("worker", "worker"), ("publisher", "publisher")]
+    for service, principal in clients:
         env = services[service]["environment"]
         assert env["LORA_WORKERS_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL", service
         assert env["LORA_WORKERS_KAFKA__SASL_MECHANISM"] == "SCRAM-SHA-512", service
         assert env["LORA_WORKERS_KAFKA__SASL_USERNAME"] == principal, service
-        secret = env["LORA_WORKERS_KAFKA_SECRET_FILES__SASL_PASSWORD"]
-        assert secret == f"/secrets/{principal}.password", service
-        assert not any("PASSWORD" in key and "SECRET_FILES" not in key for key in env), service
+        assert env["LORA_WORKERS_KAFKA_SECRET_FILES__SASL_PASSWORD"] == "/secrets/password"
+        assert not any(key.endswith("SASL_PASSWORD") and "FILES" not in key for key in env)
+        volumes = [v["source"] for v in services[service]["volumes"]]
+        assert volumes == [f"{principal}-secrets"], (service, volumes)
     assert "--acls" in services["topics"]["command"]
