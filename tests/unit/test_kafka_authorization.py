@@ -230,3 +230,73 @@ def test_a_denied_group_is_one_error_from_the_source_not_a_warning_per_poll(
     with pytest.raises(KafkaException) as raised:
         jobs.consume(10, 0.1)
     assert describe(raised.value.args[0]) == "not authorized (group): denied"
+
+
+class LateReportsProducer(DeniedTopicsProducer):
+    """librdkafka's other way: the denied topic fails the transaction (its partitions cannot be
+    added to it), and the records' delivery reports come only from a poll after the abort."""
+
+    def __init__(self, broker: FakeBroker, config: dict[str, Any], denied: set[str]) -> None:
+        super().__init__(broker, config, denied)
+        self.late: list[Any] = []
+        self.named = True  # whether those late reports name the denial
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: Any = None,
+        on_delivery: Any = None,
+    ) -> None:
+        if topic not in self.denied:
+            super().produce(topic, key, value, headers, on_delivery)
+            return
+        reported = DENIED if self.named else KafkaError(KafkaError._PURGE_QUEUE, "purged")
+        self.late.append(lambda: on_delivery(reported, None))
+
+    def commit_transaction(self, timeout: float) -> None:
+        if self.late:
+            raise KafkaException(
+                KafkaError(
+                    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                    "Failed to add partition(s) to transaction: Topic authorization failed",
+                    txn_requires_abort=True,
+                )
+            )
+        super().commit_transaction(timeout)
+
+    def poll(self, _timeout: float) -> int:
+        late, self.late = self.late, []
+        for report in late:
+            report()
+        return len(late)
+
+
+def late_reporting(broker: FakeBroker, named: bool) -> ExactlyOnceSink:
+    def new_producer(config: dict[str, Any]) -> LateReportsProducer:
+        producer = LateReportsProducer(broker, config, {"results.denied"})
+        producer.named = named
+        return producer
+
+    return ExactlyOnceSink("fake:9092", "tx", 60_000, SizeSettings(), producer_factory=new_producer)
+
+
+def test_a_denial_reported_after_the_abort_still_dead_letters_the_answer() -> None:
+    broker = FakeBroker()
+    sink = late_reporting(broker, named=True)
+    source = FakeSource(broker)
+    sink.write((TOPIC, 0, 0), answer(0, "results.denied"), lambda: None)
+    sink.write((TOPIC, 0, 1), answer(1, "results.classify"), lambda: None)
+    assert not sink.commit(up_to(2), source)
+    assert sink.commit(up_to(2), source)
+    assert broker.log == [("jobs.classify.dlq", None), ("results.classify", b"answer 1")]
+
+
+def test_a_denial_no_report_names_stops_the_worker_instead_of_retrying_for_ever() -> None:
+    broker = FakeBroker()
+    sink = late_reporting(broker, named=False)
+    sink.write((TOPIC, 0, 0), answer(0, "results.denied"), lambda: None)
+    with pytest.raises(DeliveryFailed, match=r"^a transaction was refused \(not authorized"):
+        sink.commit(up_to(1), FakeSource(broker))
+    assert broker.log == [] and broker.committed == {}

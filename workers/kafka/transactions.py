@@ -49,6 +49,7 @@ from workers.kafka.clients import (
 )
 from workers.kafka.sinks import (
     CommitSource,
+    DeliveryFailed,
     OnDone,
     OutputRecord,
     Position,
@@ -172,10 +173,13 @@ class ExactlyOnceSink:
             # Settled now, or at the start of a later commit: nothing is sent before that.
             return self._settle_doubt(source) is True
         except KafkaException as exc:
-            if denied_for_good(exc.args[0]):
+            error: KafkaError = exc.args[0]
+            if denied_for_good(error):
                 raise  # the group or transactional id denied: the worker stops, one line
-            self._recover(exc.args[0])
-            self._replace_undeliverable(failed)
+            self._recover(error)
+            if self._producer is not None:
+                self._producer.poll(0)  # delivery reports the abort left queued
+            self._replace_undeliverable(failed, error)
             return False
         self._drop(answers)
         metrics.TRANSACTIONS.labels("committed").inc()
@@ -246,13 +250,24 @@ class ExactlyOnceSink:
             minimal = self._hold_stand_in(at, record, str(exc.args[0]))
             produce_record(producer, minimal, on_delivery=delivered)
 
-    def _replace_undeliverable(self, failed: list[tuple[Position, KafkaError]]) -> None:
+    def _replace_undeliverable(
+        self, failed: list[tuple[Position, KafkaError]], cause: KafkaError
+    ) -> None:
         """An answer the broker refused for good is replaced by its minimal dead letter before
         the next attempt: one bad answer must not keep every partition's offsets from
-        committing."""
-        for at, error in failed:
+        committing. A transaction refused for a topic without a delivery report naming the
+        answer (librdkafka can report a denied topic only as the transaction's error) would
+        be refused again and again: `DeliveryFailed` stops the worker with one line instead."""
+        refused = [(at, error) for at, error in failed if cannot_be_written(error)]
+        if not refused and cause.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            raise DeliveryFailed(
+                f"a transaction was refused ({describe(cause)}) and no answer's delivery "
+                "report named the topic; check the principal's Write ACLs on the result and "
+                "dead-letter topics"
+            )
+        for at, error in refused:
             record = self._held.get((at[0], at[1]), {}).get(at[2])
-            if record is not None and cannot_be_written(error):
+            if record is not None:
                 self._hold_stand_in(at, record, describe(error))
 
     def _hold_stand_in(self, at: Position, record: OutputRecord, error: str) -> OutputRecord:
