@@ -116,7 +116,6 @@ def secure_local_broker(state_dir: Path) -> Iterator[SecureBroker]:
     """Its own secured broker (the shared one stays plaintext), stopped afterwards."""
     script = ROOT / "ops" / "kafka-local"
     env = {**os.environ, "KAFKA_LOCAL_STATE": str(state_dir)}
-    env.pop("KAFKA_LOCAL_KEEP_FAILED", None)
     started = subprocess.run(
         [str(script), "start", "--secure"], env=env, capture_output=True, text=True, timeout=300
     )
