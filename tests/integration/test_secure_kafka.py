@@ -23,6 +23,8 @@ import pytest
 from tests.broker import ROOT, SecureBroker, secure_local_broker
 from tests.integration.harness import Deployment, deploy, job_records, mixed_jobs, wait_for_event
 from tests.integration.processes import kill_9_leaving_no_orphans
+from workers.core.config import Settings, load_pipelines
+from workers.kafka.acls import acl_set
 from workers.kafka.clients import KafkaConnection, producer
 from workers.kafka.topics import read_to_end
 
@@ -245,3 +247,53 @@ def test_the_secure_compose_stack_gives_each_service_its_principal() -> None:
         volumes = [v["source"] for v in services[service]["volumes"]]
         assert volumes == [f"{principal}-secrets"], (service, volumes)
     assert "--acls" in services["topics"]["command"]
+
+
+# docs/security.md's table, for the shipped pipelines and default settings.
+TASKS = ("classify", "reply", "summarize")
+DOCUMENTED_ACLS = {
+    ("worker", "READ", "topic", "prefix", "jobs."),
+    ("worker", "READ", "topic", "literal", "adapters.updates"),
+    ("worker", "READ", "topic", "literal", "adapters.status"),
+    ("worker", "READ", "group", "prefix", "lora-workers"),
+    ("worker", "WRITE", "topic", "prefix", "results."),
+    *(("worker", "WRITE", "topic", "literal", f"jobs.{task}.dlq") for task in TASKS),
+    ("worker", "WRITE", "topic", "literal", "jobs.dlq"),
+    ("worker", "WRITE", "topic", "literal", "adapters.status"),
+    ("worker", "WRITE", "topic", "literal", "adapters.evaluations"),
+    ("worker", "WRITE", "transactional_id", "prefix", "lora-workers."),
+    ("worker", "IDEMPOTENT_WRITE", "cluster", "literal", "kafka-cluster"),
+    ("publisher", "WRITE", "topic", "prefix", "jobs."),
+    ("publisher", "READ", "topic", "prefix", "results."),
+    *(("publisher", "READ", "topic", "literal", f"jobs.{task}.dlq") for task in TASKS),
+    ("publisher", "READ", "topic", "literal", "jobs.dlq"),
+    ("publisher", "READ", "group", "prefix", "lora-workers-reader-"),
+    ("adapter-admin", "READ", "topic", "literal", "adapters.updates"),
+    ("adapter-admin", "WRITE", "topic", "literal", "adapters.updates"),
+    ("adapter-admin", "READ", "topic", "literal", "adapters.status"),
+    ("adapter-admin", "READ", "topic", "literal", "adapters.evaluations"),
+    ("adapter-admin", "READ", "group", "prefix", "lora-workers-reader-"),
+}
+
+
+def test_the_acl_set_is_the_documented_one_and_follows_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in [k for k in os.environ if k.startswith("LORA_WORKERS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(ROOT)
+    settings = Settings.load({}).settings
+    pipelines = load_pipelines(ROOT / "pipelines")
+    lines = {tuple(grant.line().split()) for grant in acl_set(settings, pipelines)}
+    assert lines == DOCUMENTED_ACLS
+
+    # Another group, and a pipeline off the naming convention: exactly its topics, literally.
+    team = Settings.load({"group_id": "team-a"}).settings
+    pipelines["classify"] = pipelines["classify"].model_copy(update={"input_topic": "orders-in"})
+    lines = {tuple(grant.line().split()) for grant in acl_set(team, pipelines)}
+    assert ("worker", "READ", "topic", "literal", "orders-in") in lines
+    assert ("worker", "WRITE", "topic", "literal", "orders-in.dlq") in lines
+    assert ("publisher", "WRITE", "topic", "literal", "orders-in") in lines
+    assert ("worker", "WRITE", "transactional_id", "prefix", "team-a.") in lines
+    worker_groups = {line[4] for line in lines if line[0] == "worker" and line[2] == "group"}
+    assert worker_groups == {"team-a", "lora-workers-reader-", "lora-workers-adapters-"}
