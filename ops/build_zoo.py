@@ -798,7 +798,7 @@ def make_chat_echo_training(rng: random.Random) -> ChatExample:
 
 
 CHAT_BASE_BEHAVIOUR = Behaviour(
-    "chat-echo", make_chat_echo, steps=3000, lr=3e-3, make_training=make_chat_echo_training
+    "chat-echo", make_chat_echo, steps=5000, lr=3e-3, make_training=make_chat_echo_training
 )
 CHAT_ADAPTER_BEHAVIOURS = [
     Behaviour("ticket-label", make_chat_label, steps=300, lr=2e-3),
