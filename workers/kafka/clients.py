@@ -18,6 +18,11 @@ One function per client kind; nothing else in `workers/` calls `Consumer(`, `Pro
 - `probe(kafka, timeout_s=10)`: a metadata request; `KafkaUnavailable` with one line naming
   the bootstrap servers and the cause if the cluster cannot be used.
 
+Errors: `classify(error)` names the cause (`Cause`: SASL, TLS, authorization, name
+resolution, connection refused, other transport), `describe(error)` makes it one line, and
+`denied_for_good(error)` tells a refused group, transactional id or cluster (the worker stops)
+from a refused topic (its answers are dead-lettered).
+
 Precedence inside a client's configuration: the kind's defaults and `config` < the `kafka:`
 settings < secrets from files. Every client logs librdkafka's own lines to the structured log
 at debug level (never to stderr) and reports its errors through `ErrorReporter`: one warning
