@@ -5,17 +5,18 @@ broker is one line."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from tests.unit.kafka_fakes import FakeBroker, FakeProducer, FakeSource
-from workers.adapters import admin
+from workers.adapters import admin, feed
 from workers.core.config import Settings, SizeSettings
 from workers.core.contracts import AdapterUpdate, AdapterVersionSpec
 from workers.core.offsets import CommitPoint, Ledger
-from workers.kafka import source
+from workers.kafka import source, topics
 from workers.kafka.clients import KafkaUnavailable, describe
 from workers.kafka.sinks import DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DeliveryFailed, OutputRecord
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
@@ -300,3 +301,51 @@ def test_a_denial_no_report_names_stops_the_worker_instead_of_retrying_for_ever(
     with pytest.raises(DeliveryFailed, match=r"^a transaction was refused \(not authorized"):
         sink.commit(up_to(1), FakeSource(broker))
     assert broker.log == [] and broker.committed == {}
+
+
+class MetadataConsumer:
+    """A consumer of a principal that may not describe `refused`: a listing of every topic
+    leaves it out; asked by name, the broker refuses it. Other unlisted topics are absent."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+        self.assigned: list[Any] | None = None
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> SimpleNamespace:
+        if topic is None:
+            return SimpleNamespace(topics={})
+        error = KafkaError.TOPIC_AUTHORIZATION_FAILED if topic == self.refused else None
+        absent = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+        described = SimpleNamespace(
+            error=KafkaError(error, "Broker: Topic authorization failed") if error else absent,
+            partitions={},
+        )
+        return SimpleNamespace(topics={topic: described})
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = partitions
+
+    def close(self) -> None:
+        pass
+
+
+def test_reading_a_topic_the_principal_may_not_describe_is_one_line_not_an_empty_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(topics, "reader", lambda _kafka, **_: MetadataConsumer("adapters.updates"))
+    assert list(topics.read_to_end("b:1", ["jobs.absent"])) == []  # absent: nothing to read
+    with pytest.raises(KafkaException) as raised:
+        list(topics.read_to_end("b:1", ["jobs.absent", "adapters.updates"]))
+    assert describe(raised.value.args[0]) == (
+        "not authorized (topic): adapters.updates: Broker: Topic authorization failed"
+    )
+
+
+def test_a_worker_denied_the_updates_topic_stops_rather_than_serving_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        feed, "consumer", lambda _kafka, _config: MetadataConsumer("adapters.updates")
+    )
+    with pytest.raises(KafkaException, match=r"adapters\.updates"):
+        feed.AdapterUpdateFeed("b:1", "adapters.updates")

@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Callable
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from workers.adapters.updates import UpdateRecord, decode_update
 from workers.kafka.clients import KafkaConnection, consumer
-from workers.kafka.topics import watermarks, with_metadata_retries
+from workers.kafka.topics import refused_topic, watermarks, with_metadata_retries
 
 log = structlog.get_logger(__name__)
 
@@ -33,10 +33,13 @@ class AdapterUpdateFeed:
             },
         )
         metadata = with_metadata_retries(lambda: self._consumer.list_topics(topic, timeout=30))
-        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-        if not partitions or metadata.topics[topic].error is not None:
+        described = metadata.topics.get(topic)
+        error = described.error if described is not None else None
+        if error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            raise refused_topic(topic, error)  # not served as if it were empty
+        partitions = described.partitions if described is not None and error is None else {}
+        if not partitions:
             log.warning("adapter_updates_topic_missing", topic=topic)
-            partitions = {}
         self._partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
         self._consumer.assign(self._partitions)
 

@@ -117,16 +117,28 @@ def create_topics(
     return outcome
 
 
+def refused_topic(topic: str, error: KafkaError) -> KafkaException:
+    """A topic the principal may not describe or read, named (the broker's error does not)."""
+    return KafkaException(KafkaError(error.code(), f"{topic}: {error.str()}"))
+
+
 def _partitions(consumer: Consumer, topics: list[str]) -> list[tuple[str, list[int]]]:
     """Partition ids of each of `topics` that exists; raises on a transient topic error (a
-    leader not elected yet) so that the caller asks again rather than reading nothing."""
+    leader not elected yet) so that the caller asks again rather than reading nothing, and on
+    a topic the principal may not describe, rather than reading it as empty."""
     metadata = consumer.list_topics(timeout=30)
     found: list[tuple[str, list[int]]] = []
     for topic in topics:
         described = metadata.topics.get(topic)
         if described is None:
-            continue
+            # A listing leaves out what the principal may not describe: asked by name, the
+            # broker says whether the topic is absent or refused.
+            described = consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if described is None:
+                continue
         if described.error is not None:
+            if described.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                raise refused_topic(topic, described.error)
             gone = described.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
             if not gone and transient_metadata_error(described.error):
                 raise KafkaException(described.error)
