@@ -270,3 +270,20 @@ def test_the_line_drops_librdkafkas_timing_and_falls_back_to_the_request_error()
         "cannot use Kafka at b:1: connection failed: "
         "Failed to get metadata: Local: Broker transport failure"
     )
+
+
+def test_secret_files_in_the_configuration_file_are_relative_to_it(
+    tmp_path: Path, captured: Captured
+) -> None:
+    (tmp_path / "project" / "secrets").mkdir(parents=True)
+    (tmp_path / "project" / "secrets" / "kafka-password").write_text("hunter2\n")
+    config = tmp_path / "project" / "lora-workers.yaml"
+    config.write_text(
+        "bootstrap_servers: broker:9093\n"
+        "kafka:\n  sasl.username: worker\n"
+        "kafka_secret_files:\n  sasl.password: secrets/kafka-password\n"
+    )
+    settings = Settings.load(config=config).settings
+    clients.consumer(KafkaConnection.from_settings(settings), {"group.id": "g"})
+    assert captured.configs[0]["sasl.password"] == "hunter2"
+    assert captured.configs[0]["sasl.username"] == "worker"
