@@ -494,17 +494,34 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         report = publish_rows(kafka, args.topic, numbered_lines(sys.stdin.buffer))
     else:
         report = publish_rows(kafka, args.topic, numbered_rows(path), count_rows(path))
-    for line, reason in report.errors[:MAX_ERRORS_SHOWN]:
-        where = f"line {line}" if line else "publish"
-        print(f"lora-workers: {where}: {reason}", file=sys.stderr)
-    if report.failed > MAX_ERRORS_SHOWN:
-        print(f"lora-workers: ... {report.failed - MAX_ERRORS_SHOWN} more", file=sys.stderr)
+    _print_failed_lines(report.errors)
     print(
         f"published {report.written} jobs to {args.topic}"
         + (f", {report.failed} failed" if report.failed else "")
         + (f" ({report.unkeyed} without a job_id key)" if report.unkeyed else "")
     )
     return EXIT_FAILURE if report.failed else 0
+
+
+def _print_failed_lines(errors: Sequence[tuple[int | None, str]]) -> None:
+    """One stderr line per distinct reason: a broker refusing the topic fails every line for
+    the same reason, which one line says; a bad line is named by its number."""
+    lines_by_reason: dict[str, list[int | None]] = {}
+    for line, reason in errors:
+        lines_by_reason.setdefault(reason, []).append(line)
+    for shown, (reason, lines) in enumerate(lines_by_reason.items()):
+        if shown == MAX_ERRORS_SHOWN:
+            print(f"lora-workers: ... {len(lines_by_reason) - shown} more reasons", file=sys.stderr)
+            break
+        numbers = [str(line) for line in lines if line]
+        if not numbers:
+            where = "publish"
+        elif len(numbers) == 1:
+            where = f"line {numbers[0]}"
+        else:
+            listed = ", ".join(numbers[:5]) + (", ..." if len(numbers) > 5 else "")
+            where = f"{len(numbers)} lines ({listed})"
+        print(f"lora-workers: {where}: {reason}", file=sys.stderr)
 
 
 def _cmd_topics_create(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.unit.cli_process import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +112,17 @@ def test_without_vllm_check_and_run_say_how_to_install_it(tmp_path: Path) -> Non
     assert (
         ran.stderr.strip().splitlines()[-1].startswith("lora-workers: error: vLLM is not installed")
     )
+
+
+def test_publish_failures_are_one_line_per_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from workers.cli import _print_failed_lines
+
+    denied = "not authorized (topic): jobs.x: Broker: Topic authorization failed"
+    errors = [(n, denied) for n in range(1, 14)] + [(20, "not JSON"), (None, "flush timed out")]
+    _print_failed_lines(errors)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"lora-workers: 13 lines (1, 2, 3, 4, 5, ...): {denied}",
+        "lora-workers: line 20: not JSON",
+        "lora-workers: publish: flush timed out",
+    ]
