@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from workers.kafka.clients import KafkaConnection, producer
+from workers.kafka.clients import KafkaConnection, describe, producer
 from workers.kafka.sinks import produce_waiting_for_room
 
 
@@ -50,7 +50,7 @@ def publish_rows(
         if error is None:
             report.written += 1
         else:
-            report.errors.append((line, str(error)))
+            report.errors.append((line, describe(error)))
 
     progress = Progress(
         TextColumn(f"publishing to {topic}"),
@@ -71,7 +71,7 @@ def publish_rows(
                     writer, topic, key=key, value=value, on_delivery=partial(delivered, line)
                 )
             except KafkaException as exc:
-                report.errors.append((line, str(exc.args[0])))
+                report.errors.append((line, describe(exc.args[0])))
             writer.poll(0)
             progress.advance(bar)
     remaining = writer.flush(60)
