@@ -22,6 +22,9 @@ from pydantic import (
 
 # Adapter names travel in jobs and in vLLM LoRA names; a path-like name must never get through.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# A Kafka topic name (its legal characters, at most 249), not starting with a dot (so never
+# `.` or `..`): where a job's answer is also written (`reply_to`).
+TOPIC_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}$"
 
 
 class _Contract(BaseModel):
@@ -158,6 +161,13 @@ class Job(_Contract):
     params: JobParams | None = None
     metadata: dict[str, Any] | None = Field(
         default=None, description="Opaque to the worker; copied to the result."
+    )
+    reply_to: str | None = Field(
+        default=None,
+        pattern=TOPIC_NAME_PATTERN,
+        description="A topic that also gets the job's answer (its result, or its dead letter), "
+        "in the same transaction as the result topic; it must exist and the worker must be "
+        "allowed to write to it (docs/client.md).",
     )
 
     @model_validator(mode="before")

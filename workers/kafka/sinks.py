@@ -10,6 +10,8 @@ Two sinks behind one interface, chosen by `delivery.mode`:
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from workers import metrics
 from workers.core.config import SizeSettings
-from workers.core.contracts import ErrorInfo, Result, ResultStatus
+from workers.core.contracts import TOPIC_NAME_PATTERN, ErrorInfo, Result, ResultStatus
 from workers.core.errors import MAX_REASON_CHARS, JobError, JobRejected
 from workers.core.messages import (
     TRACEPARENT,
@@ -36,6 +38,7 @@ from workers.kafka.clients import KafkaConnection, describe
 log = structlog.get_logger(__name__)
 
 OnDone = Callable[[], None]
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
 Position = tuple[str, int, int]  # topic, partition, offset of the message being answered
 
 # Dead-letter headers added to the original ones, so a replay tool knows where a record came from.
@@ -63,6 +66,9 @@ class OutputRecord:
     headers: Headers
     dead_letter_topic: str  # where a minimal `undeliverable` answer goes if this one cannot
     undeliverable: bool = False  # already that minimal answer: nothing smaller is left
+    # The job's `reply_to`: the same record is also written there, by the same producer call
+    # (`produce_record`), so in the same transaction.
+    reply_to: str | None = None
 
     @property
     def size(self) -> int:
@@ -80,9 +86,11 @@ def result_record(
     result: Result,
     sizes: SizeSettings,
     traceparent: str | None = None,
+    reply_to: str | None = None,
 ) -> OutputRecord:
     """The result as JSON, with the job's `traceparent`; one too large to write becomes an
-    `error` result with the reason, without its output and metadata."""
+    `error` result with the reason, without its output and metadata. With `reply_to`, the
+    same record also goes to that topic."""
     value = result.model_dump_json().encode()
     if len(value) + RECORD_OVERHEAD_BYTES > sizes.max_message_bytes:
         log.warning("result_too_large", job_id=result.job_id, bytes=len(value))
@@ -96,6 +104,7 @@ def result_record(
         value=value,
         headers=headers,
         dead_letter_topic=dead_letter_topic,
+        reply_to=reply_to,
     )
 
 
@@ -113,10 +122,15 @@ def too_large(result: Result, size: int, limit: int) -> Result:
 
 
 def dead_letter_record(
-    topic: str, source: SourceMessage, rejection: JobRejected, sizes: SizeSettings
+    topic: str,
+    source: SourceMessage,
+    rejection: JobRejected,
+    sizes: SizeSettings,
+    reply_to: str | None = None,
 ) -> OutputRecord:
     """The original message with the reason in headers. A payload too large to write back, or
-    dead-lettered for its size, is cut to a prefix, with the original's size and sha256."""
+    dead-lettered for its size, is cut to a prefix, with the original's size and sha256. With
+    `reply_to`, the same dead letter also goes to that topic."""
     ours = [
         (DLQ_ERROR_CODE, _header(rejection.code)),
         (DLQ_ERROR_MESSAGE, _header(rejection.message)),
@@ -142,7 +156,24 @@ def dead_letter_record(
         headers = [*source.headers, *ours]
         if record_size(key, value, headers) > room:  # the key or headers are the bulk
             key, headers = (key or b"")[:prefix] or None, ours
-    return OutputRecord(topic, key=key, value=value, headers=headers, dead_letter_topic=topic)
+    return OutputRecord(
+        topic, key=key, value=value, headers=headers, dead_letter_topic=topic, reply_to=reply_to
+    )
+
+
+def reply_topic_of(source: SourceMessage, rejection: JobRejected) -> str | None:
+    """The `reply_to` of a dead-lettered message, when it is a valid job field: a message that
+    is not JSON, too large, or whose `reply_to` is itself invalid has none to honour."""
+    if rejection.code in (JobError.JOB_TOO_LARGE, JobError.INVALID_JSON) or not source.value:
+        return None
+    try:
+        document = json.loads(source.value)
+    except ValueError:
+        return None
+    topic = document.get("reply_to") if isinstance(document, dict) else None
+    if isinstance(topic, str) and re.fullmatch(TOPIC_NAME_PATTERN, topic):
+        return topic
+    return None
 
 
 def undeliverable_record(record: OutputRecord, position: Position, reason: str) -> OutputRecord:
@@ -234,10 +265,31 @@ def produce_waiting_for_room(producer: Producer, topic: str, **fields: Any) -> N
             producer.poll(0.1)
 
 
-def produce_record(producer: Producer, record: OutputRecord, **fields: Any) -> None:
-    produce_waiting_for_room(
-        producer, record.topic, key=record.key, value=record.value, headers=record.headers, **fields
-    )
+def produce_record(
+    producer: Producer, record: OutputRecord, on_delivery: DeliveryCallback | None = None
+) -> None:
+    """Produce the record, and its copy to `reply_to` if any: one delivery report for both
+    (the first error, or success once both are acknowledged), so callers count one answer."""
+    topics = [record.topic] if record.reply_to is None else [record.topic, record.reply_to]
+    report = on_delivery if on_delivery is None or len(topics) == 1 else _joined(on_delivery, 2)
+    for topic in topics:
+        fields: dict[str, Any] = {} if report is None else {"on_delivery": report}
+        produce_waiting_for_room(
+            producer, topic, key=record.key, value=record.value, headers=record.headers, **fields
+        )
+
+
+def _joined(on_delivery: DeliveryCallback, records: int) -> DeliveryCallback:
+    left = [records]
+
+    def report(error: KafkaError | None, message: Message) -> None:
+        if left[0] <= 0:
+            return  # already reported (an earlier error)
+        left[0] = 0 if error is not None else left[0] - 1
+        if error is not None or left[0] == 0:
+            on_delivery(error, message)
+
+    return report
 
 
 # Errors that say this record can never be written (its size, its topic), as opposed to the

@@ -22,7 +22,13 @@ from workers.core.messages import SourceMessage, traced
 from workers.core.offsets import OffsetTracker, TopicPartitionKey
 from workers.core.prepare import PreparedJob
 from workers.core.processing import Answered, Evaluated, Outcome
-from workers.kafka.sinks import DeliveryFailed, ResultSink, dead_letter_record, result_record
+from workers.kafka.sinks import (
+    DeliveryFailed,
+    ResultSink,
+    dead_letter_record,
+    reply_topic_of,
+    result_record,
+)
 from workers.parquet.kafka_results import ParquetResults
 from workers.stream.intake import Position, Submitted, position_of
 
@@ -97,7 +103,9 @@ class AnswerWriter:
             self._summary.dead_letters[(pipeline.task, rejection.code)] += 1
             metrics.DEAD_LETTERS.labels(pipeline.task, rejection.code).inc()
 
-        record = dead_letter_record(topic, message, rejection, self._settings.sizes)
+        record = dead_letter_record(
+            topic, message, rejection, self._settings.sizes, reply_topic_of(message, rejection)
+        )
         self._sink.write(position_of(message), record, written)
 
     def answered(self, message: SourceMessage) -> None:
@@ -127,6 +135,7 @@ class AnswerWriter:
                 result,
                 self._settings.sizes,
                 source.traceparent,
+                job.job.reply_to,
             )
             self._sink.write(position, record, partial(self.sink_done, position))
         if "parquet" in sinks:
