@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -122,7 +123,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--pipeline", help="serve every row with this task's pipeline (default: each row's task)"
     )
     bulk.add_argument("--input", required=True, type=Path, help="jobs as .jsonl or .parquet")
-    bulk.add_argument("--output", required=True, type=Path, help="the Parquet dataset directory")
+    bulk.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="the Parquet dataset directory; with --format openai, a .jsonl file gets OpenAI "
+        "batch output lines",
+    )
+    bulk.add_argument(
+        "--format",
+        choices=["jobs", "openai"],
+        default="jobs",
+        help="the input's lines: project jobs, or OpenAI Batch API requests (default: jobs)",
+    )
     bulk.add_argument(
         "--rows-per-file", type=_positive_int, default=10_000, help="rows per Parquet file"
     )
@@ -438,14 +451,41 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
 
     if args.summary_json is not None and not args.summary_json.parent.is_dir():
         raise ConfigError(f"--summary-json {args.summary_json}: no such directory")
-    options = BulkOptions(
-        args.input, args.output, args.pipeline, args.rows_per_file, args.row_group_size, args.run_id
-    )
-    run = bulk_run(_settings(args), options, MergeMode(args.merge))
-    if args.dry_run:
-        _print_plan(run.dry_run(), args.merge)
-        return 0
-    summary = run.run()
+    if args.format == "openai":
+        from workers.bulk.openai import OpenAIBatchRun
+
+        if args.pipeline is not None:
+            raise ConfigError("--format openai runs on built-in pipelines: drop --pipeline")
+        batch = OpenAIBatchRun(
+            _settings(args),
+            args.input,
+            args.output,
+            MergeMode(args.merge),
+            args.run_id,
+            args.rows_per_file,
+            args.row_group_size,
+        )
+        if args.dry_run:
+            with tempfile.TemporaryDirectory() as jobs_dir:  # a dry run leaves nothing behind
+                _print_plan(batch.bulk(Path(jobs_dir)).dry_run(), args.merge)
+            return 0
+        summary = batch.run()
+        if summary is None:  # no servable line: the output holds only error lines
+            return 0
+    else:
+        options = BulkOptions(
+            args.input,
+            args.output,
+            args.pipeline,
+            args.rows_per_file,
+            args.row_group_size,
+            args.run_id,
+        )
+        run = bulk_run(_settings(args), options, MergeMode(args.merge))
+        if args.dry_run:
+            _print_plan(run.dry_run(), args.merge)
+            return 0
+        summary = run.run()
     print_summary(summary)
     print_phases(summary)
     if args.summary_json is not None:
