@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 from confluent_kafka import KafkaException
@@ -34,6 +34,10 @@ from workers.core.config.sources import (
 from workers.core.contracts import ADAPTER_NAME_PATTERN, VERSION_PATTERN, contract_schemas
 from workers.kafka.clients import KafkaConnection, KafkaUnavailable, describe, probe
 from workers.kafka.sinks import DeliveryFailed
+
+if TYPE_CHECKING:
+    from workers.kafka.publish import PublishReport
+    from workers.kafka.report import ResultsReport
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -167,7 +171,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     publish = command_parser(commands, "publish", "publish jobs from a file to a topic")
-    publish.add_argument("--topic", required=True, help="the input topic, e.g. jobs.classify")
+    destination = publish.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--topic", help="the input topic, e.g. jobs.classify")
+    destination.add_argument(
+        "--by-task",
+        action="store_true",
+        help="each job to its task's input topic (a mixed-task file); a job of no pipeline's "
+        "task is not published, and named by its line number",
+    )
     publish.add_argument("file", help="a .jsonl or .parquet file of jobs; - for JSONL on stdin")
 
     topics = command_parser(commands, "topics", "manage the pipelines' topics")
@@ -190,7 +201,24 @@ def _build_parser() -> argparse.ArgumentParser:
         "(docs/security.md); needs a principal allowed to create ACLs",
     )
 
-    command_parser(commands, "results", "print result counts by task, adapter and status")
+    results = command_parser(commands, "results", "print result counts by task, adapter and status")
+    results.add_argument("--json", action="store_true", help="as one JSON document")
+
+    get = command_parser(
+        commands,
+        "get",
+        "print one job's result or dead letter; exit 0 for a result, 1 for a dead letter or "
+        "none found",
+    )
+    get.add_argument("job_id", metavar="JOB_ID", help="the job's job_id")
+    get.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if no answer is written yet, wait this long for one",
+    )
+    get.add_argument("--json", action="store_true", help="print the record as JSON")
 
     command_parser(
         commands,
@@ -520,6 +548,7 @@ def _print_plan(dry: Any, mode: str) -> None:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     from workers.bulk.jobfiles import count_rows, numbered_lines, numbered_rows
+    from workers.client_lines import rows_by_task
     from workers.kafka.publish import publish_rows
 
     settings = _settings(args)
@@ -527,20 +556,50 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     path = None if args.file == "-" else Path(args.file)
     if path is not None and not path.is_file():
         raise ConfigError(f"cannot read {args.file}: no such file")
-    kafka = _kafka(settings)
-    if path is None:
-        # Bytes, not text: a line that is not UTF-8 is published as it is, for the worker to
-        # dead-letter with its reason, instead of ending the whole publish.
-        report = publish_rows(kafka, args.topic, numbered_lines(sys.stdin.buffer))
-    else:
-        report = publish_rows(kafka, args.topic, numbered_rows(path), count_rows(path))
+    # Bytes, not text: a line that is not UTF-8 is published as it is, for the worker to
+    # dead-letter with its reason, instead of ending the whole publish.
+    rows = numbered_lines(sys.stdin.buffer) if path is None else numbered_rows(path)
+    total = None if path is None else count_rows(path)
+    if args.by_task:
+        topics = {task: str(p.input_topic) for task, p in _pipelines(settings).items()}
+        by_topic, unrouted = rows_by_task(rows, topics)
+        _print_failed_lines(unrouted)
+        kafka = _kafka(settings)
+        failed = len(unrouted)
+        for topic, topic_rows in sorted(by_topic.items()):
+            failed += _publish_report(
+                topic, publish_rows(kafka, topic, topic_rows, len(topic_rows))
+            )
+        return EXIT_FAILURE if failed else 0
+    _warn_if_unread(settings, args.topic)
+    report = publish_rows(_kafka(settings), args.topic, rows, total)
+    return EXIT_FAILURE if _publish_report(args.topic, report) else 0
+
+
+def _publish_report(topic: str, report: PublishReport) -> int:
+    """Print what one topic's publish did; the number of lines that failed."""
     _print_failed_lines(report.errors)
     print(
-        f"published {report.written} jobs to {args.topic}"
+        f"published {report.written} jobs to {topic}"
         + (f", {report.failed} failed" if report.failed else "")
         + (f" ({report.unkeyed} without a job_id key)" if report.unkeyed else "")
     )
-    return EXIT_FAILURE if report.failed else 0
+    return report.failed
+
+
+# How far back `get` listens before reading the topics to their end: covers answers committed
+# while the topics are read.
+WAIT_LOOKBACK_S = 60.0
+
+
+def _warn_if_unread(settings: Settings, topic: str) -> None:
+    """One stderr line when no pipeline reads `topic` (a typo publishes into the void)."""
+    try:
+        read = {p.input_topic for p in _pipelines(settings).values()}
+    except ConfigError:
+        return  # no pipelines here to compare with: publishing elsewhere is legitimate
+    if topic not in read:
+        print(f"lora-workers: warning: no pipeline reads topic {topic}", file=sys.stderr)
 
 
 def _print_failed_lines(errors: Sequence[tuple[int | None, str]]) -> None:
@@ -593,7 +652,58 @@ def _cmd_results(args: argparse.Namespace) -> int:
         [p.result_topic for p in pipelines],
         [p.dlq_topic for p in pipelines] + [settings.unknown_task_dlq],
     )
-    print_report(report)
+    if args.json:
+        print(json.dumps(_report_document(report), indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def _report_document(report: ResultsReport) -> dict[str, Any]:
+    return {
+        "results": [
+            {"task": task, "adapter": adapter, "status": status, "jobs": jobs}
+            for (task, adapter, status), jobs in sorted(report.counts.items())
+        ],
+        "dead_letters": [
+            {"topic": topic, "code": code, "messages": messages}
+            for (topic, code), messages in sorted(report.dead_letters.items())
+        ],
+    }
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from workers.client import Client, JobFailed, find_answer
+
+    settings = _settings(args)
+    kafka = _kafka(settings)
+    # The client listens first, then the topics are read to their end: an answer committed
+    # meanwhile is in one or the other.
+    with Client(settings, lookback_s=WAIT_LOOKBACK_S) as client:
+        outcome = find_answer(kafka, client.answer_topics(), args.job_id)
+        if outcome is None and args.wait > 0:
+            try:
+                outcome = client.get(args.job_id, args.wait)
+            except JobFailed as failed:
+                outcome = failed
+            except TimeoutError:
+                pass
+    if outcome is None:
+        print(f"lora-workers: no answer for job {args.job_id}", file=sys.stderr)
+        return EXIT_FAILURE
+    if isinstance(outcome, JobFailed):
+        failure = {"job_id": outcome.job_id, "code": outcome.code, "message": outcome.message}
+        if args.json:
+            print(json.dumps({"dead_letter": {**failure, "topic": outcome.topic}}))
+        else:
+            print(f"dead letter on {outcome.topic}: {outcome.code}: {outcome.message}")
+        return EXIT_FAILURE
+    if args.json:
+        print(outcome.model_dump_json())
+    else:
+        adapter = outcome.adapter and f"{outcome.adapter.name}@{outcome.adapter.version}"
+        print(f"{outcome.job_id} {outcome.task} {outcome.status} {adapter or 'base'}")
+        print(outcome.raw_output)
     return 0
 
 
@@ -755,6 +865,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bulk": _cmd_bulk,
     "topics": _cmd_topics_create,
     "results": _cmd_results,
+    "get": _cmd_get,
     "top": _cmd_top,
     "adapters": _cmd_adapters,
     "schemas": _cmd_schemas_export,

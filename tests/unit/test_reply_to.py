@@ -105,3 +105,24 @@ def test_one_delivery_report_for_a_record_and_its_copy() -> None:
     assert reports == []  # the copy is not acknowledged yet
     callbacks[1](None, None)  # type: ignore[operator]
     assert reports == [None]
+
+
+def test_a_reply_topic_that_does_not_exist_makes_the_answer_undeliverable_not_retried() -> None:
+    from confluent_kafka import KafkaError
+
+    from workers.kafka.sinks import cannot_be_written, produce_record
+
+    reports: list[KafkaError | None] = []
+    callbacks: list = []
+
+    class Recorder:
+        def produce(self, topic: str, **fields: object) -> None:
+            callbacks.append(fields["on_delivery"])
+
+    record = result_record("results.classify", "d", make_result(), SIZES, None, "replies.gone")
+    produce_record(Recorder(), record, on_delivery=lambda e, _m: reports.append(e))  # type: ignore[arg-type]
+    callbacks[0](None, None)
+    callbacks[1](KafkaError(KafkaError._UNKNOWN_TOPIC, "gone"), None)
+    (error,) = reports
+    assert error is not None and cannot_be_written(error)
+    assert "replies.gone" in error.str()

@@ -3,8 +3,9 @@
 
 - `worker`: reads job topics, its consumer groups and the adapter updates (and statuses, to
   restore what it served); writes results, dead letters, statuses and evaluations, under its
-  transactional ids, idempotently.
-- `publisher`: writes job topics; reads results and dead letters (its own answers).
+  transactional ids, idempotently; writes the reply topics jobs name (`replies.`).
+- `publisher`: writes job topics; reads results and dead letters (its own answers), and the
+  reply topics its jobs name (`reply_to`, docs/client.md).
 - `adapter-admin`: reads and writes adapter updates; reads statuses and evaluations.
 """
 
@@ -28,6 +29,8 @@ from workers.kafka.clients import KafkaConnection, admin_client
 PRINCIPALS = ("worker", "publisher", "adapter-admin")
 JOBS_PREFIX = "jobs."
 RESULTS_PREFIX = "results."
+# Jobs' `reply_to` topics: the worker writes any topic under it, and no other (docs/client.md).
+REPLIES_PREFIX = "replies."
 # Whole-topic readers (results, adapters list, the worker's start-up read of statuses) and the
 # worker's adapter feed name their throwaway groups so (workers/kafka/topics.py, adapters/feed.py).
 READER_GROUP_PREFIX = "lora-workers-reader-"
@@ -118,6 +121,7 @@ def acl_set(settings: Settings, pipelines: dict[str, PipelineConfig]) -> list[Gr
         *topics("worker", [(literal, adapters.status_topic)], read),
         *groups("worker", _group_prefixes(settings.group_id)),
         *topics("worker", results, write),
+        *topics("worker", [(prefixed, REPLIES_PREFIX)], write),
         *topics("worker", dead_letters, write),
         *topics(
             "worker",
@@ -144,6 +148,7 @@ def acl_set(settings: Settings, pipelines: dict[str, PipelineConfig]) -> list[Gr
         *topics("publisher", jobs, write),
         *topics("publisher", results, read),
         *topics("publisher", dead_letters, read),
+        *topics("publisher", [(prefixed, REPLIES_PREFIX)], read),
         *groups("publisher", [READER_GROUP_PREFIX]),
     ]
     adapter_admin = [

@@ -270,17 +270,26 @@ def produce_record(
 ) -> None:
     """Produce the record, and its copy to `reply_to` if any: one delivery report for both
     (the first error, or success once both are acknowledged), so callers count one answer."""
-    topics = [record.topic] if record.reply_to is None else [record.topic, record.reply_to]
-    report = on_delivery if on_delivery is None or len(topics) == 1 else _joined(on_delivery, 2)
-    for topic in topics:
+    reports: list[DeliveryCallback | None] = [on_delivery]
+    if record.reply_to is not None:
+        reports = [None, None] if on_delivery is None else _joined(on_delivery, record.reply_to)
+    for topic, report in zip([record.topic, record.reply_to], reports, strict=False):
+        assert topic is not None  # zip stops at the reports given
         fields: dict[str, Any] = {} if report is None else {"on_delivery": report}
         produce_waiting_for_room(
             producer, topic, key=record.key, value=record.value, headers=record.headers, **fields
         )
 
 
-def _joined(on_delivery: DeliveryCallback, records: int) -> DeliveryCallback:
-    left = [records]
+# A reply topic that does not exist (auto-creation off) is the job's own fault, like a record
+# too large: its answer is replaced by the `undeliverable` dead letter, not retried for ever.
+MISSING_TOPIC_ERRORS = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
+
+
+def _joined(on_delivery: DeliveryCallback, reply_to: str) -> list[DeliveryCallback]:
+    """Delivery reports for a record and its reply copy that make one: the first error, or
+    success once both are acknowledged."""
+    left = [2]
 
     def report(error: KafkaError | None, message: Message) -> None:
         if left[0] <= 0:
@@ -289,7 +298,12 @@ def _joined(on_delivery: DeliveryCallback, records: int) -> DeliveryCallback:
         if error is not None or left[0] == 0:
             on_delivery(error, message)
 
-    return report
+    def copy_report(error: KafkaError | None, message: Message) -> None:
+        if error is not None and error.code() in MISSING_TOPIC_ERRORS:
+            error = KafkaError(KafkaError._INVALID_ARG, f"reply_to {reply_to}: {describe(error)}")
+        report(error, message)
+
+    return [report, copy_report]
 
 
 # Errors that say this record can never be written (its size, its topic), as opposed to the

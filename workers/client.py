@@ -1,11 +1,20 @@
-"""`Client`: submit jobs to lora-workers and await their answers (docs/client.md).
+"""Calling lora-workers from a service (docs/client.md): submit jobs, await their answers.
+
+    from workers.client import Client, JobFailed, as_completed
+
+    with Client("lora-workers.yaml") as client:
+        handle = client.submit({"job_id": "j-1", "task": "classify", "input": "..."})
+        try:
+            result = handle.result(timeout=30)
+        except JobFailed as failed:
+            print(failed.code, failed.message)
 
 One producer and one consumer per client. The consumer reads, `read_committed`, the topics
 where answers land: the client's `reply_to` topic when it has one, else every pipeline's result
 and dead-letter topics and the unknown-task dead-letter topic. It starts `lookback_s` seconds
 back (None: from the beginning), so a restarted client still finds answers committed while it
 was away; reading from the beginning finds everything retained but reads every answer ever
-written first.
+written first. The bookkeeping (handles, bounded memory) is in `workers.client_book`.
 """
 
 from __future__ import annotations
@@ -13,19 +22,41 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
-from workers.client.book import DEFAULT_MAX_KEPT, AnswerBook, JobFailed, JobHandle, outcome_of
+from workers.client_book import (
+    DEFAULT_MAX_KEPT,
+    AnswerBook,
+    JobFailed,
+    JobHandle,
+    Outcome,
+    as_completed,
+    outcome_of,
+)
 from workers.core.config import PipelineConfig, Settings, load_pipelines
 from workers.core.contracts import Job, Result
 from workers.kafka import clients
+from workers.kafka.acls import READER_GROUP_PREFIX
 from workers.kafka.clients import KafkaConnection, describe
 from workers.kafka.sinks import produce_waiting_for_room
+from workers.kafka.topics import read_to_end
+
+__all__ = [
+    "DEFAULT_LOOKBACK_S",
+    "DEFAULT_MAX_KEPT",
+    "PUBLISH_FAILED",
+    "Client",
+    "JobFailed",
+    "JobHandle",
+    "UnknownTask",
+    "as_completed",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +105,8 @@ class Client:
         self._consumer = clients.consumer(
             self._kafka,
             {
-                "group.id": f"lora-workers-client-{id(self)}-{time.time_ns()}",
+                # Never committed nor joined (assign); named so the reader ACLs cover it.
+                "group.id": f"{READER_GROUP_PREFIX}client-{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
                 "fetch.wait.max.ms": 20,  # an answer waits at most this long in the broker
@@ -113,12 +145,21 @@ class Client:
             since_ms = int((time.time() - lookback_s) * 1000)
             asked = [TopicPartition(tp.topic, tp.partition, since_ms) for tp in partitions]
             found = self._consumer.offsets_for_times(asked, timeout=METADATA_TIMEOUT_S)
-            # -1: nothing written since then; read only what comes.
+            # -1: nothing written since then: from the end, resolved now (a lazy OFFSET_END
+            # would miss what is written before the first fetch).
             partitions = [
-                TopicPartition(tp.topic, tp.partition, OFFSET_END if tp.offset < 0 else tp.offset)
+                TopicPartition(
+                    tp.topic,
+                    tp.partition,
+                    tp.offset if tp.offset >= 0 else self._high_watermark(tp),
+                )
                 for tp in found
             ]
         self._consumer.assign(partitions)
+
+    def _high_watermark(self, tp: TopicPartition) -> int:
+        _low, high = self._consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
+        return int(high)
 
     def _read(self) -> None:
         while not self._closed.is_set():
@@ -222,3 +263,15 @@ class Client:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def find_answer(kafka: KafkaConnection, topics: list[str], job_id: str) -> Outcome | None:
+    """The first committed answer for `job_id` in `topics`, read from the beginning to the end
+    (a full scan: for a command line, not a hot path)."""
+    for message in read_to_end(kafka, topics):
+        if message.key() is not None and message.key() != job_id.encode():
+            continue  # every answer is keyed by its job id: skip the others unparsed
+        found = outcome_of(message.topic() or "", message.key(), message.value(), message.headers())
+        if found is not None and found[0] == job_id:
+            return found[1]
+    return None
