@@ -112,7 +112,11 @@ class Client:
                 "fetch.wait.max.ms": 20,  # an answer waits at most this long in the broker
             },
         )
-        self._assign(lookback_s)
+        try:
+            self._assign(lookback_s)
+        except BaseException:
+            self._consumer.close()  # e.g. the reply topic missing: leave nothing behind
+            raise
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._read, name="lora-workers-client", daemon=True)
         self._thread.start()

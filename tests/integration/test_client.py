@@ -209,3 +209,9 @@ def test_the_example_http_endpoint_answers(running: Running) -> None:
             assert status == 400 and "translate" in body["error"]
         finally:
             server.shutdown()
+
+
+def test_a_client_refuses_a_reply_topic_that_does_not_exist(running: Running) -> None:
+    missing = f"replies.missing.{running.deployment.suffix}"
+    with pytest.raises(ValueError, match=f"reply topic {missing} does not exist"):
+        Client(running.settings, reply_to=missing)
