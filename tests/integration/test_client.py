@@ -215,3 +215,34 @@ def test_a_client_refuses_a_reply_topic_that_does_not_exist(running: Running) ->
     missing = f"replies.missing.{running.deployment.suffix}"
     with pytest.raises(ValueError, match=f"reply topic {missing} does not exist"):
         Client(running.settings, reply_to=missing)
+
+
+def test_reply_to_gets_exactly_one_answer_per_job_through_kill_9(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from tests.integration.harness import job_records, wait_for_event
+    from tests.integration.processes import kill_9_leaving_no_orphans
+    from tests.integration.test_faults import FAST
+
+    deployment = deploy(kafka_bootstrap, tmp_path)
+    reply_topic = f"replies.{deployment.suffix}"
+    create_topics(kafka_bootstrap, [TopicSpec(reply_topic, 3)], 1)
+    jobs = [job | {"reply_to": reply_topic} for job in mixed_jobs(150, seed=27, prefix="k")]
+    produce(kafka_bootstrap, job_records(deployment, jobs))
+    replica = {**FAST, "LORA_WORKERS_INSTANCE_ID": "replica-0"}
+    try:
+        for point, count in enumerate((1, 4)):  # just after a commit; after several
+            log_path = tmp_path / f"killed-{point}.log"
+            worker = deployment.start_worker(log_path=log_path, **replica)
+            wait_for_event(worker, log_path, "transaction_committed", count)
+            kill_9_leaving_no_orphans(worker)
+        code = deployment.run_worker(
+            "--idle-exit", "20", log_path=tmp_path / "last.log", settings=replica
+        )
+        assert code == 0, (tmp_path / "last.log").read_text()[-3000:]
+    finally:
+        deployment.kill_workers()
+    expected = Counter({job["job_id"]: 1 for job in jobs})
+    replies = Counter(m.key().decode() for m in read_to_end(kafka_bootstrap, [reply_topic]))
+    assert replies == expected
+    assert deployment.results() == expected
