@@ -259,11 +259,14 @@ def test_results_are_read_back_from_the_staging_dataset(tmp_path: Path) -> None:
             },
         }
     )
-    ParquetDatasetWriter(tmp_path / "parts", None).write([result], "part-1")
-    rows = read_results(tmp_path / "parts")
+    writer = ParquetDatasetWriter(tmp_path / "parts", None)
+    writer.write([result], "part-000000000-000000000-run-mine-a1b2c3")
+    other = result.model_copy(update={"raw_output": "another file's answer"})
+    writer.write([other], "part-000000000-000000000-run-other-d4e5f6")
+    rows = read_results(tmp_path / "parts", "mine")
     assert set(rows) == {"c-1"}
     assert rows["c-1"]["raw_output"] == "hello" and rows["c-1"]["completion_tokens"] == 2
-    assert read_results(tmp_path / "absent") == {}
+    assert read_results(tmp_path / "absent", "mine") == {}
 
 
 def test_the_output_file_is_replaced_whole(tmp_path: Path) -> None:

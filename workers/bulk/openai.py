@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.bulk.jobfiles import numbered_lines
 from workers.bulk.plan import MergeMode
-from workers.bulk.runner import BulkOptions, default_run_id
+from workers.bulk.runner import BulkOptions, _run_marker, default_run_id
 from workers.bulk.tiers import TieredBulkRun, TieredSummary
 from workers.core.config import ConfigError, PipelineConfig, Settings, load_catalog
 from workers.core.config.pipelines import ChatRendering, SamplingDefaults
@@ -313,12 +313,15 @@ def output_lines(plan: BatchPlan, rows: dict[str, dict[str, Any]], run_id: str) 
     return [json.dumps(line, ensure_ascii=False) for line in lines]
 
 
-def read_results(root: Path) -> dict[str, dict[str, Any]]:
-    """The staging dataset's rows by job_id (= custom_id)."""
+def read_results(root: Path, run_id: str) -> dict[str, dict[str, Any]]:
+    """The rows of run `run_id` in the staging dataset, by job_id (= custom_id); another
+    input file's run into the same place may reuse its custom_ids."""
     rows: dict[str, dict[str, Any]] = {}
     if not root.is_dir():
         return rows
     for path in data_files(root):
+        if _run_marker(run_id) not in path.name:
+            continue
         for row in pq.read_table(path, columns=_RESULT_COLUMNS).to_pylist():
             rows[row["job_id"]] = row
     return rows
@@ -405,6 +408,6 @@ class OpenAIBatchRun:
         assert self.run_id is not None
         summary = self.bulk().run() if self.plan.jobs else None
         if self._jsonl is not None:
-            rows = read_results(self._parquet_dir)
+            rows = read_results(self._parquet_dir, self.run_id)
             write_atomically(self._jsonl, output_lines(self.plan, rows, self.run_id))
         return summary
