@@ -273,6 +273,8 @@ DOCUMENTED_ACLS = {
     ("adapter-admin", "READ", "topic", "literal", "adapters.status"),
     ("adapter-admin", "READ", "topic", "literal", "adapters.evaluations"),
     ("adapter-admin", "READ", "group", "prefix", "lora-workers-reader-"),
+    ("worker", "WRITE", "topic", "prefix", "replies."),
+    ("publisher", "READ", "topic", "prefix", "replies."),
 }
 
 
