@@ -548,7 +548,7 @@ def _print_plan(dry: Any, mode: str) -> None:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     from workers.bulk.jobfiles import count_rows, numbered_lines, numbered_rows
-    from workers.client_lines import rows_by_task
+    from workers.client.lines import rows_by_task
     from workers.kafka.publish import publish_rows
 
     settings = _settings(args)

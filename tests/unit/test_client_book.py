@@ -11,7 +11,7 @@ import pytest
 
 from tests.unit.results import make_result
 from workers.client import JobFailed, as_completed
-from workers.client_book import AnswerBook, JobHandle, outcome_of
+from workers.client.book import AnswerBook, JobHandle, outcome_of
 from workers.core.contracts import Result
 
 

@@ -3,7 +3,7 @@ no pipeline's task named by its line number instead of published."""
 
 from __future__ import annotations
 
-from workers.client_lines import rows_by_task
+from workers.client.lines import rows_by_task
 
 TOPICS = {"classify": "jobs.classify", "reply": "jobs.reply"}
 

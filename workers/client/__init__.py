@@ -14,7 +14,7 @@ where answers land: the client's `reply_to` topic when it has one, else every pi
 and dead-letter topics and the unknown-task dead-letter topic. It starts `lookback_s` seconds
 back (None: from the beginning), so a restarted client still finds answers committed while it
 was away; reading from the beginning finds everything retained but reads every answer ever
-written first. The bookkeeping (handles, bounded memory) is in `workers.client_book`.
+written first. The bookkeeping (handles, bounded memory) is in `workers.client.book`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
-from workers.client_book import (
+from workers.client.book import (
     DEFAULT_MAX_KEPT,
     AnswerBook,
     JobFailed,
