@@ -16,7 +16,7 @@ from workers.adapters import admin, feed
 from workers.core.config import Settings, SizeSettings
 from workers.core.contracts import AdapterUpdate, AdapterVersionSpec
 from workers.core.offsets import CommitPoint, Ledger
-from workers.kafka import source, topics
+from workers.kafka import topics
 from workers.kafka.clients import KafkaUnavailable, describe
 from workers.kafka.sinks import DLQ_ERROR_CODE, DLQ_ERROR_MESSAGE, DeliveryFailed, OutputRecord
 from workers.kafka.source import KafkaJobSource, RebalanceHandlers
@@ -136,10 +136,7 @@ class RefusingProducer:
         return 0
 
 
-def test_adapters_publish_refused_by_the_broker_is_one_line(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(admin, "producer", RefusingProducer)
+def test_adapters_publish_refused_by_the_broker_is_one_line() -> None:
     settings = Settings(bootstrap_servers="broker:9093")
     state = AdapterUpdate(
         name="classifier",
@@ -148,7 +145,7 @@ def test_adapters_publish_refused_by_the_broker_is_one_line(
         published_at_ms=1,
     )
     with pytest.raises(KafkaUnavailable) as raised:
-        admin._publish(settings, state)
+        admin._publish(settings, state, producer_factory=RefusingProducer)
     assert str(raised.value) == (
         "cannot publish to adapters.updates at broker:9093: "
         "not authorized (topic): Broker: Topic authorization failed"
@@ -217,16 +214,14 @@ class DeniedConsumer:
         return [ErrorMessage(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED, "denied"))]
 
 
-def test_a_denied_group_is_one_error_from_the_source_not_a_warning_per_poll(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(source, "consumer", DeniedConsumer)
+def test_a_denied_group_is_one_error_from_the_source_not_a_warning_per_poll() -> None:
     jobs = KafkaJobSource(
         "fake:9092",
         "lora-workers",
         [TOPIC],
         None,
         RebalanceHandlers(revoked=lambda _p: None, lost=lambda _p: None),
+        consumer_factory=DeniedConsumer,
     )
     with pytest.raises(KafkaException) as raised:
         jobs.consume(10, 0.1)
@@ -329,23 +324,25 @@ class MetadataConsumer:
         pass
 
 
-def test_reading_a_topic_the_principal_may_not_describe_is_one_line_not_an_empty_read(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(topics, "reader", lambda _kafka, **_: MetadataConsumer("adapters.updates"))
-    assert list(topics.read_to_end("b:1", ["jobs.absent"])) == []  # absent: nothing to read
+def test_reading_a_topic_the_principal_may_not_describe_is_one_line_not_an_empty_read() -> None:
+    def refusing(_kafka: object, **_config: Any) -> MetadataConsumer:
+        return MetadataConsumer("adapters.updates")
+
+    absent = topics.read_to_end("b:1", ["jobs.absent"], reader_factory=refusing)
+    assert list(absent) == []  # absent: nothing to read
     with pytest.raises(KafkaException) as raised:
-        list(topics.read_to_end("b:1", ["jobs.absent", "adapters.updates"]))
+        list(
+            topics.read_to_end("b:1", ["jobs.absent", "adapters.updates"], reader_factory=refusing)
+        )
     assert describe(raised.value.args[0]) == (
         "not authorized (topic): adapters.updates: Broker: Topic authorization failed"
     )
 
 
-def test_a_worker_denied_the_updates_topic_stops_rather_than_serving_without_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(
-        feed, "consumer", lambda _kafka, _config: MetadataConsumer("adapters.updates")
-    )
+def test_a_worker_denied_the_updates_topic_stops_rather_than_serving_without_it() -> None:
     with pytest.raises(KafkaException, match=r"adapters\.updates"):
-        feed.AdapterUpdateFeed("b:1", "adapters.updates")
+        feed.AdapterUpdateFeed(
+            "b:1",
+            "adapters.updates",
+            consumer_factory=lambda _kafka, _config: MetadataConsumer("adapters.updates"),
+        )

@@ -4,8 +4,10 @@ promote one, compose one from others, list what the topics hold."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
@@ -114,7 +116,11 @@ def encoded(state: AdapterUpdate) -> bytes:
     return value
 
 
-def _publish(settings: Settings, state: AdapterUpdate) -> None:
+def _publish(
+    settings: Settings,
+    state: AdapterUpdate,
+    producer_factory: Callable[[KafkaConnection, dict[str, Any]], Any] = producer,
+) -> None:
     """Write the state; `KafkaUnavailable` (one line) if the broker refuses it, e.g. a
     principal not allowed to write the updates topic."""
     value = encoded(state)
@@ -126,7 +132,7 @@ def _publish(settings: Settings, state: AdapterUpdate) -> None:
         if error is not None:
             refused.append(error)
 
-    writer = producer(kafka, {"acks": "all"})
+    writer = producer_factory(kafka, {"acks": "all"})
     writer.produce(topic, key=state.name.encode(), value=value, on_delivery=delivered)
     if writer.flush(30):
         raise TimeoutError("the adapter update was not acknowledged within 30 s")

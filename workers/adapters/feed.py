@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
@@ -21,9 +22,14 @@ log = structlog.get_logger(__name__)
 
 
 class AdapterUpdateFeed:
-    def __init__(self, kafka: KafkaConnection | str, topic: str) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConnection | str,
+        topic: str,
+        consumer_factory: Callable[[KafkaConnection | str, dict[str, Any]], Any] = consumer,
+    ) -> None:
         self._topic = topic
-        self._consumer = consumer(
+        self._consumer = consumer_factory(
             kafka,
             {
                 # A throwaway group id: offsets are never committed, the topic is replayed.

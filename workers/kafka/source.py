@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, TopicPartition
@@ -45,6 +46,7 @@ class KafkaJobSource:
         extra_config: dict[str, str] | None,
         handlers: RebalanceHandlers,
         instance_id: str | None = None,
+        consumer_factory: Callable[[KafkaConnection | str, dict[str, Any]], Any] = consumer,
     ) -> None:
         config = {
             "group.id": group_id,
@@ -69,7 +71,7 @@ class KafkaJobSource:
         self._cooperative = "cooperative" in str(config["partition.assignment.strategy"])
         self._waiting_since: float | None = None  # for fetch_pending's warning
         self._waiting_reported = False
-        self._consumer = consumer(kafka, config)
+        self._consumer = consumer_factory(kafka, config)
         self._consumer.subscribe(
             topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )

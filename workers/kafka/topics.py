@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -148,10 +148,14 @@ def _partitions(consumer: Consumer, topics: list[str]) -> list[tuple[str, list[i
 
 
 def read_to_end(
-    kafka: KafkaConnection | str, topics: list[str], *, isolation: str = "read_committed"
+    kafka: KafkaConnection | str,
+    topics: list[str],
+    *,
+    isolation: str = "read_committed",
+    reader_factory: Callable[..., Any] = reader,
 ) -> Iterator[Message]:
     """Every message currently in `topics`, from the beginning to the high watermark."""
-    consumer = reader(kafka, isolation=isolation)
+    consumer = reader_factory(kafka, isolation=isolation)
     try:
         assignment: list[TopicPartition] = []
         remaining: dict[tuple[str, int], int] = {}
