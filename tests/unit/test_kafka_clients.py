@@ -8,7 +8,6 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
@@ -38,27 +37,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-class Captured:
-    """Stands in for confluent-kafka's client classes: keeps the configuration it is given."""
-
-    configs: list[dict[str, Any]]
-
-    def __init__(self) -> None:
-        self.configs = []
-
-    def __call__(self, config: dict[str, Any]) -> object:
-        self.configs.append(config)
-        return object()
-
-
-@pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
-    capture = Captured()
-    for kind in ("Consumer", "Producer", "AdminClient"):
-        monkeypatch.setattr(clients, kind, capture)
-    return capture
-
-
 def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KafkaConnection:
     secret = tmp_path / "kafka-password"
     secret.write_text("hunter2\n")
@@ -72,15 +50,19 @@ def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KafkaConnection:
 
 
 def test_every_client_kind_gets_the_clusters_settings_and_secrets(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captured: Captured
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # What each client kind is built from: consumer, producer, transactional producer, admin,
+    # whole-topic reader (each kind's function hands exactly this to confluent-kafka).
     kafka = secured(tmp_path, monkeypatch)
-    clients.consumer(kafka, {"group.id": "g"})
-    clients.producer(kafka, {"acks": "all"})
-    clients.transactional_producer(kafka, {"transactional.id": "t"})
-    clients.admin_client(kafka)
-    clients.reader(kafka, isolation="read_uncommitted")
-    for config in captured.configs:
+    built = [
+        clients.client_config(kafka, {"group.id": "g"}),
+        clients.client_config(kafka, {"acks": "all"}),
+        clients.client_config(kafka, {"transactional.id": "t"}),
+        clients.client_config(kafka, {}),
+        clients.client_config(kafka, clients.reader_settings("read_uncommitted")),
+    ]
+    for config in built:
         assert config["bootstrap.servers"] == "broker:9093"
         assert config["security.protocol"] == "SASL_SSL"  # `_` in the variable stands for `.`
         assert config["sasl.mechanism"] == "SCRAM-SHA-512"
@@ -88,7 +70,7 @@ def test_every_client_kind_gets_the_clusters_settings_and_secrets(
         assert config["sasl.password"] == "hunter2"  # read from the file, newline stripped
         assert config["logger"].name == "lora_workers.librdkafka"
         assert isinstance(config["error_cb"], ErrorReporter)
-    consumer, producer, transactional, _admin, reader = captured.configs
+    consumer, producer, transactional, _admin, reader = built
     assert consumer["group.id"] == "g"
     assert producer["acks"] == "all"
     assert transactional["transactional.id"] == "t"
@@ -97,25 +79,24 @@ def test_every_client_kind_gets_the_clusters_settings_and_secrets(
     assert reader["isolation.level"] == "read_uncommitted"
 
 
-def test_the_clusters_settings_win_over_a_clients_defaults(captured: Captured) -> None:
+def test_the_clusters_settings_win_over_a_clients_defaults() -> None:
     kafka = KafkaConnection("b:1", {"linger.ms": "50"})
-    clients.producer(kafka, {"linger.ms": 5, "acks": "all"})
-    assert captured.configs[0]["linger.ms"] == "50"
-    assert captured.configs[0]["acks"] == "all"
+    config = clients.client_config(kafka, {"linger.ms": 5, "acks": "all"})
+    assert config["linger.ms"] == "50"
+    assert config["acks"] == "all"
 
 
-def test_a_transactional_producer_needs_its_id(captured: Captured) -> None:
+def test_a_transactional_producer_needs_its_id() -> None:
     with pytest.raises(ValueError, match=r"transactional\.id"):
         clients.transactional_producer("b:1", {})
 
 
 def test_a_secret_file_is_read_when_each_client_is_built(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captured: Captured
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kafka = secured(tmp_path, monkeypatch)
     (tmp_path / "kafka-password").write_text("rotated")
-    clients.producer(kafka, {})
-    assert captured.configs[0]["sasl.password"] == "rotated"
+    assert clients.client_config(kafka, {})["sasl.password"] == "rotated"
 
 
 def test_an_unreadable_secret_file_is_one_line_without_the_secret(tmp_path: Path) -> None:
@@ -273,7 +254,7 @@ def test_the_line_drops_librdkafkas_timing_and_falls_back_to_the_request_error()
 
 
 def test_secret_files_in_the_configuration_file_are_relative_to_it(
-    tmp_path: Path, captured: Captured
+    tmp_path: Path,
 ) -> None:
     (tmp_path / "project" / "secrets").mkdir(parents=True)
     (tmp_path / "project" / "secrets" / "kafka-password").write_text("hunter2\n")
@@ -284,6 +265,6 @@ def test_secret_files_in_the_configuration_file_are_relative_to_it(
         "kafka_secret_files:\n  sasl.password: secrets/kafka-password\n"
     )
     settings = Settings.load(config=config).settings
-    clients.consumer(KafkaConnection.from_settings(settings), {"group.id": "g"})
-    assert captured.configs[0]["sasl.password"] == "hunter2"
-    assert captured.configs[0]["sasl.username"] == "worker"
+    built = clients.client_config(KafkaConnection.from_settings(settings), {"group.id": "g"})
+    assert built["sasl.password"] == "hunter2"
+    assert built["sasl.username"] == "worker"

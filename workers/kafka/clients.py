@@ -257,16 +257,19 @@ def admin_client(kafka: KafkaConnection | str) -> AdminClient:
     return AdminClient(client_config(kafka, {}))
 
 
+def reader_settings(isolation: str) -> dict[str, Any]:
+    """What a whole-topic reader adds to the cluster's settings: a throwaway group, never
+    committed."""
+    return {
+        "group.id": f"lora-workers-reader-{uuid.uuid4()}",
+        "enable.auto.commit": False,
+        "isolation.level": isolation,
+    }
+
+
 def reader(kafka: KafkaConnection | str, *, isolation: str = "read_committed") -> Consumer:
-    """A consumer for reading topics whole: a throwaway group, never committed."""
-    return consumer(
-        kafka,
-        {
-            "group.id": f"lora-workers-reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": isolation,
-        },
-    )
+    """A consumer for reading topics whole."""
+    return consumer(kafka, reader_settings(isolation))
 
 
 def probe(kafka: KafkaConnection | str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
