@@ -34,3 +34,13 @@ def own_merged_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         os.environ.pop("LORA_WORKERS_MERGE__CACHE_DIR", None)
     else:
         os.environ["LORA_WORKERS_MERGE__CACHE_DIR"] = saved
+
+
+@pytest.fixture
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings as on a clean machine: no LORA_WORKERS_* variables or broker address from the
+    caller, and a current directory without a configuration file."""
+    for name in list(os.environ):
+        if name.startswith("LORA_WORKERS_") or name == "KAFKA_BOOTSTRAP_SERVERS":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)

@@ -15,15 +15,7 @@ from workers.scaffold import init_project
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No LORA_WORKERS_* variables from the caller, and a current directory without a file."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("LORA_WORKERS_") or name == "KAFKA_BOOTSTRAP_SERVERS":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_settings")
 
 
 def write(path: Path, text: str) -> Path:

@@ -4,7 +4,6 @@ and no client built anywhere but `workers/kafka/clients.py`."""
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -29,12 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 UNREACHABLE = "127.0.0.1:1"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("LORA_WORKERS_") or name == "KAFKA_BOOTSTRAP_SERVERS":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_settings")
 
 
 def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KafkaConnection:
