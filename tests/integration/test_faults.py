@@ -271,7 +271,9 @@ def test_a_revoked_partitions_requests_are_aborted_in_the_engine(
     # Eager assignment: any rebalance revokes every partition of the worker, so whatever its
     # engine holds then belongs to a revoked partition (cooperative-sticky would move only some,
     # perhaps none with a request in the engine).
-    roundrobin = {"session.timeout.ms": "6000", "partition.assignment.strategy": "roundrobin"}
+    # No worker dies here, so the session may be long: a revoke whose commit is retried (a
+    # concurrent-transactions error under load) must not outlast it and turn into a loss.
+    roundrobin = {"session.timeout.ms": "30000", "partition.assignment.strategy": "roundrobin"}
     settings = {
         **FAST,
         "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "8",
