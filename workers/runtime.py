@@ -24,13 +24,20 @@ from workers.core.contracts import AdapterStatus
 from workers.core.engine_api import AdapterHandle, MergedModel
 from workers.core.errors import AdapterRejected
 from workers.engine.model import EngineValues, engine_values
+from workers.engine.vllm_engine import VllmEngine
 from workers.health import Readiness, serve
 from workers.kafka.clients import KafkaConnection, probe
 from workers.kafka.sinks import AtLeastOnceSink, ResultSink
 from workers.kafka.source import KafkaJobSource
 from workers.kafka.status import NoticeWriter, last_serving_states, read_statuses
 from workers.kafka.transactions import ExactlyOnceSink
-from workers.serving import MergedCheck, adapter_requirements, check_dedicated, start_serving
+from workers.serving import (
+    EngineFactory,
+    MergedCheck,
+    adapter_requirements,
+    check_dedicated,
+    start_serving,
+)
 from workers.worker import RunLimits, RunSummary, Worker
 
 log = structlog.get_logger(__name__)
@@ -42,6 +49,7 @@ def run_worker(
     max_jobs: int | None = None,
     idle_exit_s: float | None = None,
     metrics_port: int | None = None,
+    engine_factory: EngineFactory = VllmEngine,
 ) -> RunSummary:
     kafka = KafkaConnection.from_settings(settings)
     pipelines = load_pipelines(settings.pipelines_dir)
@@ -90,6 +98,7 @@ def run_worker(
         shadows=True,
         check=check,
         values=values,
+        engine_factory=engine_factory,
     )
     try:
         if check is not None and reference is not None:

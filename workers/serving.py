@@ -31,6 +31,9 @@ from workers.engine.loop import EngineLoop, LoopLimits
 from workers.engine.model import EngineValues, engine_values, identify
 from workers.engine.vllm_engine import VllmEngine
 
+# Starts the engine a worker serves with: `VllmEngine`, or a benchmark's double of it.
+EngineFactory = Callable[[EngineValues, MergedModel | None], VllmEngine]
+
 log = structlog.get_logger(__name__)
 
 
@@ -220,6 +223,7 @@ def start_serving(
     shadows: bool = False,
     check: MergedCheck | None = None,
     values: EngineValues | None = None,
+    engine_factory: EngineFactory = VllmEngine,
 ) -> Serving:
     """Start the engine, register the catalog (then the update topic, if any) and check that
     every pipeline routes to an adapter that exists. The caller closes `serving.engine`.
@@ -232,9 +236,10 @@ def start_serving(
     `check`: a new version's merged checkpoint serves only if it agrees with the version on
     the LoRA path; else the engine goes back to the version before, which serves again, and
     the new one is rejected on the status topic. `values`: the engine's (`engine_values`),
-    when the caller has them already."""
+    when the caller has them already. `engine_factory`: what starts the engine (a benchmark's
+    instant engine measures the worker's own per-job cost)."""
     values = values or engine_values(settings.engine, catalog)
-    engine = VllmEngine(values, merged)
+    engine = engine_factory(values, merged)
     try:
         registry = AdapterRegistry(
             engine,

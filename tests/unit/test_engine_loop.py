@@ -67,7 +67,7 @@ class FakeEngine:
         if self.dead:
             raise EngineDied("dead")
 
-    def add_request(self, request_id: str, request: GenerationRequest) -> None:
+    def add_request(self, request_id: str, request: GenerationRequest, priority: int = 0) -> None:
         self._alive()
         self.requests[request_id] = request
         self.steps_left[request_id] = request.max_tokens

@@ -124,7 +124,11 @@ class Engine(Protocol):
 
     # Continuous feeding: requests enter as they are admitted and leave as each finishes.
     # One thread owns these calls (vLLM's client is not thread-safe): `workers.engine.loop`.
-    def add_request(self, request_id: str, request: GenerationRequest) -> None: ...
+    def add_request(self, request_id: str, request: GenerationRequest, priority: int = 0) -> None:
+        """`priority`: lower is scheduled first among requests waiting in the engine (vLLM's
+        priority scheduling); the loop gives a tenant's request the count of that tenant's
+        requests already in the engine, so a quiet tenant's job is not queued behind a flood."""
+        ...
 
     def step(self) -> list[tuple[str, Generation]]:
         """One engine step; the requests that finished in it. Call only while requests are

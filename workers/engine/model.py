@@ -213,6 +213,9 @@ class EngineValues:
             "max_model_len": self.max_model_len,
             "max_num_seqs": s.max_num_seqs,
             "seed": s.seed,
+            # Requests waiting inside the engine run by the priority the loop gives them
+            # (fewest of their tenant's in the engine first) rather than by arrival.
+            "scheduling_policy": "priority",
             "tensor_parallel_size": s.tensor_parallel_size,
         }
         if self.enforce_eager is not None:

@@ -249,7 +249,7 @@ class VllmEngine:
             )
         return [self._generation(out) for out in outputs]
 
-    def add_request(self, request_id: str, request: GenerationRequest) -> None:
+    def add_request(self, request_id: str, request: GenerationRequest, priority: int = 0) -> None:
         from vllm.sampling_params import RequestOutputKind
 
         self._inject_fault([request])
@@ -258,7 +258,7 @@ class VllmEngine:
         lora = self._registered(request.adapter)
         with self._engine_call(f"adding request {request_id}"):
             self._llm.llm_engine.add_request(
-                request_id, _prompt(request), params, lora_request=lora
+                request_id, _prompt(request), params, lora_request=lora, priority=priority
             )
 
     def step(self) -> list[tuple[str, Generation]]:
