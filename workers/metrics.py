@@ -57,6 +57,11 @@ ENGINE_STEP_SECONDS = Histogram(
 ENGINE_REQUESTS = Gauge(
     "lora_workers_engine_requests", "Requests in the engine (added, not finished)."
 )
+ENGINE_DEPTH = Gauge(
+    "lora_workers_engine_depth",
+    "Requests the engine loop keeps in the engine now: admission.engine_depth, or less while a "
+    "quiet tenant's jobs share the engine with a backlog (docs/configuration.md).",
+)
 ADMISSION_WAITING = Gauge(
     "lora_workers_admission_waiting", "Jobs prepared and waiting to enter the engine."
 )
@@ -88,6 +93,17 @@ SCHEMA_COMPLIANCE = Counter(
 )
 ENGINE_RESTARTS = Counter(
     "lora_workers_engine_restarts_total", "Engine restarts after the engine died."
+)
+TIER_SWITCHES = Counter(
+    "lora_workers_tier_switches_total",
+    "In-place tier switches of the engine: an adapter merged into the base weights, or unmerged.",
+    ["direction"],
+)
+TIER_SWITCH_SECONDS = Histogram(
+    "lora_workers_tier_switch_seconds",
+    "Wall time of one in-place tier switch (merge or unmerge, prefix cache reset included).",
+    ["direction"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TRANSACTIONS = Counter(
     "lora_workers_transactions_total",

@@ -329,6 +329,8 @@ def start_serving(
                 stall_warning_s=settings.engine.step_stall_warning_s,
                 shadow_share=settings.shadow.max_engine_share,
                 shadow_max_waiting=settings.shadow.max_waiting,
+                latency_target_s=admission.latency_target_ms / 1000,
+                min_throughput_share=admission.min_throughput_share,
             ),
             restart_engine=restart_engine,
             on_unavailable=registry.mark_unavailable,

@@ -188,9 +188,9 @@ def started() -> Iterator[Callable[..., EngineLoop]]:
         **new: Any,
     ) -> EngineLoop:
         limits = {"engine_depth": depth, "crash_attempts": crash_attempts, "stall_warning_s": 60}
-        budget = new.pop("max_restarts_per_minute", None)
-        if budget is not None:
-            limits["max_restarts_per_minute"] = budget
+        for name in ("max_restarts_per_minute", "latency_target_s", "min_throughput_share"):
+            if name in new:
+                limits[name] = new.pop(name)
         loop = EngineLoop(
             engine,
             LoadedCache(),

@@ -90,6 +90,10 @@ class Admission(Generic[T]):
             for queue in group.by_tenant.values():
                 yield from queue
 
+    def waiting_of(self, tenant: str | None) -> int:
+        """How many of `tenant`'s jobs wait."""
+        return self._waiting_per_tenant.get(tenant, 0)
+
     def add(self, item: T) -> None:
         tenant = item.tenant
         if not self._waiting_per_tenant.get(tenant):

@@ -50,6 +50,7 @@ from workers.core.crashes import (
     RestartBudget,
     fingerprint,
 )
+from workers.core.depth import DepthController
 from workers.core.engine_api import AdapterHandle, Engine, EngineDied, Generation
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import traced
@@ -80,6 +81,8 @@ class LoopLimits:
     shadow_share: float = 0.25  # of engine_depth, at most, for shadow runs
     shadow_max_waiting: int = 2000  # shadow runs beyond this are skipped
     max_restarts_per_minute: int = 6  # beyond, the suspects are given up (engine_crash)
+    latency_target_s: float = 1.0  # a request's time in the engine, when depth can buy it
+    min_throughput_share: float = 0.95  # of full depth's, kept whatever the latency target
 
     @property
     def shadow_depth(self) -> int:
@@ -99,6 +102,7 @@ class _Request(NamedTuple):
     job: PreparedJob
     admitted_at: float
     apart: bool  # a suspect running apart, on its cohort's turn
+    admitted_step: int  # the loop's step count when it entered
 
 
 def _payload(job: PreparedJob) -> str:
@@ -135,6 +139,9 @@ class EngineLoop:
         )
         self._killers = KnownKillers()
         self._budget = RestartBudget(limits.max_restarts_per_minute)
+        self._depth = DepthController(
+            limits.engine_depth, limits.latency_target_s, limits.min_throughput_share
+        )
         self.stats = LoopStats()
         # Shared with other threads, under the lock.
         self._lock = threading.Lock()
@@ -152,6 +159,8 @@ class EngineLoop:
         # The loop thread's own.
         self._requests: dict[str, _Request] = {}
         self._adapters_in_engine: Counter[Hashable] = Counter()  # requests per adapter key
+        self._tenants_in_engine: Counter[str | None] = Counter()  # requests per tenant
+        self._contended = False  # a quiet tenant shares the engine with a backlog
         self._adding: PreparedJob | None = None  # the job whose request is being added
         self._fresh: list[PreparedJob] = []  # added since the engine's last step
         self._apart: Cohort[PreparedJob] | None = None  # the cohort running apart now
@@ -290,9 +299,7 @@ class EngineLoop:
         if ids:
             self._engine.abort_requests(ids)
         for rid in ids:
-            job = self._requests.pop(rid).job
-            self._adapters_in_engine[job.adapter_key] -= 1
-            dropped.append(job)
+            dropped.append(self._leave(rid).job)
         self._end_turn_if_over()
         with self._lock:
             self._drop(dropped)
@@ -318,7 +325,7 @@ class EngineLoop:
             self._end_turn_if_over()
 
     def _admit(self) -> None:
-        room = self._limits.engine_depth - len(self._requests)
+        room = self._target_depth() - len(self._requests)
         now = self._clock()
         jobs = self._admission.take(now, room, self._adapters_in_engine)
         if self._switch_model is not None:
@@ -401,19 +408,22 @@ class EngineLoop:
 
     def _add(self, job: PreparedJob, apart: bool) -> None:
         request_id = str(next(self._ids))
+        # Among requests waiting inside the engine (beyond its max_num_seqs), a tenant with
+        # fewer in it goes first: a quiet tenant's job is not queued behind a flood's.
+        priority = self._tenants_in_engine[job.tenant]
         # In the engine before the call: if the engine dies under it, it died with it.
-        self._requests[request_id] = _Request(job, self._clock(), apart)
+        self._requests[request_id] = _Request(job, self._clock(), apart, self.stats.steps)
         self._adapters_in_engine[job.adapter_key] += 1
+        self._tenants_in_engine[job.tenant] += 1
         self._adding = job  # should the engine die now, it was caught adding this one
         try:
-            self._engine.add_request(request_id, job.request)
+            self._engine.add_request(request_id, job.request, priority)
         except EngineDied:
             raise
         except Exception as exc:  # this request alone (vLLM refused it): dead-letter it
             self._adding = None
             log.exception("request_refused", job_id=job.job.job_id, **traced(job.source))
-            self._requests.pop(request_id)
-            self._adapters_in_engine[job.adapter_key] -= 1
+            self._leave(request_id)
             self._settle(job, Unserved(job, JobRejected.internal(exc)))
             return
         self._adding = None
@@ -422,25 +432,28 @@ class EngineLoop:
 
     def _step(self) -> None:
         started = self._clock()
+        stepped = len(self._requests)
         finished = self._engine.step()
         self._fresh.clear()
         elapsed = self._clock() - started
         self.stats.steps += 1
+        self._depth.observe_step(stepped, elapsed)
         metrics.ENGINE_STEP_SECONDS.observe(elapsed)
         if elapsed >= self._limits.stall_warning_s:
             log.warning(
                 "engine_step_stalled", step_s=round(elapsed, 2), requests=len(self._requests)
             )
         for request_id, generation in finished:
-            request = self._requests.pop(request_id, None)
-            if request is None:
+            if request_id not in self._requests:
                 continue  # aborted meanwhile
-            self._adapters_in_engine[request.job.adapter_key] -= 1
+            request = self._leave(request_id)
+            self._depth.observe_finished(self.stats.steps - request.admitted_step)
             self.stats.finished += 1
             if request.apart:  # it ran to the end: cleared
                 self._requeue_all(self._quarantine.release(request.job))
             self._handle_output(request.job, generation, request.admitted_at)
         self._end_turn_if_over()
+        self._note_contention()
         if finished and not self._requests:
             began, finished_before = self._busy_since
             log.info(
@@ -453,10 +466,38 @@ class EngineLoop:
             # (suspects on their cohort's turn again).
             log.error("engine_lost_requests", requests=len(self._requests))
             self._requeue_all([r.job for r in self._requests.values() if not r.apart])
-            self._requests.clear()
-            self._adapters_in_engine.clear()
+            self._leave_all()
             self._apart = None
         metrics.ENGINE_REQUESTS.set(len(self._requests))
+
+    def _leave(self, request_id: str) -> _Request:
+        """`request_id` is out of the engine (finished, aborted or refused)."""
+        request = self._requests.pop(request_id)
+        self._adapters_in_engine[request.job.adapter_key] -= 1
+        self._tenants_in_engine[request.job.tenant] -= 1
+        return request
+
+    def _leave_all(self) -> None:
+        self._requests.clear()
+        self._adapters_in_engine.clear()
+        self._tenants_in_engine.clear()
+
+    def _target_depth(self) -> int:
+        """Full depth, unless a quiet tenant's jobs would run in steps made slower by a
+        backlog they are not part of (`workers.core.depth`)."""
+        depth = self._depth.depth(contended=self._contended)
+        metrics.ENGINE_DEPTH.set(depth)
+        return depth
+
+    def _note_contention(self) -> None:
+        """After a step: jobs wait (a backlog), and some tenant in the engine is not part of
+        it: fewer of its jobs wait than it has in the engine (fair admission takes its jobs
+        first; one may wait while the engine drains to a lower depth)."""
+        waiting = self._admission.waiting_of
+        self._contended = bool(self._admission) and any(
+            count > 0 and waiting(tenant) < count
+            for tenant, count in self._tenants_in_engine.items()
+        )
 
     def _end_turn_if_over(self) -> None:
         if self._apart is not None and self._quarantine.on_turn is not self._apart:
@@ -549,7 +590,7 @@ class EngineLoop:
         log.warning("requests_abandoned", requests=len(self._requests))
         with contextlib.suppress(EngineDied):  # a dead engine has nothing left to abort
             self._engine.abort_requests(list(self._requests))
-        self._requests.clear()
+        self._leave_all()
 
     def _count_suspects(self) -> None:
         apart = 0 if self._apart is None else len(self._apart.jobs)  # those are requests
@@ -579,8 +620,7 @@ class EngineLoop:
         caught = [self._adding] if self._adding else [j for j in died if id(j) in fresh]
         self._adding = None
         self._fresh.clear()
-        self._requests.clear()
-        self._adapters_in_engine.clear()
+        self._leave_all()
         self._apart = None
         self._engine_down = True
         now = self._clock()

@@ -47,6 +47,20 @@ class AdmissionSettings(_Strict):
         description="Fair-share weight per tenant (default 1): a tenant of weight 2 is "
         "admitted twice as often as one of weight 1 when both have jobs waiting.",
     )
+    latency_target_ms: int = Field(
+        default=1000,
+        ge=1,
+        description="A request's time in the engine to aim for while a quiet tenant's jobs "
+        "share it with a backlog: the engine loop then keeps fewer requests in the engine, "
+        "never so few that throughput drops below min_throughput_share of full depth.",
+    )
+    min_throughput_share: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="The share of full depth's throughput the engine loop always keeps; 1: "
+        "always full depth (latency_target_ms never applies).",
+    )
     consume_batch: int = Field(default=500, ge=1, description="Messages per consume() call.")
     max_in_flight: int = Field(
         default=2000, ge=1, description="Pause fetching above this many unfinished jobs."
