@@ -146,4 +146,28 @@ class Engine(Protocol):
 
     def switch_merged(self, merged: MergedModel) -> None: ...
 
+    # The merged tier in place, on a LoRA engine: one adapter folded into the running engine's
+    # base weights and back, without an engine start (milliseconds on the zoo model).
+    @property
+    def merged_adapter(self) -> AdapterHandle | None:
+        """The adapter merged in place now; None: LoRA mode."""
+        ...
+
+    def merge(self, adapter: AdapterHandle) -> float:
+        """Merge `adapter` into the base weights (as PEFT merges, in the engine's dtype) and
+        serve its requests without LoRA (`ServedBy.MERGED`); the seconds it took. Call only
+        with nothing in the engine (`has_unfinished_requests()` False), e.g. between steps once
+        the engine has drained; until `unmerge`, `serves_now` is True for this adapter version
+        alone, and `add_request` refuses any other (`AdapterLoadError`), the base model's
+        included. Raises `AdapterLoadError` with the engine unchanged, in LoRA mode, if the
+        adapter cannot be merged. The prefix cache is emptied."""
+        ...
+
+    def unmerge(self) -> float:
+        """Back to LoRA mode: the original weights restored bit for bit (the tensors kept at
+        `merge`, never subtracted); the seconds it took; 0 with nothing merged. Call only with
+        nothing in the engine. The prefix cache is emptied. `restart()` after an engine death
+        also comes back in LoRA mode, nothing merged."""
+        ...
+
     def close(self) -> None: ...

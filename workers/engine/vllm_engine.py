@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from workers import metrics
 from workers.core.engine_api import (
     AdapterHandle,
     AdapterLoadError,
@@ -29,6 +30,7 @@ from workers.core.engine_api import (
     MergedModel,
     ServedBy,
 )
+from workers.engine.inplace import EXTENSION
 from workers.engine.model import EngineValues
 from workers.engine.reaper import watch_worker
 
@@ -87,7 +89,11 @@ class VllmEngine:
 
     With `merged`, the engine runs that checkpoint without LoRA instead: it serves the one
     adapter version merged into it, at the base model's speed, and refuses every other job
-    (the base model's included, which the merged weights would mis-serve)."""
+    (the base model's included, which the merged weights would mis-serve).
+
+    Without `merged`, `merge(adapter)` folds one adapter into the running engine's weights in
+    place (`workers.engine.inplace`) and `unmerge()` restores them: the same one-adapter rule
+    holds while an adapter is merged, without another engine start."""
 
     def __init__(self, values: EngineValues, merged: MergedModel | None = None) -> None:
         settings = values.settings
@@ -100,6 +106,7 @@ class VllmEngine:
         self.settings = settings
         self.merged = merged
         self._merged_handles: dict[int, AdapterHandle] = {}
+        self._merged_in_place: AdapterHandle | None = None
         # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
         # on the generating one, and it survives engine restarts.
         self._tokenizer = AutoTokenizer.from_pretrained(str(values.model.path))
@@ -130,6 +137,7 @@ class VllmEngine:
                 "max_loras": settings.max_loras,
                 "max_lora_rank": values.max_lora_rank,
                 "max_cpu_loras": settings.max_cpu_loras,
+                "worker_extension_cls": EXTENSION,  # merge / unmerge in place
             }
         )
         model = values.model.path if self.merged is None else self.merged.path
@@ -143,6 +151,8 @@ class VllmEngine:
         """A fresh engine with the same adapters registered and pinned."""
         started = time.monotonic()
         self._shutdown_llm()
+        # The new engine loads the base weights: whatever was merged in place is gone.
+        self._merged_in_place = None
         self._llm = self._start_llm()
         # A merged engine's adapter is in its weights: nothing to register again.
         lora_requests = self._lora_requests.items() if self.merged is None else ()
@@ -158,7 +168,72 @@ class VllmEngine:
 
     def serves_now(self, adapter: AdapterHandle | None) -> bool:
         """Whether a request for `adapter` can enter this engine as it is now."""
+        if self._merged_in_place is not None:
+            return _same_version(self._merged_in_place, adapter)
         return self.merged is None or self.merged.serves(adapter)
+
+    @property
+    def merged_adapter(self) -> AdapterHandle | None:
+        """The adapter merged in place (`merge`), if any."""
+        return self._merged_in_place
+
+    def merge(self, adapter: AdapterHandle) -> float:
+        """Fold `adapter` into the base weights of this running LoRA engine and serve its
+        requests without LoRA; the seconds it took. Call with nothing in the engine. Until
+        `unmerge`, only this adapter version's requests may enter (`serves_now`). Raises
+        `AdapterLoadError` (the engine unchanged, in LoRA mode) if it cannot be merged."""
+        if self.merged is not None:
+            raise AdapterLoadError("an engine on a merged checkpoint merges nothing in place")
+        if self._merged_in_place is not None:
+            raise AdapterLoadError(f"{self._merged_in_place.engine_name} is merged: unmerge first")
+        with self._switch("merge", adapter) as switched:
+            try:
+                with self._engine_call(f"merging {adapter.engine_name}"):
+                    self._llm.collective_rpc("lw_merge", args=(adapter.path,))
+            except EngineDied:
+                raise
+            except Exception as exc:
+                raise AdapterLoadError(f"merging {adapter.engine_name}: {exc}") from exc
+            self._merged_in_place = adapter
+        return switched[0]
+
+    def unmerge(self) -> float:
+        """Restore the original weights and LoRA layers (bit for bit: the very tensors kept
+        at `merge`); the seconds it took. Call with nothing in the engine. Nothing merged:
+        nothing to do."""
+        adapter = self._merged_in_place
+        if adapter is None:
+            return 0.0
+        with self._switch("unmerge", adapter) as switched:
+            with self._engine_call(f"unmerging {adapter.engine_name}"):
+                self._llm.collective_rpc("lw_unmerge")
+            self._merged_in_place = None
+        return switched[0]
+
+    @contextmanager
+    def _switch(self, direction: str, adapter: AdapterHandle) -> Iterator[list[float]]:
+        """A tier switch: the engine empty before, its prefix cache emptied after (blocks
+        cached under one set of weights must not serve the other), timed and counted."""
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"{direction} with requests in the engine would mis-serve them")
+        started = time.monotonic()
+        switched = [0.0]
+        yield switched
+        with self._engine_call("resetting the prefix cache"):
+            self._llm.reset_prefix_cache()
+        switched[0] = time.monotonic() - started
+        metrics.TIER_SWITCHES.labels(direction).inc()
+        metrics.TIER_SWITCH_SECONDS.labels(direction).observe(switched[0])
+        log.info(
+            f"adapter_{direction}d_in_place",
+            adapter=adapter.engine_name,
+            switch_s=round(switched[0], 3),
+        )
+
+    def weight_digests(self) -> dict[str, str]:
+        """sha256 of the weight each LoRA-wrapped layer computes with (tests, bit for bit)."""
+        with self._engine_call("reading weight digests"):
+            return dict(self._llm.collective_rpc("lw_weight_digests")[0])
 
     def switch_merged(self, merged: MergedModel) -> None:
         """Serve another merged checkpoint: a fresh engine on it. Call with nothing in the
@@ -191,6 +266,12 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(adapter.engine_name, adapter.lora_id, adapter.path)
+        known = self._lora_requests.get(adapter.lora_id)
+        if known is not None and (known.lora_name, known.lora_path) == (
+            request.lora_name,
+            request.lora_path,
+        ):
+            return  # registered already (another registry on this engine: a bulk phase)
         if self.merged is not None:
             if adapter.name != self.merged.adapter.name:
                 raise AdapterLoadError(
@@ -298,6 +379,14 @@ class VllmEngine:
             self._kill_engine_core()
 
     def _registered(self, adapter: AdapterHandle | None) -> LoRARequest | None:
+        if self._merged_in_place is not None:
+            if not _same_version(self._merged_in_place, adapter):
+                name = "the base model" if adapter is None else adapter.engine_name
+                raise AdapterLoadError(
+                    f"{name}: {self._merged_in_place.engine_name} is merged into the engine"
+                )
+            # Its weights are in the base layers and LoRA is bypassed: no LoRA request.
+            return None
         if self.merged is not None:
             if not self.merged.serves(adapter):
                 name = "the base model" if adapter is None else adapter.engine_name
@@ -315,7 +404,7 @@ class VllmEngine:
 
     def _generation(self, output: RequestOutput) -> Generation:
         completion = output.outputs[0]
-        if self.merged is not None:
+        if self.merged is not None or self._merged_in_place is not None:
             served_by = ServedBy.MERGED
         elif output.lora_request is None or output.lora_request.lora_int_id == IDENTITY_LORA_ID:
             served_by = ServedBy.BASE
@@ -351,6 +440,15 @@ class VllmEngine:
         self._shutdown_llm()
         self._reaper.kill()  # the engine is down: nothing left to watch
         self._reaper.wait(timeout=10)
+
+
+def _same_version(merged: AdapterHandle, adapter: AdapterHandle | None) -> bool:
+    return (
+        adapter is not None
+        and adapter.name == merged.name
+        and adapter.sha256 == merged.sha256
+        and adapter.path == merged.path
+    )
 
 
 def _prompt(request: GenerationRequest) -> TokensPrompt:
