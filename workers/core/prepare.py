@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import structlog
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from workers.core.engine_api import (
 from workers.core.errors import JobError, JobRejected
 from workers.core.messages import SourceMessage, traced
 from workers.core.routing import Router, embedding_route, rule_route
+from workers.core.validation import UNREAD, fast_json
 
 log = structlog.get_logger(__name__)
 
@@ -46,15 +48,16 @@ class PreparedJob:
     shadow_request: GenerationRequest | None = None  # also run on a shadow version, after
     shadow_of: Result | None = None  # a shadow run: the serving answer it is compared with
 
-    @property
+    # Cached: admission and the engine loop read these many times per job.
+    @cached_property
     def adapter(self) -> AdapterHandle | None:
         return self.request.adapter
 
-    @property
+    @cached_property
     def adapter_key(self) -> Hashable:
         return None if self.adapter is None else self.adapter.lora_id
 
-    @property
+    @cached_property
     def tenant(self) -> str | None:
         return self.job.tenant
 
@@ -67,16 +70,20 @@ class PreparedJob:
             keys.append(self.shadow_request.adapter.lora_id)
         return keys
 
-    def routed(self, route: RouteInfo, router: Router) -> PreparedJob:
-        """This job on the adapter `route` names, with its shadow run if it has one."""
+    def routed(
+        self, route: RouteInfo, router: Router, received_at_ms: int | None = None
+    ) -> PreparedJob:
+        """This job on the adapter `route` names, with its shadow run if it has one
+        (`received_at_ms`: when the version was picked, if now)."""
         own = self.classifying or self.request
         handle, shadow = router.handles(route, self.job)
         return dataclasses.replace(
             self,
-            request=dataclasses.replace(own, adapter=handle),
+            request=_on_adapter(own, handle),
             route=route,
             classifying=None,
-            shadow_request=None if shadow is None else dataclasses.replace(own, adapter=shadow),
+            shadow_request=None if shadow is None else _on_adapter(own, shadow),
+            received_at_ms=self.received_at_ms if received_at_ms is None else received_at_ms,
         )
 
     def as_shadow_run(self, serving: Result) -> PreparedJob | None:
@@ -88,6 +95,10 @@ class PreparedJob:
         )
 
 
+def _on_adapter(request: GenerationRequest, adapter: AdapterHandle | None) -> GenerationRequest:
+    return request if request.adapter is adapter else dataclasses.replace(request, adapter=adapter)
+
+
 # Deeper JSON is refused: nothing a job needs nests this far, and deep structures exhaust
 # recursion in the parsers and serializers after this stage.
 MAX_JSON_DEPTH = 64
@@ -97,21 +108,31 @@ def decode_job(value: bytes | None) -> Job:
     """The job in a message's value; `JobRejected` for anything that is not one."""
     if value is None:
         raise JobRejected(JobError.INVALID_JSON, "message has no value")
-    try:
-        document = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise JobRejected(JobError.INVALID_JSON, f"value is not JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise JobRejected(JobError.INVALID_JSON, "value nests too deeply to parse") from exc
-    except ValueError as exc:  # e.g. an integer literal past Python's digit limit
-        raise JobRejected(JobError.INVALID_JSON, f"value is not usable JSON: {exc}") from exc
-    _check_structure(document)
+    document = fast_json(value)
+    if document is UNREAD:
+        document = _standard_json(value)
+        _check_structure(document)
+    elif value.count(b"[") + value.count(b"{") > MAX_JSON_DEPTH:
+        # Only then can it nest past the limit. Its text is valid Unicode: orjson refuses
+        # lone surrogates.
+        _check_structure(document)
     try:
         return Job.model_validate(document)
     except ValidationError as exc:
         raise JobRejected(
             JobError.INVALID_JOB, f"job does not match the job schema: {validation_details(exc)}"
         ) from exc
+
+
+def _standard_json(value: bytes) -> object:
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JobRejected(JobError.INVALID_JSON, f"value is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise JobRejected(JobError.INVALID_JSON, "value nests too deeply to parse") from exc
+    except ValueError as exc:  # e.g. an integer literal past Python's digit limit
+        raise JobRejected(JobError.INVALID_JSON, f"value is not usable JSON: {exc}") from exc
 
 
 def _check_structure(document: object) -> None:
@@ -188,18 +209,17 @@ class JobPreparer:
 
     def _routed(self, job: PreparedJob) -> PreparedJob | JobRejected:
         try:
-            if job.route is not None:
-                routed = job.routed(job.route, self.router)
-            else:
-                classifier = job.pipeline.routing.classifier
-                assert classifier is not None and job.classifying is not None
-                handle = self.router.resolve(classifier.adapter, job.job)
-                routed = dataclasses.replace(
-                    job, request=dataclasses.replace(job.request, adapter=handle)
-                )
             # The version is picked now: a job received before an adapter update is served
             # by the version before it, one received after by the new one.
-            return dataclasses.replace(routed, received_at_ms=int(time.time() * 1000))
+            now_ms = int(time.time() * 1000)
+            if job.route is not None:
+                return job.routed(job.route, self.router, received_at_ms=now_ms)
+            classifier = job.pipeline.routing.classifier
+            assert classifier is not None and job.classifying is not None
+            handle = self.router.resolve(classifier.adapter, job.job)
+            return dataclasses.replace(
+                job, request=_on_adapter(job.request, handle), received_at_ms=now_ms
+            )
         except JobRejected as rejection:
             return rejection
         except Exception as exc:
@@ -269,18 +289,13 @@ class JobPreparer:
             frequency_penalty=sampling.frequency_penalty,
             min_tokens=sampling.min_tokens,
         )
-        prepared = PreparedJob(
-            job=job,
-            pipeline=pipeline,
-            source=message,
-            request=request,
-            arrived_at=time.monotonic(),
-            received_at_ms=int(time.time() * 1000),
-        )
+        arrived_at, received_at_ms = time.monotonic(), int(time.time() * 1000)
         route = rule_route(job, pipeline)
         classifier = pipeline.routing.classifier
         if route is not None or classifier is None:
-            return dataclasses.replace(prepared, route=route)  # None: routed by embedding
+            return PreparedJob(  # route None: routed by embedding
+                job, pipeline, message, request, arrived_at, received_at_ms, route=route
+            )
         template = classifier.prompt_template or pipeline.prompt_template
         assert template is not None  # PipelineConfig requires one where a classifier routes
         classifying = GenerationRequest(
@@ -293,7 +308,9 @@ class JobPreparer:
             seed=None,
             json_schema=classifier.output_schema(),
         )
-        return dataclasses.replace(prepared, request=classifying, classifying=request)
+        return PreparedJob(
+            job, pipeline, message, classifying, arrived_at, received_at_ms, classifying=request
+        )
 
     def _prompt_ids(self, job: Job, pipeline: PipelineConfig) -> list[int]:
         """The job's prompt as token ids: its pipeline's chat rendering, else its text template."""

@@ -5,6 +5,7 @@ tokenize) in chunks and submit to the engine loop."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -110,8 +111,8 @@ class Intake:
             self.paused = overloaded
         timeout = POLL_WHILE_BUSY_S if busy else POLL_INTERVAL_S
         messages = self._source.consume(self._consume_batch, timeout)
-        for message in messages:
-            metrics.MESSAGES_CONSUMED.labels(message.topic).inc()
+        for topic, count in Counter(message.topic for message in messages).items():
+            metrics.MESSAGES_CONSUMED.labels(topic).inc(count)
         return messages
 
     def accept(self, messages: list[SourceMessage]) -> None:
