@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/compare.py [--model DIR --adapters DIR ...] [--out bench/out]
         [--sections pipeline,naive,lora-cost,switching,fairness,bulk,memory]
-        [--baseline-ref 8881d9c | none]
+        [--baseline-ref 12ee1fe | none]
 
 On the tiny zoo by default. Each figure is a ratio of two things measured side by side in this
 run, because the machine is noisy:
 1. Pipeline: the same jobs (four adapters + base) through Kafka → worker → committed result vs
    one raw `LLM.generate` call (bench/pipeline.py), output tok/s and jobs/s. With
-   --baseline-ref (default: the last commit with the old per-batch worker), that commit's worker
+   --baseline-ref (default: main before the latency work, 12ee1fe), that commit's worker
    runs beside this one (a temporary git worktree), its runs alternating with ours.
 2. Latency: publish → result p50/p95/p99 at 50% and 90% of the capacity measured in 1, for each
    worker.
@@ -61,7 +61,13 @@ from common import (
     zoo_jobs,
 )
 from fairness import FairnessFigures, measure_fairness
-from pipeline import BASELINE_REF, PipelineFigures, baseline_checkout, measure_pipeline
+from pipeline import (
+    BASELINE_REF,
+    PipelineFigures,
+    baseline_checkout,
+    measure_pipeline,
+    stage_line,
+)
 
 from tests.broker import kafka_broker
 from workers.core.admission import AdmissionPolicy
@@ -108,7 +114,7 @@ def pipeline_rows(
     f: PipelineFigures, worker: str = "", versus: PipelineFigures | None = None
 ) -> list[Row]:
     """Rows of one worker's pipeline and latency figures; `worker` names it in the section
-    (e.g. " (old per-batch worker)"), `versus` adds this worker's ratio to another's."""
+    (e.g. " (12ee1fe worker)"), `versus` adds this worker's ratio to another's."""
     than = ""
     if versus is not None:
         than = f"; new ÷ old {f.capacity / versus.capacity:.2f}x jobs/s"
@@ -136,6 +142,8 @@ def pipeline_rows(
     for load, (rate, ms) in f.latency.items():
         p50, p95, p99 = (percentile(ms, q) for q in (0.5, 0.95, 0.99))
         note = f"p95 {p95:,.0f} ms, p99 {p99:,.0f} ms, publish → read_committed result"
+        if load in f.stages:
+            note += f"; medians: {stage_line(f.stages[load])}"
         if versus is not None and load in versus.latency:
             theirs = versus.latency[load][1]
             note += (
@@ -155,28 +163,43 @@ def pipeline_rows(
 
 
 def fairness_rows(f: FairnessFigures) -> list[Row]:
-    alone = percentile(f.alone_b, 0.95)
-    rows = [
-        Row(
-            "fairness",
-            f"tenant B alone at {f.rate_b:,.1f} jobs/s (0.1 x capacity), p95",
-            alone,
-            "ms",
-            f"{len(f.alone_b)} jobs on one topic (classify), publish → read_committed result",
-        )
-    ]
-    for policy, (b_ms, a_ms) in f.flooded.items():
-        rows.append(
+    rows = []
+    for label, w in f.by_worker.items():
+        rows += [
             Row(
-                "fairness",
-                f"B with A flooding at {f.rate_b * 10:,.0f} jobs/s, admission {policy}, B p95",
-                percentile(b_ms, 0.95),
+                f"fairness, {label}",
+                f"tenant B alone at {f.rate_b:,.1f} jobs/s (0.1 x capacity), p95",
+                percentile(w.alone_b, 0.95),
                 "ms",
-                f"{f.ratio(policy):.2f}x B alone; A p95 {percentile(a_ms, 0.95):,.0f} ms; "
-                f"{len(b_ms)} B + {len(a_ms)} A jobs",
-            )
-        )
+                f"{len(w.alone_b)} jobs on one topic (classify), publish → read_committed result",
+            ),
+            Row(
+                f"fairness, {label}",
+                f"B with A flooding at {f.rate_b * 10:,.0f} jobs/s, B p95",
+                percentile(w.b, 0.95),
+                "ms",
+                f"{w.ratio:.2f}x B alone; A p95 {percentile(w.a, 0.95):,.0f} ms; "
+                f"{len(w.b)} B + {len(w.a)} A jobs",
+            ),
+            Row(
+                f"fairness, {label}",
+                "A's throughput beside B",
+                w.a_rate,
+                "jobs/s",
+                f"{w.a_share:.2f}x A alone ({w.alone_a_rate:,.1f} jobs/s)",
+            ),
+        ]
     return rows
+
+
+def fairness_targets(f: FairnessFigures, label: str) -> list[Target]:
+    if label not in f.by_worker:
+        return []
+    w = f.by_worker[label]
+    return [
+        Target(f"fairness: B p95 with A flooding / B p95 alone ({label})", 2.0, w.ratio, True),
+        Target(f"fairness: A's throughput beside B / A alone ({label})", 0.9, w.a_share),
+    ]
 
 
 def tok_per_s(engine: VllmEngine, requests: list[GenerationRequest]) -> float:
@@ -547,8 +570,8 @@ def main() -> None:
     parser.add_argument(
         "--baseline-ref",
         default=BASELINE_REF,
-        help="a commit whose worker is measured beside this one in the pipeline section (a "
-        "temporary git worktree); default: the last one with the old per-batch worker; none: skip",
+        help="a commit whose worker is measured beside this one in the pipeline and fairness "
+        "sections (a temporary git worktree); default: main before the latency work; none: skip",
     )
     parser.add_argument("--prompts", type=int, default=256, help="LoRA cost prompts")
     parser.add_argument("--lora-adapters", type=int, default=8)
@@ -567,8 +590,8 @@ def main() -> None:
     parser.add_argument(
         "--fairness-policies",
         nargs="+",
-        default=["switch_aware", "switch_aware:64", "arrival"],
-        help="phase 2 runs: POLICY or POLICY:ENGINE_DEPTH",
+        default=["switch_aware"],
+        help="a worker each: POLICY or POLICY:ENGINE_DEPTH (the first one's are the targets)",
     )
     parser.add_argument("--peft-requests", type=int, default=48)
     parser.add_argument("--batch-jobs", type=int, default=1024)
@@ -598,10 +621,10 @@ def main() -> None:
             stack.enter_context(_environ(KAFKA_BOOTSTRAP_SERVERS=bootstrap))
             print(f"[broker: {how}]", file=sys.stderr, flush=True)
         pipe: PipelineFigures | None = None
+        baseline = None
+        if args.baseline_ref != "none" and {"pipeline", "fairness"} & sections:
+            baseline = stack.enter_context(baseline_checkout(args.baseline_ref))
         if "pipeline" in sections:
-            baseline = None
-            if args.baseline_ref != "none":
-                baseline = stack.enter_context(baseline_checkout(args.baseline_ref))
             pipe = section(
                 "pipeline + latency",
                 partial(
@@ -620,7 +643,7 @@ def main() -> None:
             )
             rows += pipeline_rows(pipe, versus=pipe.baseline)
             if pipe.baseline is not None:
-                rows += pipeline_rows(pipe.baseline, " (old per-batch worker)")
+                rows += pipeline_rows(pipe.baseline, f" ({args.baseline_ref} worker)")
             targets += pipeline_targets(pipe)
             if "naive" in sections:
                 peft, peft_ratio = peft_row(args, pipe)
@@ -666,18 +689,11 @@ def main() -> None:
                     args.fairness_seconds,
                     args.tokens,
                     tuple(args.fairness_policies),
+                    baseline,
                 ),
             )
             rows += fairness_rows(fair)
-            if "switch_aware" in fair.flooded:
-                targets.append(
-                    Target(
-                        "fairness: B p95 with A flooding / B p95 alone (switch_aware)",
-                        2.0,
-                        fair.ratio("switch_aware"),
-                        at_most=True,
-                    )
-                )
+            targets += fairness_targets(fair, args.fairness_policies[0])
         if "bulk" in sections:
             bulk_rows, (whole, after) = section("bulk", partial(bulk_vs_run_batch, args, scratch))
             rows += bulk_rows

@@ -79,6 +79,8 @@ class PipelineFigures:
     raw_runs: list[tuple[float, int]] = field(default_factory=list)
     # offered load (fraction of capacity) → (offered jobs/s, publish→result latencies in ms)
     latency: dict[float, tuple[float, list[float]]] = field(default_factory=dict)
+    # offered load → where the median job's time went (`latency_stages`), in ms
+    stages: dict[float, dict[str, float]] = field(default_factory=dict)
     dead_letters: int = 0
     alongside: Any = None  # what the `alongside` callable returned
     baseline: PipelineFigures | None = None  # the baseline worker's, measured alongside
@@ -241,7 +243,9 @@ class RunningWorker:
             self._log.close()
 
 
-BASELINE_REF = "8881d9c"  # the last commit with the old per-batch worker (AdapterBatcher)
+# main before the latency issue (2026-12-05): fixed engine depth, arrival order in the engine.
+# (The per-batch worker of 8881d9c no longer starts with today's settings environment.)
+BASELINE_REF = "12ee1fe"
 
 
 @contextlib.contextmanager
@@ -314,17 +318,10 @@ def measure_pipeline(
                             tokens,
                             prefix=f"l{n}-",
                         )
-                        figure.latency[load] = (
-                            rate,
-                            _latencies(
-                                bootstrap,
-                                one.collector,
-                                one.process,
-                                steady,
-                                rate,
-                                one.topic_of,
-                            ),
-                        )
+                        published = publish_steadily(bootstrap, steady, rate, one.topic_of)
+                        one.collector.wait_for(list(published), one.process)
+                        figure.latency[load] = (rate, latencies(one.collector, published))
+                        figure.stages[load] = latency_stages(one.collector, published)
                     figure.dead_letters = len(one.collector.dead)
             except BaseException:
                 for one in running:
@@ -353,21 +350,30 @@ def _pipeline_run(
     return span_s, sum(r["usage"]["completion_tokens"] for _, r in done)
 
 
-def _latencies(
-    bootstrap: str,
-    collector: ResultCollector,
-    worker: subprocess.Popen,
-    jobs: list[dict],
-    rate: float,
-    topic_of: dict[str, str],
-) -> list[float]:
-    published = publish_steadily(bootstrap, jobs, rate, topic_of)
-    collector.wait_for(list(published), worker)
+def latencies(collector: ResultCollector, published: dict[str, float]) -> list[float]:
+    """Each answered job's publish → read_committed result time, in ms."""
     return [
         (collector.results[j][0] - at) * 1000
         for j, at in published.items()
         if j in collector.results
     ]
+
+
+def latency_stages(collector: ResultCollector, published: dict[str, float]) -> dict[str, float]:
+    """Medians, in ms, of where a job's time went, from its result's timings: published →
+    consumed and routed (intake), waiting for admission (queue), in the engine (engine), and
+    result built → read by a read_committed consumer (commit: the transaction and the read)."""
+    stages: dict[str, list[float]] = {"intake": [], "queue": [], "engine": [], "commit": []}
+    for job_id, at in published.items():
+        if job_id not in collector.results or "timings" not in collector.results[job_id][1]:
+            continue
+        read_at, result = collector.results[job_id]
+        timings = result["timings"]
+        stages["intake"].append(timings["received_at_ms"] - at * 1000)
+        stages["queue"].append(timings["queue_ms"])
+        stages["engine"].append(timings["generate_ms"])
+        stages["commit"].append(read_at * 1000 - timings["completed_at_ms"])
+    return {name: statistics.median(ms) for name, ms in stages.items() if ms}
 
 
 def _raw_requests(
@@ -403,6 +409,10 @@ def _raw_run(engine: VllmEngine, requests: list[GenerationRequest]) -> tuple[flo
     return time.perf_counter() - started, tokens
 
 
+def stage_line(stages: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:,.0f} ms" for name, ms in stages.items())
+
+
 def print_figures(f: PipelineFigures, tokens: int, label: str) -> None:
     print(f"\n{label}: {f.jobs} jobs over 4 adapters, {tokens} max tokens ({f.broker})\n")
     print("| path | seconds | jobs/s | output tok/s |")
@@ -417,6 +427,7 @@ def print_figures(f: PipelineFigures, tokens: int, label: str) -> None:
     for load, (rate, ms) in f.latency.items():
         cells = [f"{percentile(ms, q):.0f}" for q in (0.5, 0.95, 0.99)]
         print(f"- {load:.0%} load ({rate:.0f} jobs/s): p50/p95/p99 {' / '.join(cells)} ms")
+        print(f"  medians: {stage_line(f.stages.get(load, {}))}")
 
 
 def main() -> None:

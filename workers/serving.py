@@ -323,7 +323,8 @@ def start_serving(
                 is_resident=cache.is_resident,
             ),
             LoopLimits(
-                engine_depth=engine_depth or admission.engine_depth or settings.engine.max_num_seqs,
+                engine_depth=engine_depth or admission.engine_depth or default_depth(settings),
+                engine_slots=settings.engine.max_num_seqs,
                 crash_attempts=settings.engine.crash_attempts,
                 max_restarts_per_minute=settings.engine.max_restarts_per_minute,
                 stall_warning_s=settings.engine.step_stall_warning_s,
@@ -341,6 +342,14 @@ def start_serving(
         engine.close()
         raise
     return serving
+
+
+def default_depth(settings: Settings) -> int:
+    """Requests kept in the engine: its `max_num_seqs`, and an eighth more waiting inside it,
+    so a slot freed in one step is filled in the next (the loop sees a finished request a
+    step or two after the engine freed its slot)."""
+    seqs = settings.engine.max_num_seqs
+    return seqs + max(1, seqs // 8)
 
 
 def _serve_again(

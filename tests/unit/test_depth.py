@@ -119,3 +119,17 @@ def test_old_steps_are_forgotten_when_the_machine_changes() -> None:
         for n in range(8, 257, 8):
             controller.observe_step(n, 0.001 + 2 * B * n)
     assert controller.throughput_floor() < first
+
+
+def test_requests_beyond_the_slots_count_as_full_depth_not_as_longer_steps() -> None:
+    # 288 in the engine, 256 running: full depth keeps 32 ready for freed slots.
+    controller = DepthController(288, latency_target_s=0.5, slots=256)
+    for _ in range(4):
+        for n in range(8, 289, 8):
+            controller.observe_step(n, A + B * min(n, 256))
+    controller.observe_finished(32)
+    assert controller.depth(contended=False) == 288
+    fit = controller.model.coefficients()
+    assert fit is not None and fit[1] == pytest.approx(B, rel=1e-6)
+    depth = controller.depth(contended=True)
+    assert throughput(depth) >= 0.95 * throughput(256) > throughput(depth - 1)

@@ -87,15 +87,24 @@ class StepTimeModel:
 
 @dataclass
 class DepthController:
+    """`max_depth`: requests in the engine at full depth; `slots`: how many of them a step runs
+    (vLLM's max_num_seqs; those beyond wait inside the engine, ready for a freed slot). The step
+    model, the floor and the latency target are about running requests."""
+
     max_depth: int
     latency_target_s: float
     min_throughput_share: float = 0.95
+    slots: int | None = None  # default: max_depth
     model: StepTimeModel = field(default_factory=StepTimeModel)
     steps_per_request: float = 0.0  # moving average, 0 until a request finished
     _smoothing: float = 0.05
 
+    @property
+    def _slots(self) -> int:
+        return min(self.slots or self.max_depth, self.max_depth)
+
     def observe_step(self, requests: int, seconds: float) -> None:
-        self.model.observe(requests, seconds)
+        self.model.observe(min(requests, self._slots), seconds)
 
     def observe_finished(self, steps: int) -> None:
         if self.steps_per_request == 0.0:
@@ -113,13 +122,14 @@ class DepthController:
     def throughput_floor(self) -> int:
         """The least depth that keeps `min_throughput_share` of full depth's requests per
         second: d / (a + b·d) ≥ share · D / (a + b·D)."""
+        slots = self._slots
         fit = self.model.coefficients()
         if fit is None:
-            return self.max_depth
+            return slots
         a, b = fit
-        full = self.max_depth / (a + b * self.max_depth)
+        full = slots / (a + b * slots)
         k = self.min_throughput_share * full
-        return max(1, min(self.max_depth, math.ceil(k * a / (1.0 - k * b))))
+        return max(1, min(slots, math.ceil(k * a / (1.0 - k * b))))
 
     def depth(self, *, contended: bool) -> int:
         if not contended or not self.steps_per_request:
@@ -128,10 +138,12 @@ class DepthController:
         if fit is None:
             # Steps all of one size (a steady backlog keeps the engine full) cannot tell a
             # from b: run at half depth until steps of both sizes fit the line.
-            return max(1, self.max_depth // 2)
+            return max(1, self._slots // 2)
         a, b = fit
         if b == 0.0:
             return self.max_depth
         step_budget = self.latency_target_s / self.steps_per_request
         by_latency = math.floor((step_budget - a) / b)
-        return max(self.throughput_floor(), min(self.max_depth, by_latency))
+        if by_latency >= self._slots:
+            return self.max_depth  # the target holds with every slot running
+        return max(self.throughput_floor(), by_latency)

@@ -75,12 +75,13 @@ class EngineLoopFailed(Exception):
 
 @dataclass(frozen=True)
 class LoopLimits:
-    engine_depth: int  # requests kept in the engine, about its max_num_seqs
+    engine_depth: int  # requests kept in the engine: its max_num_seqs and a few ready beyond
     crash_attempts: int
     stall_warning_s: float
     shadow_share: float = 0.25  # of engine_depth, at most, for shadow runs
     shadow_max_waiting: int = 2000  # shadow runs beyond this are skipped
     max_restarts_per_minute: int = 6  # beyond, the suspects are given up (engine_crash)
+    engine_slots: int | None = None  # requests a step runs (max_num_seqs); None: the depth
     latency_target_s: float = 1.0  # a request's time in the engine, when depth can buy it
     min_throughput_share: float = 0.95  # of full depth's, kept whatever the latency target
 
@@ -140,7 +141,10 @@ class EngineLoop:
         self._killers = KnownKillers()
         self._budget = RestartBudget(limits.max_restarts_per_minute)
         self._depth = DepthController(
-            limits.engine_depth, limits.latency_target_s, limits.min_throughput_share
+            limits.engine_depth,
+            limits.latency_target_s,
+            limits.min_throughput_share,
+            limits.engine_slots,
         )
         self.stats = LoopStats()
         # Shared with other threads, under the lock.
@@ -408,9 +412,12 @@ class EngineLoop:
 
     def _add(self, job: PreparedJob, apart: bool) -> None:
         request_id = str(next(self._ids))
-        # Among requests waiting inside the engine (beyond its max_num_seqs), a tenant with
-        # fewer in it goes first: a quiet tenant's job is not queued behind a flood's.
-        priority = self._tenants_in_engine[job.tenant]
+        # Requests beyond max_num_seqs wait inside the engine for a slot: a tenant below an
+        # equal share of the engine goes first (0), so a quiet tenant's job is not queued
+        # behind a flood's; the rest (1) keep arrival order, so none is overtaken for ever.
+        tenants = sum(count > 0 for count in self._tenants_in_engine.values())
+        below_share = self._tenants_in_engine[job.tenant] * max(1, tenants) < len(self._requests)
+        priority = 0 if below_share or not self._requests else 1
         # In the engine before the call: if the engine dies under it, it died with it.
         self._requests[request_id] = _Request(job, self._clock(), apart, self.stats.steps)
         self._adapters_in_engine[job.adapter_key] += 1
@@ -491,11 +498,13 @@ class EngineLoop:
 
     def _note_contention(self) -> None:
         """After a step: jobs wait (a backlog), and some tenant in the engine is not part of
-        it: fewer of its jobs wait than it has in the engine (fair admission takes its jobs
-        first; one may wait while the engine drains to a lower depth)."""
+        it: what it has waiting is under a quarter of what it has in the engine (fair
+        admission takes its jobs first; a few may wait while the engine drains to a lower
+        depth). Tenants sharing a backlog evenly are not quiet: less depth would not help
+        them."""
         waiting = self._admission.waiting_of
         self._contended = bool(self._admission) and any(
-            count > 0 and waiting(tenant) < count
+            count > 0 and 4 * waiting(tenant) < count
             for tenant, count in self._tenants_in_engine.items()
         )
 

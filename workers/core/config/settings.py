@@ -31,7 +31,8 @@ class AdmissionSettings(_Strict):
     engine_depth: int | None = Field(
         default=None,
         ge=1,
-        description="Requests kept in the engine at once; default: engine.max_num_seqs.",
+        description="Requests kept in the engine at once; default: engine.max_num_seqs and an "
+        "eighth more, waiting inside the engine for a freed slot.",
     )
     policy: AdmissionPolicy = AdmissionPolicy.SWITCH_AWARE
     max_adapters: int | None = Field(
