@@ -1,6 +1,7 @@
 """Benchmark: the worker's own per-job ceiling, with an engine that answers at once.
 
-    .venv/bin/python bench/overhead.py [--jobs 20000] [--baseline-ref 3f089d1] [--profile DIR]
+    .venv/bin/python bench/overhead.py [--jobs 20000] [--repeats 3] [--baseline-ref 3f089d1]
+                                       [--profile DIR]
 
 The real Kafka worker (`workers.runtime.run_worker`: consumer group, pipelines, schemas, the
 exactly-once sink and its transactions) runs in one process on the tests' broker
@@ -8,7 +9,8 @@ exactly-once sink and its transactions) runs in one process on the tests' broker
 `bench/instant_engine.py`, whose every request finishes in the next step with a canned,
 schema-valid output. The jobs (four adapters + base, in equal shares) are all published first;
 jobs/s counts results from the first committed one to the last (read_committed, the result
-records' timestamps), leaving out the first transaction's.
+records' timestamps), leaving out the first transaction's. Each worker runs `--repeats` times,
+alternating with the baseline's runs; the median is reported.
 
 A second run of fewer jobs (a quarter) runs under cProfile, every Python thread with its own
 profiler on its CPU time (`time.thread_time`, so waiting and GIL contention are not counted),
@@ -27,6 +29,7 @@ import json
 import os
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -220,6 +223,9 @@ def child(args: argparse.Namespace) -> None:
             [job_record(deployment.pipelines[j["task"]].input_topic, j) for j in jobs],
         )
         os.environ.update(deployment.env())
+        # The zoo is this checkout's (a baseline worktree has no models/).
+        roots = [str(ROOT / "models"), str(deployment.adapter_root)]
+        os.environ["LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS"] = json.dumps(roots)
         settings = Settings.load({}, ROOT / "lora-workers.yaml").settings
         # Imports and the first tokenizer load (its chat template compiled) outside the profile.
         InstantEngine(engine_values(settings.engine, load_catalog(settings.catalog))).close()
@@ -285,28 +291,42 @@ def run_child(
         return json.loads(Path(out.name).read_text())  # type: ignore[no-any-return]
 
 
-def print_report(name: str, measured: dict[str, Any], profiled: dict[str, Any]) -> None:
-    print(f"\n## {name}\n")
-    print(
-        f"{measured['jobs_s']:,.0f} jobs/s ({measured['results']} results of "
-        f"{measured['jobs']} jobs, {measured['dead_letters']} dead letters; run "
-        f"{measured['wall_s']:.1f} s wall, {measured['cpu_s']:.1f} s CPU)\n"
-    )
+def print_profile(name: str, profiled: dict[str, Any]) -> None:
     stages = profiled["stages"]
     jobs = profiled["jobs"]
     total = stages["total"]
-    print(f"CPU per stage, profiled run of {jobs} jobs ({total / jobs * 1e6:,.0f} µs/job):\n")
-    print("| stage | µs/job | share |")
+    print(f"\n## {name}: CPU per stage\n")
+    print(
+        f"Profiled run of {jobs} jobs, {total / jobs * 1e6:,.0f} µs CPU/job under cProfile "
+        "(its per-call cost inflates functions called often; the shares are what to read):\n"
+    )
+    print("| stage | share | µs/job (profiled) |")
     print("|---|---:|---:|")
     for label, seconds in stages.items():
         if label != "total":
-            print(f"| {label} | {seconds / jobs * 1e6:,.0f} | {seconds / total:.0%} |")
-    print(f"\nTop of the profile (tottime, all threads):\n```\n{profiled['top']}```")
+            print(f"| {label} | {seconds / total:.0%} | {seconds / jobs * 1e6:,.0f} |")
+    print(f"\nTop of the profile (tottime, all threads):\n```\n{profiled['top'].strip()}\n```")
+
+
+def print_figures(runs: dict[str, list[dict[str, Any]]]) -> None:
+    print("\n## Jobs/s per worker process (first to last committed result)\n")
+    print("| worker | jobs/s (median) | runs | CPU µs/job (whole run, median) |")
+    print("|---|---:|---|---:|")
+    for name, measured in runs.items():
+        rates = [m["jobs_s"] for m in measured]
+        cpu = statistics.median(m["cpu_s"] / m["jobs"] * 1e6 for m in measured)
+        shown = ", ".join(f"{r:,.0f}" for r in rates)
+        print(f"| {name} | {statistics.median(rates):,.0f} | {shown} | {cpu:,.0f} |")
+    for name, measured in runs.items():
+        missing = [m for m in measured if m["results"] != m["jobs"] or m["dead_letters"]]
+        if missing:
+            print(f"\n{name}: runs with results missing or dead letters: {missing}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per worker, alternating")
     parser.add_argument("--baseline-ref", default=None, help="e.g. 3f089d1: measured beside")
     parser.add_argument("--profile", type=Path, default=None, help="write raw stats here")
     parser.add_argument("--no-profile-run", action="store_true", help="throughput only")
@@ -329,17 +349,17 @@ def main() -> None:
         print(f"worker logs: {log}", file=sys.stderr)
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+        for _ in range(args.repeats):  # alternating, so load from elsewhere hits both alike
+            for name, tree in variants:
+                runs[name].append(run_child(tree, bootstrap, args.jobs, False, None, log))
+        print_figures(runs)
+        if args.no_profile_run:
+            return
         for name, tree in variants:
-            measured = run_child(tree, bootstrap, args.jobs, False, None, log)
-            profiled = measured
-            if not args.no_profile_run:
-                slug = name.split()[0].replace("/", "-")
-                stats = None if args.profile is None else args.profile / f"{slug}.pstats"
-                profiled = run_child(tree, bootstrap, args.jobs, True, stats, log)
-            if "stages" in profiled:
-                print_report(name, measured, profiled)
-            else:
-                print(f"\n## {name}\n\n{json.dumps(measured)}")
+            slug = name.split()[0].replace("/", "-")
+            stats = None if args.profile is None else args.profile / f"{slug}.pstats"
+            print_profile(name, run_child(tree, bootstrap, args.jobs, True, stats, log))
             sys.stdout.flush()
 
 

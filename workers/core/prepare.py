@@ -10,8 +10,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import structlog
 from pydantic import ValidationError
@@ -48,18 +47,16 @@ class PreparedJob:
     shadow_request: GenerationRequest | None = None  # also run on a shadow version, after
     shadow_of: Result | None = None  # a shadow run: the serving answer it is compared with
 
-    # Cached: admission and the engine loop read these many times per job.
-    @cached_property
-    def adapter(self) -> AdapterHandle | None:
-        return self.request.adapter
+    # Admission and the engine loop read these many times per job: attributes, set once.
+    adapter: AdapterHandle | None = field(init=False, repr=False, compare=False)
+    adapter_key: Hashable = field(init=False, repr=False, compare=False)
+    tenant: str | None = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def adapter_key(self) -> Hashable:
-        return None if self.adapter is None else self.adapter.lora_id
-
-    @cached_property
-    def tenant(self) -> str | None:
-        return self.job.tenant
+    def __post_init__(self) -> None:
+        adapter = self.request.adapter
+        object.__setattr__(self, "adapter", adapter)
+        object.__setattr__(self, "adapter_key", None if adapter is None else adapter.lora_id)
+        object.__setattr__(self, "tenant", self.job.tenant)
 
     @property
     def holds(self) -> list[Hashable]:

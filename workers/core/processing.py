@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -40,6 +40,8 @@ from workers.core.routing import Router, classifier_route
 from workers.core.validation import OutputValidator
 
 log = structlog.get_logger(__name__)
+
+MAX_CACHED_REFS = 4096
 
 
 class AdapterLoader(Protocol):
@@ -110,6 +112,9 @@ class OutputChecker:
         self._validators = {task: OutputValidator(p.output_schema) for task, p in pipelines.items()}
         self._max_model_len = max_model_len
         self._router = router
+        # Per job, these would be looked up (a metric's labels) or built (a contract) again.
+        self._compliance: dict[tuple[str, ...], Any] = {}
+        self._adapter_refs: dict[AdapterHandle, AdapterRef] = {}
 
     def check(
         self, job: PreparedJob, generation: Generation, admitted_at: float
@@ -125,9 +130,11 @@ class OutputChecker:
         if retry is not None:
             return retry
         if job.pipeline.output_schema is not None and job.shadow_of is None:
-            labels = metrics.result_labels(result)
-            valid = str(result.status is ResultStatus.OK).lower()
-            metrics.SCHEMA_COMPLIANCE.labels(*labels, valid).inc()
+            labels = (*metrics.result_labels(result), str(result.status is ResultStatus.OK).lower())
+            series = self._compliance.get(labels)
+            if series is None:
+                series = self._compliance[labels] = metrics.SCHEMA_COMPLIANCE.labels(*labels)
+            series.inc()
         return result
 
     def _after_classifier(self, job: PreparedJob, generation: Generation) -> PreparedJob:
@@ -162,22 +169,30 @@ class OutputChecker:
         request = dataclasses.replace(job.request, max_tokens=budget)
         return dataclasses.replace(job, request=request, attempt=job.attempt + 1)
 
+    def _adapter_ref(self, adapter: AdapterHandle | None) -> AdapterRef | None:
+        if adapter is None:
+            return None
+        ref = self._adapter_refs.get(adapter)
+        if ref is None:
+            if len(self._adapter_refs) >= MAX_CACHED_REFS:  # versions come and go
+                self._adapter_refs.clear()
+            ref = AdapterRef(name=adapter.name, version=adapter.version, sha256=adapter.sha256)
+            self._adapter_refs[adapter] = ref
+        return ref
+
     def _build_result(
         self, job: PreparedJob, generation: Generation, handed_at: float, generate_ms: float
     ) -> Result:
         checked = self._validators[job.pipeline.task].check(
             generation.text, generation.finish_reason
         )
-        adapter = job.adapter
         return Result(
             job_id=job.job.job_id,
             task=job.pipeline.task,
             status=checked.status,
             output=checked.output,
             raw_output=generation.text,
-            adapter=None
-            if adapter is None
-            else AdapterRef(name=adapter.name, version=adapter.version, sha256=adapter.sha256),
+            adapter=self._adapter_ref(job.adapter),
             served_by=generation.served_by,
             usage=Usage(
                 prompt_tokens=len(job.request.prompt_token_ids),
