@@ -12,13 +12,14 @@ from workers.bulk.plan import Costs, Demand, MergeMode, load_costs, plan_run, sa
 from workers.core.contracts import ServedBy
 from workers.core.engine_api import EngineDied, Generation, GenerationRequest
 
-# Round numbers: a start costs 10 s, LoRA makes 1,000 tok/s and merged 4,000 tok/s; every job
-# fills its whole 100-token budget.
+# Round numbers: the run's one engine start costs 10 s, LoRA makes 1,000 tok/s and merged
+# 4,000 tok/s, a tier switch in place (merge and unmerge) 0.5 s; every job fills its whole
+# 100-token budget.
 COSTS = Costs(
     engine_start_s=10.0,
     lora_tokens_per_s=1_000.0,
     merged_tokens_per_s=4_000.0,
-    merge_s=2.0,
+    switch_s=0.5,
     check_s=3.0,
     budget_fill={"dominant": 1.0, "rare": 1.0, "base": 1.0},
 )
@@ -39,34 +40,28 @@ def test_never_serves_everything_on_one_lora_engine() -> None:
 def test_auto_merges_the_dominant_adapter_and_keeps_the_rare_one_on_lora() -> None:
     plan = plan_run({"dominant": demand(4000), "rare": demand(20)}, MergeMode.AUTO, COSTS)
     assert plan.merged == ["dominant"]
-    # The LoRA engine first: it answers the agreement check's probes, then serves the rest.
+    # LoRA first: it answers the agreement check's probes, then serves the rest.
     assert [p.served_by for p in plan.phases] == [ServedBy.LORA, ServedBy.MERGED]
-    # merged: start 10 + merge 2 + check 3 + 400,000 tokens at 4,000/s; LoRA: 10 + 2 s
-    assert plan.estimate_s == pytest.approx(10 + 2 + 3 + 100 + 10 + 2)
+    # merged: switch 0.5 + check 3 + 400,000 tokens at 4,000/s; LoRA: the start 10 + 2 s
+    assert plan.estimate_s == pytest.approx(0.5 + 3 + 100 + 10 + 2)
     assert plan.estimate_s <= min(plan.estimates[MergeMode.NEVER], plan.estimates[MergeMode.ALWAYS])
 
 
-def test_merging_never_saves_the_lora_engine_start_the_check_needs() -> None:
-    # A run of one adapter still starts the LoRA engine when it merges: the agreement check's
-    # probes run there. 300 jobs pay for both engines, 200 do not.
+def test_a_merge_in_place_costs_a_switch_and_the_check_never_an_engine_start() -> None:
+    # One engine serves both tiers: merging pays the switch and the check, so runs merge
+    # that another engine start (10 s) would have cost more than they save.
     alone = plan_run({"dominant": demand(300)}, MergeMode.AUTO, COSTS)
-    assert alone.merged == ["dominant"]  # 10 + (10+2+3+7.5) s vs 10+30 s on LoRA alone
+    assert alone.merged == ["dominant"]  # 10 + (0.5+3+7.5) s vs 10+30 s on LoRA alone
     assert [(p.served_by, p.adapters) for p in alone.phases] == [
         (ServedBy.LORA, ()),
         (ServedBy.MERGED, ("dominant",)),
     ]
-    assert alone.estimate_s == pytest.approx(10 + 10 + 2 + 3 + 7.5)
-    fewer = plan_run({"dominant": demand(200)}, MergeMode.AUTO, COSTS)
-    assert fewer.merged == []  # 10 + (10+2+3+5) s is no gain on 10+20 s
+    assert alone.estimate_s == pytest.approx(10 + 0.5 + 3 + 7.5)
     pair = plan_run({"dominant": demand(100), "rare": demand(100)}, MergeMode.AUTO, COSTS)
-    assert pair.merged == []  # two merged engines (2 x 17.5 s) cost more than LoRA (30 s)
-
-
-def test_a_cached_checkpoint_makes_merging_cheaper() -> None:
-    jobs = {"dominant": demand(150), "rare": demand(150)}
-    uncached = plan_run(jobs, MergeMode.ALWAYS, COSTS)
-    cached = plan_run(jobs, MergeMode.ALWAYS, COSTS, cached={"dominant", "rare"})
-    assert uncached.estimate_s - cached.estimate_s == pytest.approx(2 * COSTS.merge_s)
+    assert sorted(pair.merged) == ["dominant", "rare"]  # each 0.5+3+2.5 s vs 10 s on LoRA
+    assert pair.estimate_s == pytest.approx(10 + 2 * (0.5 + 3 + 2.5))
+    fewer = plan_run({"dominant": demand(40)}, MergeMode.AUTO, COSTS)
+    assert fewer.merged == []  # 0.5+3+1 s merged is no gain on 4 s on LoRA
 
 
 def test_always_merges_every_adapter_but_the_base_model_stays_on_lora() -> None:
@@ -80,9 +75,9 @@ def test_measured_costs_blend_into_the_stored_ones_and_survive_a_round_trip(
 ) -> None:
     first = Costs().measured(lora_tokens_per_s=3_000.0)
     assert first.lora_tokens_per_s == 3_000.0  # a default is replaced outright
-    second = first.measured(lora_tokens_per_s=1_000.0, merge_s=0.0)
+    second = first.measured(lora_tokens_per_s=1_000.0, switch_s=0.0)
     assert second.lora_tokens_per_s == 2_000.0  # a measurement is blended
-    assert second.merge_s == Costs().merge_s  # zero means "not measured"
+    assert second.switch_s == Costs().switch_s  # zero means "not measured"
     path = tmp_path / "costs.json"
     save_costs(second.with_fill("dominant", 0.25), path)
     loaded = load_costs(path)

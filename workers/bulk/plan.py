@@ -1,12 +1,12 @@
 """Which adapters of a bulk run are served merged, from a cost model with measured inputs.
 Pure logic, no I/O but the small JSON file the measurements live in.
 
-An adapter served merged runs on an engine of its own, started on a checkpoint with the adapter
-folded into the base weights: several times the LoRA path's throughput, for the price of one
-more engine start, a merge (once; the checkpoint is cached) and the agreement check. The check
-compares with the LoRA path as served, so a plan that merges anything starts the multi-LoRA
-engine too, first: it answers the check's probes and serves everything else (the base model,
-rare adapters). The plan merges an adapter when its jobs save more than that.
+A run has one multi-LoRA engine. An adapter served merged is folded into that engine's base
+weights in place and unfolded after its jobs (`VllmEngine.merge` / `unmerge`): several times
+the LoRA path's throughput, for the price of the tier switch and the agreement check. The check
+compares with the LoRA path as served, so the LoRA phase comes first: it answers the check's
+probes and serves everything else (the base model, rare adapters). The plan merges an adapter
+when its jobs save more than that.
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ class Costs(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    engine_start_s: float = Field(default=20.0, gt=0, description="One more engine start.")
+    engine_start_s: float = Field(default=20.0, gt=0, description="The run's engine start.")
     lora_tokens_per_s: float = Field(default=1_500.0, gt=0)
     merged_tokens_per_s: float = Field(default=4_500.0, gt=0)
-    merge_s: float = Field(default=2.2, ge=0, description="Merging one adapter, uncached.")
+    switch_s: float = Field(
+        default=0.05, ge=0, description="A tier switch in place: merge, then unmerge."
+    )
     check_s: float = Field(default=2.0, ge=0, description="One adapter's agreement check.")
     # Output tokens per token of max_tokens budget, per adapter label (default 0.5).
     budget_fill: dict[str, float] = Field(default_factory=dict)
@@ -92,7 +94,7 @@ class Demand:
 
 @dataclass(frozen=True)
 class Phase:
-    """One engine's part of the run: merged for one adapter, or LoRA for the rest (and the
+    """A part of the run on the engine: merged for one adapter, or LoRA for the rest (and the
     agreement check's probes of every merged adapter: then it may serve no adapter at all)."""
 
     served_by: ServedBy
@@ -117,14 +119,9 @@ class RunPlan:
         return sum(p.estimate_s for p in self.phases)
 
 
-def _merged_phase(name: str, demand: Demand, costs: Costs, cached: bool) -> Phase:
+def _merged_phase(name: str, demand: Demand, costs: Costs) -> Phase:
     tokens = demand.token_budget * costs.fill(name)
-    seconds = (
-        costs.engine_start_s
-        + (0.0 if cached else costs.merge_s)
-        + costs.check_s
-        + tokens / costs.merged_tokens_per_s
-    )
+    seconds = costs.switch_s + costs.check_s + tokens / costs.merged_tokens_per_s
     return Phase(ServedBy.MERGED, (name,), demand.jobs, seconds)
 
 
@@ -132,16 +129,16 @@ def _lora_phase(rest: Mapping[str | None, Demand], costs: Costs, probes: bool) -
     if not rest and not probes:
         return None
     tokens = sum(d.token_budget * costs.fill(name) for name, d in rest.items())
-    seconds = costs.engine_start_s + tokens / costs.lora_tokens_per_s
+    seconds = costs.engine_start_s + tokens / costs.lora_tokens_per_s  # the run's one start
     # Largest first: the order the phase's summary lists them in.
     names = tuple(sorted(rest, key=lambda n: (-rest[n].jobs, n or "")))
     return Phase(ServedBy.LORA, names, sum(d.jobs for d in rest.values()), seconds)
 
 
 def _plan_merging(
-    merged: list[str], demand: Mapping[str | None, Demand], costs: Costs, cached: set[str]
+    merged: list[str], demand: Mapping[str | None, Demand], costs: Costs
 ) -> tuple[Phase, ...]:
-    phases = [_merged_phase(name, demand[name], costs, name in cached) for name in merged]
+    phases = [_merged_phase(name, demand[name], costs) for name in merged]
     lora = _lora_phase({n: d for n, d in demand.items() if n not in merged}, costs, bool(merged))
     return (*([lora] if lora else []), *phases)
 
@@ -150,25 +147,22 @@ def plan_run(
     demand: Mapping[str | None, Demand],
     mode: MergeMode,
     costs: Costs,
-    cached: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> RunPlan:
     """The run's phases: one LoRA phase for the rest and the probes, then the merged adapters,
     largest gain first.
 
     `auto` tries merging the k adapters that gain most, for every k, and keeps the cheapest
-    plan (merging never saves the LoRA engine's start: the agreement check needs it)."""
+    plan (every plan starts the one engine: merging in place never saves or costs a start)."""
     demand = {name: d for name, d in demand.items() if d.jobs > 0}
     adapters = [name for name in demand if name is not None]
 
     def gain(name: str) -> float:
-        tokens = demand[name].token_budget * costs.fill(name)
-        saved = tokens / costs.lora_tokens_per_s - tokens / costs.merged_tokens_per_s
-        return saved - _merged_phase(name, demand[name], costs, name in cached).estimate_s
+        """Its seconds on LoRA less its merged phase's (which counts its merged serving)."""
+        on_lora = demand[name].token_budget * costs.fill(name) / costs.lora_tokens_per_s
+        return on_lora - _merged_phase(name, demand[name], costs).estimate_s
 
     by_gain = sorted(adapters, key=lambda n: (-gain(n), n))
-    options = {
-        k: _plan_merging(by_gain[:k], demand, costs, cached) for k in range(len(by_gain) + 1)
-    }
+    options = {k: _plan_merging(by_gain[:k], demand, costs) for k in range(len(by_gain) + 1)}
     total = {k: sum(p.estimate_s for p in phases) for k, phases in options.items()}
     estimates = {MergeMode.NEVER: total[0], MergeMode.ALWAYS: total[len(by_gain)]}
     if mode is MergeMode.NEVER:

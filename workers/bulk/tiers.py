@@ -1,19 +1,20 @@
-"""A bulk run in tiers: adapters that dominate the run are served merged into the base weights,
-each on an engine of its own, one engine at a time; everything else on one multi-LoRA engine.
+"""A bulk run in tiers on one multi-LoRA engine: adapters that dominate the run are served merged
+into its base weights, in place, one at a time; everything else through LoRA.
 
 1. Survey: route every row (without an engine) and count jobs and token budgets per adapter.
 2. Plan (`workers.bulk.plan`): `--merge never|always|auto`; auto from measured costs.
-3. The LoRA engine first: it answers every merged adapter's probes (a sample of its jobs at
+3. The LoRA phase first: it answers every merged adapter's probes (a sample of its jobs at
    temperature 0, `workers.bulk.agreement`), then serves the rest of the run.
-4. Per merged adapter: the cached or freshly merged checkpoint (`workers.adapters.merged`), an
-   engine on it, and a gate before it serves anything: the same probes, compared with the LoRA
-   engine's answers; below the thresholds (or with nothing compared), the merged engine is
-   dropped unwritten and the adapter's jobs go to a LoRA engine started again at the end, which
-   says so.
+4. Per merged adapter: the engine merges it in place (`VllmEngine.merge`, milliseconds; no
+   engine start), then a gate before it serves anything: the same probes, compared with the
+   LoRA path's answers; below the thresholds (or with nothing compared), nothing is written
+   merged and the adapter's jobs go back to the LoRA path at the end, which says so. The
+   engine unmerges after each merged phase, whatever happened in it.
 5. The costs measured on the way are stored for the next run's plan.
 
-Every row is served by exactly one engine; rows that do not route go to the first one, which
-writes them as error rows with their reason. One run at a time per run id and output
+Every row is served in exactly one phase; rows that do not route go to the first one, which
+writes them as error rows with their reason. The engine loop runs once per phase (a loop is
+started once), each on the same engine. One run at a time per run id and output
 (`workers.bulk.resume.run_lock`); rows an earlier start ended with a transient error are served
 again.
 """
@@ -32,7 +33,6 @@ from rich.console import Console
 from rich.table import Table
 
 from workers.adapters.checks import adapter_digest
-from workers.adapters.merged import MergedCheckpoints
 from workers.bulk.agreement import Agreement, Probe, compare, greedy, run_probes, sample_rows
 from workers.bulk.jobfiles import read_rows
 from workers.bulk.plan import (
@@ -57,13 +57,14 @@ from workers.bulk.runner import (
 )
 from workers.core.config import AdapterCatalog, PipelineConfig, Settings
 from workers.core.contracts import AdapterStatus, ServedBy, adapter_label
-from workers.core.engine_api import AdapterHandle, MergedModel
+from workers.core.engine_api import AdapterHandle, AdapterLoadError, EngineDied
 from workers.core.errors import JobRejected
 from workers.core.prepare import decode_job
 from workers.core.routing import rule_route
-from workers.engine.model import engine_values
+from workers.engine.model import EngineValues, engine_values
+from workers.engine.vllm_engine import VllmEngine
 from workers.parquet.dataset import existing_job_ids
-from workers.serving import Serving, adapter_requirements, check_routing, start_serving
+from workers.serving import Serving, check_routing, start_serving
 
 log = structlog.get_logger(__name__)
 
@@ -71,10 +72,6 @@ COSTS_FILE = "costs.json"
 # A bulk run wants throughput, not latency: requests waiting inside the engine keep its
 # scheduler's batch full between our admission rounds (8-9% more jobs/s merged, measured).
 BULK_DEPTH_PER_SEQ = 2
-
-
-class _EngineDidNotStart(Exception):
-    """A merged engine failed to start: its adapter is served on LoRA instead."""
 
 
 # One engine's answers to one merged adapter's probes, by input row, and how long they took.
@@ -135,9 +132,10 @@ class PhaseReport:
     adapters: list[str]  # labels, name@version
     jobs: int
     estimate_s: float
-    seconds: float = 0.0  # the whole phase: merge, engine start, check, serving
+    seconds: float = 0.0  # the whole phase: engine start or merge, check, serving, unmerge
     engine_start_s: float = 0.0
-    merge_s: float = 0.0
+    merge_s: float = 0.0  # the tier switch in place, to merged
+    unmerge_s: float = 0.0  # and back to LoRA
     serve_s: float = 0.0
     output_tokens: int = 0
     agreement: Agreement | None = None
@@ -185,12 +183,6 @@ class TieredBulkRun:
         self._costs_path = settings.merge.cache_dir / COSTS_FILE
         self._costs = load_costs(self._costs_path)
         self._values = engine_values(settings.engine, catalog)
-        self._checkpoints = MergedCheckpoints(
-            settings.merge,
-            self._values.model.path,
-            adapter_requirements(settings, self._values),
-            self._values.dtype,
-        )
         self._handles: dict[str, AdapterHandle] = {}
 
     def run(self) -> TieredSummary:
@@ -217,10 +209,7 @@ class TieredBulkRun:
             set(self._catalog.by_name),
             done,
         )
-        # Which checkpoints are cached matters only to a plan that may merge; asking hashes the
-        # base model once, which `never` need not pay for.
-        cached = set() if self._mode is MergeMode.NEVER else self._cached_adapters(found)
-        return found, plan_run(found.demand, self._mode, self._costs, cached)
+        return found, plan_run(found.demand, self._mode, self._costs)
 
     def _run(self, run_id: str) -> TieredSummary:
         started = time.monotonic()
@@ -247,39 +236,48 @@ class TieredBulkRun:
         }
         references: dict[str, Answers] = {}
         lora_phase = next((p for p in plan.phases if p.served_by is ServedBy.LORA), None)
-        if lora_phase is not None or found.unroutable:
-            rest = list(lora_phase.adapters) if lora_phase else []
-            estimate = lora_phase.estimate_s if lora_phase else 0.0
-            phase_started = time.monotonic()
-            report = self._lora_report(rest, found, estimate, with_unroutable=True)
-            report.probes_for = self._labels(list(probes))
+        if lora_phase is None and not found.unroutable:
+            summary.seconds = time.monotonic() - started
+            return summary  # nothing to serve: no engine
+        rest = list(lora_phase.adapters) if lora_phase else []
+        estimate = lora_phase.estimate_s if lora_phase else 0.0
+        report = self._lora_report(rest, found, estimate, with_unroutable=True)
+        report.probes_for = self._labels(list(probes))
+        serving = self._serving(plan, None)
+        engine = serving.engine
+        try:
+            report.engine_start_s = time.monotonic() - started
 
             def answer_probes(serving: Serving) -> bool:
                 for name, rows in probes.items():
                     references[name] = self._probe(serving, rows)
                 return True
 
-            self._serve(report, options, summary, self._selection(rest, found, True), answer_probes)
-            report.seconds = time.monotonic() - phase_started
+            selection = self._selection(rest, found, True)
+            self._serve(report, options, summary, selection, serving, answer_probes)
+            report.seconds = time.monotonic() - started
             summary.phases.append(report)
-        to_lora: list[str | None] = []
-        for phase in plan.phases:
-            if phase.served_by is ServedBy.MERGED:
-                name = phase.adapters[0]
-                assert name is not None
-                reference = references.get(name, ({}, 0.0))
-                report = self._merged_phase(
-                    name, phase, found, options, summary, probes[name], reference
-                )
+            to_lora: list[str | None] = []
+            for phase in plan.phases:
+                if phase.served_by is ServedBy.MERGED:
+                    name = phase.adapters[0]
+                    assert name is not None
+                    reference = references.get(name, ({}, 0.0))
+                    report = self._merged_phase(
+                        engine, name, phase, found, options, summary, probes[name], reference
+                    )
+                    summary.phases.append(report)
+                    if report.fallback is not None:
+                        to_lora.append(name)
+            if to_lora:
+                phase_started = time.monotonic()
+                report = self._lora_report(to_lora, found, 0.0)
+                selection = self._selection(to_lora, found, False)
+                self._serve(report, options, summary, selection, self._serving(plan, engine))
+                report.seconds = time.monotonic() - phase_started
                 summary.phases.append(report)
-                if report.fallback is not None:
-                    to_lora.append(name)
-        if to_lora:
-            phase_started = time.monotonic()
-            report = self._lora_report(to_lora, found, 0.0)
-            self._serve(report, options, summary, self._selection(to_lora, found, False))
-            report.seconds = time.monotonic() - phase_started
-            summary.phases.append(report)
+        finally:
+            engine.close()
         summary.rows, summary.skipped = found.rows_read, found.skipped
         summary.seconds = time.monotonic() - started
         self._remember(summary, found)
@@ -315,6 +313,7 @@ class TieredBulkRun:
 
     def _merged_phase(
         self,
+        engine: VllmEngine,
         name: str,
         phase: Phase,
         found: Survey,
@@ -323,17 +322,18 @@ class TieredBulkRun:
         sample: set[int],
         reference: Answers,
     ) -> PhaseReport:
-        handle = self._handle(name)
-        report = PhaseReport(ServedBy.MERGED, [_label(handle)], phase.jobs, phase.estimate_s)
         started = time.monotonic()
+        # Registered (a no-op: the engine has them) and prewarmed while still on LoRA.
+        serving = self._serving(None, engine, merged=True)
+        handle = serving.registry.served()[name].routes[0].handle
+        report = PhaseReport(ServedBy.MERGED, [_label(handle)], phase.jobs, phase.estimate_s)
         try:
-            merged = self._checkpoints.get(handle)
-        except Exception as exc:  # whatever stops merging, the adapter is served on LoRA
+            report.merge_s = engine.merge(handle)
+        except AdapterLoadError as exc:  # whatever stops merging, the adapter is served on LoRA
             report.fallback = f"merging failed: {exc}"
             log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=str(exc))
             report.seconds = time.monotonic() - started
             return report
-        report.merge_s = merged.merge_s
         required = min(self._settings.merge.agreement_min_jobs, len(found.rows[name]))
         try:
             self._serve(
@@ -341,12 +341,16 @@ class TieredBulkRun:
                 options,
                 summary,
                 self._selection([name], found, False),
+                serving,
                 lambda serving: self._agrees(report, serving, sample, reference, required),
-                merged=merged,
             )
-        except _EngineDidNotStart as failure:
-            report.fallback = str(failure)
-            log.warning("merged_adapter_fallback", adapter=report.adapters[0], reason=str(failure))
+        finally:
+            # Back to LoRA for what follows (after an engine death the loop restarted it on
+            # LoRA already: nothing to undo).
+            try:
+                report.unmerge_s = engine.unmerge()
+            except EngineDied:  # died under the probes: it comes back on LoRA
+                engine.restart()
         report.seconds = time.monotonic() - started
         return report
 
@@ -382,64 +386,52 @@ class TieredBulkRun:
             )
         return report.fallback is None
 
+    def _serving(
+        self, plan: RunPlan | None, engine: VllmEngine | None, merged: bool = False
+    ) -> Serving:
+        """A fresh engine loop (a loop runs once) on `engine`, or on a new engine: with room
+        for the merged tier's larger steps when `plan` merges anything."""
+        settings, values = self._settings, self._values
+        engine_settings = settings.engine
+        if plan is not None and plan.merged:
+            seqs = max(engine_settings.max_num_seqs, settings.merge.max_num_seqs)
+            engine_settings = engine_settings.model_copy(update={"max_num_seqs": seqs})
+            values = dataclasses.replace(values, settings=engine_settings)
+        seqs = settings.merge.max_num_seqs if merged else settings.engine.max_num_seqs
+
+        def on(existing: VllmEngine) -> Callable[[EngineValues, object], VllmEngine]:
+            return lambda _values, _merged: existing
+
+        return start_serving(
+            settings.model_copy(update={"engine": engine_settings}),
+            self._pipelines,
+            self._catalog,
+            on_status=self._on_status,
+            engine_depth=settings.admission.engine_depth or BULK_DEPTH_PER_SEQ * seqs,
+            values=values,
+            **({} if engine is None else {"engine_factory": on(engine)}),
+        )
+
     def _serve(
         self,
         report: PhaseReport,
         options: BulkOptions,
         summary: TieredSummary,
         selection: RowSelection,
+        serving: Serving,
         first: Callable[[Serving], bool] | None = None,
-        merged: MergedModel | None = None,
     ) -> None:
-        """Start an engine, run `first` on it (False: serve nothing), serve the rows."""
-        started = time.monotonic()
-        catalog = self._catalog
-        if merged is not None:
-            only = [a for a in catalog.adapters if a.name == merged.adapter.name]
-            catalog = catalog.model_copy(update={"adapters": only})
-        settings, values = self._settings, self._values
-        if merged is not None:
-            engine = settings.engine.model_copy(
-                update={"max_num_seqs": settings.merge.max_num_seqs}
-            )
-            settings = settings.model_copy(update={"engine": engine})
-            values = dataclasses.replace(values, settings=engine)
-        try:
-            serving = start_serving(
-                settings,
-                self._pipelines,
-                catalog,
-                on_status=self._on_status,
-                merged=merged,
-                engine_depth=settings.admission.engine_depth
-                or BULK_DEPTH_PER_SEQ * settings.engine.max_num_seqs,
-                values=values,
-            )
-        except Exception as exc:
-            if merged is None:
-                raise
-            raise _EngineDidNotStart(f"the merged engine did not start: {exc}") from exc
-        report.engine_start_s = time.monotonic() - started
-        try:
-            if first is not None and not first(serving):
-                return  # nothing written
-            if not selection.total:
-                return
-            runner = BulkRunner(self._pipelines, serving, options, selection)
-            part = runner.run(self._console)
-        finally:
-            serving.engine.close()
+        """Run `first` on `serving` (False: serve nothing), then serve the rows."""
+        if first is not None and not first(serving):
+            return  # nothing written
+        if not selection.total:
+            return
+        runner = BulkRunner(self._pipelines, serving, options, selection)
+        part = runner.run(self._console)
         # Throughput after start-up (the probes ran before).
         report.serve_s = part.seconds
         report.output_tokens = part.output_tokens
         summary.add(part)
-
-    def _cached_adapters(self, found: Survey) -> set[str]:
-        return {
-            name
-            for name in found.demand
-            if name is not None and self._checkpoints.is_cached(self._handle(name))
-        }
 
     def _labels(self, names: list[str | None]) -> list[str]:
         return [_label_of(name, self._handle) for name in names]
@@ -457,8 +449,8 @@ class TieredBulkRun:
         costs = self._costs
         observed: dict[str, float] = {}
         starts = [p.engine_start_s for p in summary.phases if p.engine_start_s]
-        if len(starts) > 1:  # the first start also pays for the imports, which every plan has
-            observed["engine_start_s"] = min(starts[1:])
+        if starts:
+            observed["engine_start_s"] = starts[0]
         for phase in summary.phases:
             if phase.serve_s and phase.output_tokens:
                 key = (
@@ -468,7 +460,7 @@ class TieredBulkRun:
                 )
                 observed[key] = phase.tokens_per_s
             if phase.merge_s:
-                observed["merge_s"] = phase.merge_s
+                observed["switch_s"] = phase.merge_s + phase.unmerge_s
             if phase.agreement is not None:
                 observed["check_s"] = phase.agreement.seconds
         for name, demand in found.demand.items():
@@ -500,7 +492,11 @@ def print_phases(summary: TieredSummary, console: Console | None = None) -> None
             f"{phase.served_by.value} {', '.join(phase.adapters)}",
             f"{phase.jobs:,} jobs in {phase.seconds:,.1f} s (estimate {phase.estimate_s:,.1f} s)",
         )
-        table.add_row("  merge + engine start", f"{phase.merge_s + phase.engine_start_s:,.1f} s")
+        if phase.served_by is ServedBy.MERGED:
+            switch = f"{phase.merge_s:,.3f} s + {phase.unmerge_s:,.3f} s"
+            table.add_row("  merge + unmerge in place", switch)
+        else:
+            table.add_row("  engine start", f"{phase.engine_start_s:,.1f} s")
         table.add_row(
             "  after start-up", f"{phase.serve_s:,.1f} s, {phase.tokens_per_s:,.0f} tok/s"
         )
@@ -554,7 +550,8 @@ def summary_document(summary: TieredSummary) -> dict[str, object]:
                 "estimate_s": round(phase.estimate_s, 3),
                 "seconds": round(phase.seconds, 3),
                 "engine_start_s": round(phase.engine_start_s, 3),
-                "merge_s": round(phase.merge_s, 3),
+                "merge_s": round(phase.merge_s, 4),
+                "unmerge_s": round(phase.unmerge_s, 4),
                 "serve_s": round(phase.serve_s, 3),
                 "output_tokens": phase.output_tokens,
                 "tokens_per_s": round(phase.tokens_per_s, 1),

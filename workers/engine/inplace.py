@@ -26,6 +26,7 @@ weight in float32 and rounded once to the engine's dtype.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     import torch
 
 EXTENSION = "workers.engine.inplace.InPlaceMergeExtension"
+# Fault injection for tests: a merge whose deltas are scaled by this (a deliberately wrong
+# merge, which the bulk run's agreement gate must send back to LoRA). Read in the engine-core
+# process, which inherits the worker's environment.
+FAULT_MERGE_SCALE_ENV = "LW_FAULT_INJECTION_MERGE_SCALE"  # not a setting: tests only
 
 
 @dataclass
@@ -97,6 +102,7 @@ def adapter_deltas(
             raise ValueError(f"{module}: the adapter has lora_A or lora_B alone")
         target, rows = _target(module, modules, packed)
         _, scaling = peft.get_rank_and_scaling(checkpoint_names[module])
+        scaling *= _fault_scale()
         delta = (pair[False].float() @ pair[True].float()) * scaling
         if delta.shape[0] != rows.stop - rows.start:
             raise ValueError(f"{module}: delta has {delta.shape[0]} rows, the layer {rows}")
@@ -124,6 +130,10 @@ def _target(
         raise ValueError(f"{module}: only linear layers on one device merge in place")
     start = sum(layer.output_slices[:index])
     return name, slice(start, start + layer.output_slices[index])
+
+
+def _fault_scale() -> float:
+    return float(os.environ.get(FAULT_MERGE_SCALE_ENV, "1"))
 
 
 class InPlaceMergeExtension:
