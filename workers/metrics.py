@@ -105,6 +105,12 @@ TIER_SWITCH_SECONDS = Histogram(
     ["direction"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+MERGE_CHECKS = Counter(
+    "lora_workers_merge_checks_total",
+    "Agreement checks of an adapter version before its first merged turn in a live stream: "
+    "passed (it may be merged), or refused (it stays on LoRA).",
+    ["verdict"],
+)
 TRANSACTIONS = Counter(
     "lora_workers_transactions_total",
     "Exactly-once commits (answers plus offsets), by outcome.",

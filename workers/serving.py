@@ -27,7 +27,9 @@ from workers.core.messages import SourceMessage
 from workers.core.prepare import JobPreparer, PreparedJob
 from workers.core.processing import OutputChecker
 from workers.core.routing import NearestAdapters, Router
+from workers.core.tiering import TierPolicy
 from workers.engine.loop import EngineLoop, LoopLimits
+from workers.engine.merge_turns import MergeTurns
 from workers.engine.model import EngineValues, engine_values, identify
 from workers.engine.vllm_engine import VllmEngine
 
@@ -336,12 +338,31 @@ def start_serving(
             restart_engine=restart_engine,
             on_unavailable=registry.mark_unavailable,
             switch_model=None if merge is None else switch_model,
+            merge_turns=merge_turns(settings) if shadows and merged is None else None,
         )
         serving = Serving(engine, registry, cache, preparer, loop)
     except BaseException:
         engine.close()
         raise
     return serving
+
+
+def merge_turns(settings: Settings) -> MergeTurns | None:
+    """The Kafka worker's merged turns (`merge.streaming`), or None."""
+    merge = settings.merge
+    if not merge.streaming:
+        return None
+    return MergeTurns(
+        TierPolicy(
+            share=merge.streaming_share,
+            sustain_s=merge.streaming_after_s,
+            others_max_wait_s=merge.streaming_others_max_wait_ms / 1000,
+            min_backlog=merge.streaming_min_jobs,
+        ),
+        check_jobs=merge.agreement_min_jobs,
+        min_identical_text=merge.min_identical_text,
+        min_identical_output=merge.min_identical_output,
+    )
 
 
 def default_depth(settings: Settings) -> int:

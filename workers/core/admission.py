@@ -90,6 +90,21 @@ class Admission(Generic[T]):
             for queue in group.by_tenant.values():
                 yield from queue
 
+    def waiting_per_adapter(self) -> dict[Hashable, int]:
+        return {key: group.size for key, group in self._groups.items()}
+
+    def oldest_arrival(self, besides: Hashable | None = None) -> float | None:
+        """When the longest-waiting job of any adapter but `besides` arrived."""
+        times = [group.oldest() for key, group in self._groups.items() if key != besides]
+        return min(times, default=None)
+
+    def peek(self, key: Hashable, count: int) -> list[T]:
+        """Up to `count` of `key`'s waiting jobs, left waiting."""
+        group = self._groups.get(key)
+        if group is None:
+            return []
+        return [item for queue in group.by_tenant.values() for item in queue][:count]
+
     def waiting_of(self, tenant: str | None) -> int:
         """How many of `tenant`'s jobs wait."""
         return self._waiting_per_tenant.get(tenant, 0)
@@ -112,16 +127,19 @@ class Admission(Generic[T]):
         in_engine: Mapping[Hashable, int],
         *,
         slots: int | None = None,
+        admits: Callable[[Hashable], bool] | None = None,
     ) -> list[T]:
         """Up to `room` jobs to add to the engine now. `in_engine` counts the engine's
         unfinished requests per adapter key; with `slots`, the engine ends up with at most that
-        many distinct adapters (an adapter already in it takes no new slot)."""
+        many distinct adapters (an adapter already in it takes no new slot); with `admits`,
+        only jobs of the adapter keys it accepts are taken (a merged engine's one)."""
         if room <= 0 or not self._size:
             return []
+        groups = [key for key in self._groups if admits is None or admits(key)]
         keys = (
-            list(self._groups)
+            groups
             if self.policy is AdmissionPolicy.ARRIVAL
-            else self._chosen_adapters(now, in_engine)
+            else self._chosen_adapters(now, in_engine, groups)
         )
         if slots is not None:
             keys = _within_slots(keys, in_engine, slots)
@@ -143,7 +161,9 @@ class Admission(Generic[T]):
             self._remove(item)
         return removed
 
-    def _chosen_adapters(self, now: float, in_engine: Mapping[Hashable, int]) -> list[Hashable]:
+    def _chosen_adapters(
+        self, now: float, in_engine: Mapping[Hashable, int], groups: list[Hashable]
+    ) -> list[Hashable]:
         def rank(key: Hashable) -> tuple[bool, bool, bool, int, float]:
             group = self._groups[key]
             oldest = group.oldest()
@@ -156,7 +176,7 @@ class Admission(Generic[T]):
                 oldest,
             )
 
-        ranked = sorted(self._groups, key=rank)
+        ranked = sorted(groups, key=rank)
         return ranked if self.max_adapters is None else ranked[: self.max_adapters]
 
     def _take_oldest(self, room: int, keys: list[Hashable]) -> list[T]:

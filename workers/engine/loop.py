@@ -63,6 +63,7 @@ from workers.core.processing import (
     OutputChecker,
     Unserved,
 )
+from workers.engine.merge_turns import MergeTurns
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +123,7 @@ class EngineLoop:
         restart_engine: Callable[[], None],
         on_unavailable: Callable[[AdapterHandle, str], None],
         switch_model: Callable[[AdapterHandle | None], None] | None = None,
+        merge_turns: MergeTurns | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
@@ -133,6 +135,7 @@ class EngineLoop:
         self._restart_engine = restart_engine
         self._on_unavailable = on_unavailable
         self._switch_model = switch_model
+        self._turns = merge_turns
         self._clock = clock
         self._between_steps: Callable[[], None] | None = None
         self._quarantine = Quarantine[PreparedJob](
@@ -319,7 +322,8 @@ class EngineLoop:
         if self._quarantine:
             turn = self._quarantine.due(self._clock(), others_waiting=bool(self._admission))
         if turn is None:
-            self._admit()
+            if self._turns is None or self._tier_settled():
+                self._admit()
         elif not self._requests:  # the others are out: its turn
             self._quarantine.begin(turn)
             self._apart = turn
@@ -328,10 +332,26 @@ class EngineLoop:
             self._enter(list(turn.jobs), apart=True)
             self._end_turn_if_over()
 
+    def _tier_settled(self) -> bool:
+        """Merged turns: whether the engine serves in the tier wanted now. If not, admission
+        stops until the engine is empty, then it switches (`workers.engine.merge_turns`)."""
+        assert self._turns is not None
+        if self._quarantine:
+            return True  # suspects run in the tier they died in; no switch meanwhile
+        drain = self._depth.predicted_latency_s(len(self._requests)) or 0.0
+        now = self._clock()
+        if not self._turns.decide(now, self._admission, self._adapters_in_engine, drain):
+            return True
+        if self._requests:
+            return False
+        self._turns.switch(self._engine, self._admission)
+        return True
+
     def _admit(self) -> None:
         room = self._target_depth() - len(self._requests)
         now = self._clock()
-        jobs = self._admission.take(now, room, self._adapters_in_engine)
+        admits = None if self._turns is None else self._turns.admits
+        jobs = self._admission.take(now, room, self._adapters_in_engine, admits=admits)
         if self._switch_model is not None:
             jobs = self._servable_now(jobs)
         if not self._admission and len(jobs) < room and self._shadows:
@@ -342,7 +362,9 @@ class EngineLoop:
             )
             shadow_room = min(room - len(jobs), self._limits.shadow_depth - in_engine)
             busy = self._adapters_in_engine + Counter(job.adapter_key for job in jobs)
-            jobs += self._shadows.take(now, shadow_room, busy, slots=self._admission.max_adapters)
+            jobs += self._shadows.take(
+                now, shadow_room, busy, slots=self._admission.max_adapters, admits=admits
+            )
         if not jobs:
             return
         self._quarantine.others_ran()
@@ -632,6 +654,8 @@ class EngineLoop:
         self._leave_all()
         self._apart = None
         self._engine_down = True
+        if self._turns is not None:
+            self._turns.engine_restarted()  # it comes back in LoRA mode
         now = self._clock()
         if apart:
             convictions = self._quarantine.died(caught, now)

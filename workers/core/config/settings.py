@@ -184,6 +184,29 @@ class MergeSettings(_Strict):
         "on the updates topic is merged and the engine switched to it.",
     )
 
+    streaming: bool = Field(
+        default=False,
+        description="The Kafka worker merges an adapter that dominates the work into the "
+        "engine's weights in place, serving it at the base model's speed in turns with the "
+        "others on LoRA (docs/adapters.md). Off by default: merged answers can differ from the "
+        "LoRA path's by rounding (checked against it before a version is first merged).",
+    )
+    streaming_share: float = Field(
+        default=0.8, gt=0, le=1, description="The share of the work an adapter must have..."
+    )
+    streaming_after_s: float = Field(
+        default=2.0, ge=0, description="...for this long, to be merged."
+    )
+    streaming_min_jobs: int = Field(
+        default=64, ge=1, description="...and at least this many jobs waiting or running."
+    )
+    streaming_others_max_wait_ms: int = Field(
+        default=2000,
+        ge=0,
+        description="While one adapter is merged, the others' jobs wait at most about this "
+        "long before the engine switches back to serve them.",
+    )
+
     cache_dir: Path = Field(
         default_factory=_default_merge_cache,
         description="Merged checkpoints and the measured costs the planner uses.",
