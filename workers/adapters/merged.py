@@ -1,5 +1,7 @@
 """Merged checkpoints: a base model with one adapter version folded into its weights (PEFT's
-`merge_and_unload`), served by an engine without LoRA at the base model's speed.
+`merge_and_unload`), served by an engine without LoRA at the base model's speed: a worker
+dedicated to one adapter (`merge.dedicated_adapter`) runs on one. Bulk runs no longer use them:
+they merge in place on their one LoRA engine (`workers.engine.inplace`), without an engine start.
 
 Cached on disk, keyed by the base model's and the adapter's sha256, so a nightly run merges once
 and every later run reuses the result. A cached checkpoint gets the checks an adapter gets: its
