@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
@@ -143,6 +144,26 @@ class ThreadProfiles:
             threading.Thread.run = original  # type: ignore[method-assign]
 
 
+class GcTime:
+    """CPU time spent in the cyclic garbage collector's passes (all generations)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.runs = [0, 0, 0]
+        self._began = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.thread_time()
+        else:
+            self.seconds += time.thread_time() - self._began
+            self.runs[info["generation"]] += 1
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def _stats_of(profile: cProfile.Profile) -> dict[tuple[str, int, str], tuple[Any, ...]]:
     profile.create_stats()
     return profile.stats  # type: ignore[attr-defined,no-any-return]
@@ -230,6 +251,7 @@ def child(args: argparse.Namespace) -> None:
         # Imports and the first tokenizer load (its chat template compiled) outside the profile.
         InstantEngine(engine_values(settings.engine, load_catalog(settings.catalog))).close()
         profiles = ThreadProfiles() if args.profiled else None
+        collecting = GcTime()
         started = time.monotonic()
         cpu_before = time.process_time()
         with profiles.installed() if profiles else contextlib.nullcontext():
@@ -237,6 +259,7 @@ def child(args: argparse.Namespace) -> None:
                 settings, max_jobs=args.jobs, idle_exit_s=60, engine_factory=InstantEngine
             )
         wall = time.monotonic() - started
+        collecting.stop()
         cpu = time.process_time() - cpu_before
         topics = [p.result_topic for p in deployment.pipelines.values()]
         stamps = sorted(m.timestamp()[1] / 1000 for m in read_to_end(args.bootstrap, topics))
@@ -250,6 +273,8 @@ def child(args: argparse.Namespace) -> None:
             "jobs_s": len(after_first) / (last - first) if last > first else 0.0,
             "wall_s": wall,
             "cpu_s": cpu,
+            "gc_s": collecting.seconds,
+            "gc_runs": collecting.runs,
         }
         if profiles is not None:
             figures["stages"] = stage_table(profiles)
@@ -310,13 +335,14 @@ def print_profile(name: str, profiled: dict[str, Any]) -> None:
 
 def print_figures(runs: dict[str, list[dict[str, Any]]]) -> None:
     print("\n## Jobs/s per worker process (first to last committed result)\n")
-    print("| worker | jobs/s (median) | runs | CPU µs/job (whole run, median) |")
-    print("|---|---:|---|---:|")
+    print("| worker | jobs/s (median) | runs | CPU µs/job (whole run) | of which GC µs/job |")
+    print("|---|---:|---|---:|---:|")
     for name, measured in runs.items():
         rates = [m["jobs_s"] for m in measured]
         cpu = statistics.median(m["cpu_s"] / m["jobs"] * 1e6 for m in measured)
         shown = ", ".join(f"{r:,.0f}" for r in rates)
-        print(f"| {name} | {statistics.median(rates):,.0f} | {shown} | {cpu:,.0f} |")
+        gc_ms = statistics.median(m["gc_s"] / m["jobs"] * 1e6 for m in measured)
+        print(f"| {name} | {statistics.median(rates):,.0f} | {shown} | {cpu:,.0f} | {gc_ms:.0f} |")
     for name, measured in runs.items():
         missing = [m for m in measured if m["results"] != m["jobs"] or m["dead_letters"]]
         if missing:

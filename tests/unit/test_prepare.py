@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.engine_fakes import byte_chat, byte_tokens
+from workers.core import prepare
 from workers.core.config import (
     ChatRendering,
     PipelineConfig,
@@ -23,8 +24,9 @@ from workers.core.engine_api import (
 )
 from workers.core.errors import JobRejected
 from workers.core.messages import SourceMessage
-from workers.core.prepare import JobPreparer
+from workers.core.prepare import JobPreparer, decode_job
 from workers.core.routing import Router
+from workers.core.validation import UNREAD
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = load_pipelines(ROOT / "pipelines")
@@ -223,3 +225,77 @@ def test_a_model_without_a_chat_template_and_a_refusing_template_are_dead_letter
         "invalid_job: messages: the chat template refused these messages: roles must "
         "alternate user/assistant"
     )
+
+
+# Values orjson refuses or would read otherwise than `json`: each must still be decided as the
+# standard parser decides it (the fast path must not change a job, a code or a message).
+def _decoded(value: bytes) -> object:
+    try:
+        return decode_job(value)
+    except JobRejected as rejection:
+        return (rejection.code, rejection.message)
+
+
+def _standard_outcome(value: bytes, monkeypatch: pytest.MonkeyPatch) -> object:
+    """What the job decoder gave before orjson: the standard parser on every value."""
+    with monkeypatch.context() as patched:
+        patched.setattr(prepare, "fast_json", lambda _value: UNREAD)
+        return _decoded(value)
+
+
+def _job(**extra: str) -> bytes:
+    fields = "".join(f', "{key}": {value}' for key, value in extra.items())
+    return ('{"job_id": "1", "task": "classify", "input": "x"' + fields + "}").encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _job(metadata='{"n": 123456789012345678901234567890}'),  # orjson: a float
+        _job(metadata='{"n": -9223372036854775809}'),
+        _job(metadata='{"n": 18446744073709551615}'),
+        _job(metadata='{"x": 0.1000000000000000055511151231257827}'),
+        _job(metadata='{"x": NaN}'),  # json reads NaN; orjson refuses it
+        _job(metadata='{"x": 1e400}'),  # json: inf; orjson refuses it
+        _job(metadata='{"x": -0.0, "y": 1E2, "z": 1e-400, "t": true}'),
+        _job(metadata='{"k": "a", "k": "b"}'),
+        _job(metadata='{"s": "\\u00e9\\ud83d\\ude00 \\u0000"}'),
+        _job(metadata='{"d": ' + "[" * 62 + "]" * 62 + "}"),
+        _job(metadata='{"a": "' + "[" * 70 + '"}'),  # brackets in text only
+        _job(metadata='"\\ud800 alone"'),  # a lone surrogate: orjson refuses it
+        _job(metadata='{"d": ' + "[" * 70 + "]" * 70 + "}"),
+        b'\xef\xbb\xbf{"job_id": "1", "task": "classify", "input": "x"}',  # a BOM
+        '{"job_id": "1", "task": "classify", "input": "x"}'.encode("utf-16"),
+        _job(metadata="1" * 5000),  # past Python's digit limit
+        _job(metadata="[1,]"),
+        b'{"job_id": "1", "task": "classify", "input": "\x01"}',  # a raw control character
+    ],
+)
+def test_jobs_decode_exactly_as_the_standard_parser_reads_them(
+    value: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = _decoded(value)
+    expected = _standard_outcome(value, monkeypatch)
+    assert decoded == expected
+    if isinstance(expected, Job):  # == says 1 == 1.0 == True: compare the JSON too
+        assert isinstance(decoded, Job)
+        assert json.dumps(decoded.metadata) == json.dumps(expected.metadata)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (_job(metadata='"\\ud800 alone"'), "text holds invalid Unicode at 0"),
+        (_job(metadata='{"d": ' + "[" * 70 + "]" * 70 + "}"), "value nests deeper than 64"),
+    ],
+)
+def test_what_orjson_refuses_keeps_its_reason(value: bytes, reason: str) -> None:
+    with pytest.raises(JobRejected) as rejected:
+        decode_job(value)
+    assert rejected.value.code == "invalid_job"
+    assert rejected.value.message.startswith(reason)
+
+
+def test_long_integers_stay_exact() -> None:
+    job = decode_job(_job(metadata='{"n": 123456789012345678901234567890}'))
+    assert job.metadata == {"n": 123456789012345678901234567890}
