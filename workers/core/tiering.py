@@ -12,9 +12,11 @@ which adapter's jobs to hold back meanwhile (`Tiering.held`):
 - **While merged**, switch back when the adapter's work is done, or before another adapter's
   oldest waiting job would wait longer than `others_max_wait_s` (the time to drain the engine,
   `drain_s`, is counted in).
-- **After switching back for the others**, the adapter stays held while the others' waiting
-  jobs enter the engine; once none waits, it is merged again (no second `sustain_s`): the
-  engine alternates between short LoRA turns for the others and merged turns for the flood.
+- **After switching back for the others**, the adapter stays held while the others' jobs that
+  waited when the turn began enter the engine (those arriving meanwhile wait for the next
+  turn, so a steady trickle cannot hold the adapter back for ever); then it is merged again
+  (no second `sustain_s`): the engine alternates between short LoRA turns for the others and
+  merged turns for the flood.
 
 The key of an adapter is `PreparedJob.adapter_key` (a name and version): a new version is
 another key, so a merged version is never used for a job routed to the next one.
@@ -45,6 +47,7 @@ class TierPolicy(Generic[K]):
     _candidate: K | None = None
     _since: float = 0.0
     _interlude: K | None = None  # switched back for the others; merged again after them
+    _interlude_since: float = 0.0
     _pending: Tiering[K] | None = None  # a switch decided and not made yet
 
     def decide(
@@ -52,13 +55,12 @@ class TierPolicy(Generic[K]):
         now: float,
         merged: K | None,
         work: Mapping[K | None, int],
-        waiting: Mapping[K | None, int],
         oldest_other_wait_s: float,
         drain_s: float,
     ) -> Tiering[K]:
         """`merged`: the adapter merged now; `work`: jobs waiting or in the engine per adapter
-        key (None: the base model); `waiting`: those waiting; `oldest_other_wait_s`: the wait
-        so far of the oldest waiting job of any other adapter than `merged` (or the held one);
+        key (None: the base model); `oldest_other_wait_s`: the wait so far of the oldest waiting
+        job of any other adapter than `merged` (or the held one);
         `drain_s`: about how long emptying the engine takes. A switch once decided stands
         until it is made (jobs arriving while the engine drains wait for the next turn), unless
         the adapter to merge has no work left."""
@@ -70,7 +72,7 @@ class TierPolicy(Generic[K]):
                 return pending
             else:
                 self._pending = None
-        decision = self._decide(now, merged, work, waiting, oldest_other_wait_s, drain_s)
+        decision = self._decide(now, merged, work, oldest_other_wait_s, drain_s)
         if decision.target != merged:
             self._pending = decision
         return decision
@@ -80,18 +82,17 @@ class TierPolicy(Generic[K]):
         now: float,
         merged: K | None,
         work: Mapping[K | None, int],
-        waiting: Mapping[K | None, int],
         oldest_other_wait_s: float,
         drain_s: float,
     ) -> Tiering[K]:
         if merged is not None:
-            return self._while_merged(merged, work, oldest_other_wait_s, drain_s)
+            return self._while_merged(now, merged, work, oldest_other_wait_s, drain_s)
         if self._interlude is not None:
             held = self._interlude
             if not work.get(held) or held in self.refused:
                 self._interlude = None
-            elif any(count for key, count in waiting.items() if key != held):
-                return Tiering(None, held)  # the others' turn
+            elif oldest_other_wait_s > now - self._interlude_since:
+                return Tiering(None, held)  # the others' turn: some waited since it began
             else:
                 return Tiering(held, held)  # they are in: drain them, merge again
         top = self._dominant(work)
@@ -121,13 +122,18 @@ class TierPolicy(Generic[K]):
         self._pending = None
 
     def _while_merged(
-        self, merged: K, work: Mapping[K | None, int], oldest_other_wait_s: float, drain_s: float
+        self,
+        now: float,
+        merged: K,
+        work: Mapping[K | None, int],
+        oldest_other_wait_s: float,
+        drain_s: float,
     ) -> Tiering[K]:
         if not work.get(merged):
             self._candidate = self._interlude = None
             return Tiering(None)
         if oldest_other_wait_s + drain_s >= self.others_max_wait_s:
-            self._interlude = merged
+            self._interlude, self._interlude_since = merged, now
             return Tiering(None, merged)
         return Tiering(merged)
 

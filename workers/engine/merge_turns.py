@@ -56,19 +56,21 @@ class MergeTurns:
         drain_s: float,
     ) -> bool:
         """Whether the engine must switch tiers (so be emptied first)."""
-        waiting = admission.waiting_per_adapter()
-        work = Counter(waiting) + in_engine
+        work = Counter(admission.waiting_per_adapter()) + in_engine
         besides = self.merged if self.merged is not None else self.decision.held
         oldest = admission.oldest_arrival(besides=besides)
-        self.decision = self.policy.decide(
-            now,
-            self.merged,
-            work,
-            waiting,
-            0.0 if oldest is None else now - oldest,
-            drain_s,
+        decision = self.policy.decide(
+            now, self.merged, work, 0.0 if oldest is None else now - oldest, drain_s
         )
-        return self.decision.target != self.merged
+        if decision != self.decision:
+            log.info(
+                "tier_decision",
+                merge=_name(decision.target, admission),
+                held=_name(decision.held, admission),
+                merged=_name(self.merged, admission),
+            )
+        self.decision = decision
+        return decision.target != self.merged
 
     def switch(self, engine: Engine, admission: Admission[PreparedJob]) -> None:
         """Switch to `decision.target`, the engine being empty: unmerge what is merged, then
@@ -132,3 +134,11 @@ class MergeTurns:
         self.merged = None
         self.decision = Tiering(None)
         self.policy.reset()
+
+
+def _name(key: Hashable | None, admission: Admission[PreparedJob]) -> str | None:
+    """An adapter key as its engine name, for the log (from a waiting job that has it)."""
+    if key is None:
+        return None
+    jobs = admission.peek(key, 1)
+    return jobs[0].adapter.engine_name if jobs and jobs[0].adapter else str(key)
