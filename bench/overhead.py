@@ -10,13 +10,15 @@ exactly-once sink and its transactions) runs in one process on the tests' broker
 schema-valid output. The jobs (four adapters + base, in equal shares) are all published first;
 jobs/s counts results from the first committed one to the last (read_committed, the result
 records' timestamps), leaving out the first transaction's. Each worker runs `--repeats` times,
-alternating with the baseline's runs; the median is reported.
+alternating with the baseline's runs; the median is reported, with the process's CPU per job
+and the garbage collector's share of it (thread CPU time inside its passes).
 
-A second run of fewer jobs (a quarter) runs under cProfile, every Python thread with its own
+Then one more run of as many jobs runs under cProfile, every Python thread with its own
 profiler on its CPU time (`time.thread_time`, so waiting and GIL contention are not counted),
-and sums the CPU per stage: µs per job. `--profile DIR` writes the raw stats (one .pstats per
-variant, all threads merged). With `--baseline-ref`, the same is measured on a `git worktree`
-of that commit (its `workers` package, this checkout's bench), side by side.
+and sums the CPU per stage. cProfile's cost per call inflates the functions called most, so
+its shares are what to read, not its µs. `--profile DIR` writes the raw stats (one .pstats
+per worker, all threads merged). With `--baseline-ref`, the same is measured on a `git
+worktree` of that commit (its `workers` package, this checkout's bench and zoo), side by side.
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ BOOTSTRAP_FILE = Path("/tmp/lw/bootstrap")
 BASE_EVERY = 5  # one job in five has no adapter: the base model serves it
 
 # Stages as (label, [(file suffix, function)]): the CPU of a stage is the cumulative time of
-# its entry functions (old and new names; never nested in one another). "rest" rows are
-# computed from thread totals.
+# its entry functions (never nested in one another). "rest" rows are computed from thread
+# totals.
 STAGES: list[tuple[str, list[tuple[str, str]]]] = [
     ("consume (Kafka poll, detach)", [("workers/stream/intake.py", "consume")]),
     (
         "decode + job validation",
-        [("workers/core/prepare.py", "decode_job"), ("workers/core/prepare.py", "decode_jobs")],
+        [("workers/core/prepare.py", "decode_job")],
     ),
     (
         "tokenize",
