@@ -178,14 +178,14 @@ def in_place_report(switches: dict[str, list[float]], raws: list[Raw]) -> str:
     lines += [
         "",
         f"| raw generate, {len(lora.texts)} classify prompts, 32 tokens, greedy | seconds "
-        "| tok/s | vs LoRA | identical text to LoRA |",
+        "| tok/s | tok/s vs LoRA | identical text to LoRA |",
         "|---|---|---|---|---|",
     ]
     for raw in raws:
         same = sum(a == b for a, b in zip(raw.texts, lora.texts, strict=True))
         lines.append(
             f"| {raw.path} | {raw.seconds:.2f} | {raw.tokens_per_s:,.0f} "
-            f"| {lora.seconds / raw.seconds:.2f}x | {same / len(lora.texts):.1%} |"
+            f"| {raw.tokens_per_s / lora.tokens_per_s:.2f}x | {same / len(lora.texts):.1%} |"
         )
     return "\n".join(lines)
 

@@ -137,11 +137,15 @@ def test_merged_answers_pass_the_agreement_gate_and_only_they_are_served(
 
 
 def test_a_deliberately_wrong_merge_fails_the_gate(engine: VllmEngine) -> None:
-    # The summarizer's weights merged under the classifier's name: the gate must refuse it.
+    # Files that changed since the LoRA path loaded them are refused, the engine left on LoRA.
     classifier = handle("classifier")
-    wrong = AdapterHandle(
-        "classifier", "1", str(ZOO / "summarizer"), classifier.lora_id, classifier.sha256
-    )
+    changed = replace(classifier, path=str(ZOO / "summarizer"))
+    weights = engine.weight_digests()
+    with pytest.raises(AdapterLoadError, match="files changed"):
+        engine.merge(changed)
+    assert engine.merged_adapter is None and engine.weight_digests() == weights
+    # The summarizer's weights merged under the classifier's name: the gate must refuse it.
+    wrong = replace(changed, sha256=adapter_digest(ZOO / "summarizer"))
     requests = {
         row: greedy(GenerationRequest(p, classifier, 24, 0.0, None))
         for row, p in enumerate(prompts(9))

@@ -10,10 +10,11 @@ What vLLM 0.32 does on the CPU, and what that asks of a merge:
   way, and the original `cpu_linear` and parameter objects are kept: `unmerge` puts those very
   objects back, so the restored layers compute bit for bit as before (never a subtraction).
 - LoRA kernels run for every batch, even with no LoRA request in it (a no-LoRA row indexes the
-  last slot on the CPU: `workers.engine.vllm_engine.write_identity_adapter`). While merged,
-  every LoRA-wrapped linear layer forwards straight to its base layer, so the merged adapter's
-  requests (sent without a LoRA request) pay for no LoRA computation at all. Any other request
-  would be mis-served: the caller keeps them out of the engine while merged.
+  last slot on the CPU: `workers.engine.vllm_engine.write_identity_adapter`), and the model
+  runner rebuilds the per-token LoRA mapping before every step. While merged, every
+  LoRA-wrapped layer forwards straight to its base layer and the mapping is not rebuilt, so the
+  merged adapter's requests (sent without a LoRA request) pay for no LoRA work at all. Any
+  other request would be mis-served: the caller keeps them out of the engine while merged.
 - Packed modules (`qkv_proj` from q/k/v, `gate_up_proj` from gate/up): each adapter module's
   delta goes into its rows of the packed weight (the LoRA layer's `output_slices`).
 
@@ -132,6 +133,23 @@ def _target(
     return name, slice(start, start + layer.output_slices[index])
 
 
+def _bypassable(modules: dict[str, Any]) -> None:
+    """Every LoRA-wrapped layer must forward to its base layer with the same arguments; other
+    kinds (MoE, classification heads) would keep computing LoRA while merged."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+
+    kinds = (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA)
+    others = sorted(name for name, module in modules.items() if not isinstance(module, kinds))
+    if others:
+        raise ValueError(f"LoRA layers that cannot be bypassed while merged: {others}")
+
+
+def _no_loras(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
 def _fault_scale() -> float:
     return float(os.environ.get(FAULT_MERGE_SCALE_ENV, "1"))
 
@@ -151,13 +169,12 @@ class InPlaceMergeExtension:
     def lw_merge(self, adapter_path: str) -> dict[str, Any]:
         """Merge the adapter at `adapter_path` into the base weights and bypass every LoRA
         layer; raises (having changed nothing) if it cannot."""
-        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-
         state = self._lw_state()
         if state["adapter"] is not None:
             raise RuntimeError(f"{state['adapter']} is merged already: unmerge first")
         started = time.monotonic()
         manager = self._lw_lora_manager()
+        _bypassable(manager.modules)
         model = self.model_runner.model  # type: ignore[attr-defined]
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         mapper = mapper.get_rename_mapper() if mapper is not None else None
@@ -184,8 +201,9 @@ class InPlaceMergeExtension:
             saved[name] = _Saved(base, base.weight, getattr(base, "cpu_linear", None))
             _install(base, weight)
         for module in manager.modules.values():
-            if isinstance(module, BaseLinearLayerWithLoRA):
-                module.forward = module.base_layer.forward
+            module.forward = module.base_layer.forward
+        # No LoRA layer runs: the per-step LoRA mapping would be built for nothing.
+        self.model_runner.set_active_loras = _no_loras  # type: ignore[attr-defined]
         state.update(adapter=adapter_path, saved=saved)
         return {"modules": len(saved), "seconds": time.monotonic() - started}
 
@@ -200,6 +218,7 @@ class InPlaceMergeExtension:
                 item.layer.cpu_linear = item.cpu_linear
         for module in self._lw_lora_manager().modules.values():
             module.__dict__.pop("forward", None)  # the class's LoRA forward again
+        self.model_runner.__dict__.pop("set_active_loras", None)  # type: ignore[attr-defined]
         state.update(adapter=None, saved={})
         return {"modules": len(saved), "seconds": time.monotonic() - started}
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from workers import metrics
+from workers.adapters.checks import adapter_digest
 from workers.core.engine_api import (
     AdapterHandle,
     AdapterLoadError,
@@ -186,6 +187,9 @@ class VllmEngine:
             raise AdapterLoadError("an engine on a merged checkpoint merges nothing in place")
         if self._merged_in_place is not None:
             raise AdapterLoadError(f"{self._merged_in_place.engine_name} is merged: unmerge first")
+        # The merge reads the files again: they must still be the version the LoRA path loaded.
+        if adapter.sha256 is not None and adapter_digest(Path(adapter.path)) != adapter.sha256:
+            raise AdapterLoadError(f"{adapter.engine_name}: its files changed since it was checked")
         with self._switch("merge", adapter) as switched:
             try:
                 with self._engine_call(f"merging {adapter.engine_name}"):
