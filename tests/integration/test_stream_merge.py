@@ -34,9 +34,10 @@ def test_a_dominant_adapter_is_served_merged_in_turns_with_the_others(
     for i in range(DOMINANT + OTHERS):
         text, label, _topic = zoo.make_message(rng)
         if i % ((DOMINANT + OTHERS) // OTHERS) == 5:  # the others, spread through the stream
-            jobs.append(
-                {"job_id": f"o-{i}", "task": "reply", "input": text, "adapter": "partner-tone"}
-            )
+            other = {"job_id": f"o-{i}", "task": "reply", "input": text}
+            if i % 3:  # two in three another adapter's, the rest the base model's
+                other["adapter"] = "partner-tone"
+            jobs.append(other)
         else:
             jobs.append(
                 {
@@ -81,8 +82,11 @@ def test_a_dominant_adapter_is_served_merged_in_turns_with_the_others(
     )
     print(f"\nserved: {dict(served)}")
     assert served[("classifier", "merged")] >= DOMINANT // 2
-    assert served[("partner-tone", "merged")] == 0
-    assert served[("partner-tone", "lora")] == OTHERS
+    others = [results[j["job_id"]] for j in jobs if j["job_id"].startswith("o-")]
+    assert {r["served_by"] for r in others} <= {"lora", "base"}
+    assert sum(r["served_by"] == "base" for r in others) == sum(
+        "adapter" not in j for j in jobs if j["job_id"].startswith("o-")
+    )
     # Merged answers are right as often as LoRA's: the zoo's classifier knows its labels.
     merged = [j for j in jobs if results[j["job_id"]]["served_by"] == "merged"]
     right = sum(

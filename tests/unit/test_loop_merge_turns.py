@@ -85,13 +85,14 @@ class MergingEngine(FakeEngine):
 _ids = iter(range(10**9))
 
 
-def adapter_job(adapter: AdapterHandle, engine: MergingEngine) -> PreparedJob:
+def adapter_job(adapter: AdapterHandle | None, engine: MergingEngine) -> PreparedJob:
     n = next(_ids)
+    name, lora_id = ("base", 0) if adapter is None else (adapter.name, adapter.lora_id)
     return PreparedJob(
-        job=Job(job_id=f"{adapter.name}-{n}", task="classify", input="x"),
+        job=Job(job_id=f"{name}-{n}", task="classify", input="x"),
         pipeline=PIPELINE,
         source=SourceMessage("jobs.classify", 0, n, b"k", b"{}", [], 0),
-        request=GenerationRequest([adapter.lora_id, 1000 + n], adapter, 5, 0.0, None),
+        request=GenerationRequest([lora_id, 1000 + n], adapter, 5, 0.0, None),
         arrived_at=engine.now,  # the loop's clock
         received_at_ms=0,
     )
@@ -114,7 +115,7 @@ def run(
         if loop is None or steps % 3 or steps in submitted_at or len(submitted_at) >= others:
             return
         submitted_at.add(steps)
-        job = adapter_job(OTHER, engine)
+        job = adapter_job(OTHER if len(submitted_at) % 2 else None, engine)  # None: base model
         arrived[job.job.job_id] = engine.now
         loop.submit([job])
 
@@ -139,7 +140,10 @@ def test_a_dominant_adapter_runs_merged_in_turns_and_the_others_wait_their_bound
     assert all(names == {"flood"} for names in merged_steps)
     # Each other job entered within its bound, plus a few steps of draining.
     waits = [
-        engine.added_at[(OTHER.lora_id, 1000 + int(j.split("-")[1]))] - at
+        engine.added_at[
+            (OTHER.lora_id if j.startswith("other") else 0, int(j.split("-")[1]) + 1000)
+        ]
+        - at
         for j, at in arrived.items()
     ]
     assert max(waits) <= MAX_WAIT_S + 6 * STEP_S

@@ -46,7 +46,8 @@ class MergeTurns:
         """Whether a job of adapter `key` may enter the engine now."""
         if self.merged is not None:
             return key == self.merged
-        return key != self.decision.held
+        held = self.decision.held
+        return held is None or key != held  # the base model's key is None: never held
 
     def decide(
         self,
