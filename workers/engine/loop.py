@@ -7,6 +7,12 @@ waits for the slowest request of a batch. vLLM's client is not thread-safe: only
 calls the engine, and adapter loads, unloads, updates and restarts run here too, between steps
 (`between_steps`).
 
+Depth: how many requests are kept in the engine is `workers.core.depth`'s call: full depth
+(`max_num_seqs` and a few ready beyond), less while a quiet tenant's jobs share the engine with
+a backlog. Requests waiting inside the engine carry a priority (a tenant below an equal share
+of the engine first). With merged turns (`workers.engine.merge_turns`), a dominant adapter is
+merged into the weights in place and only its jobs enter until the others' turn.
+
 Other threads talk to it through `submit`, `outcomes`, `abort` and `stop`. A job submitted here
 comes out exactly once, as an `Answered` or `Unserved` outcome, unless it is aborted first.
 
