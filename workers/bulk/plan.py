@@ -43,7 +43,10 @@ class Costs(BaseModel):
     lora_tokens_per_s: float = Field(default=1_500.0, gt=0)
     merged_tokens_per_s: float = Field(default=4_500.0, gt=0)
     switch_s: float = Field(
-        default=0.05, ge=0, description="A tier switch in place: merge, then unmerge."
+        default=0.5,
+        ge=0,
+        description="A merged phase beyond serving and the check: merge and unmerge in place, "
+        "and the phase's engine loop set up.",
     )
     check_s: float = Field(default=2.0, ge=0, description="One adapter's agreement check.")
     # Output tokens per token of max_tokens budget, per adapter label (default 0.5).
