@@ -195,7 +195,7 @@ class MergeSettings(_Strict):
         default=0.8, gt=0, le=1, description="The share of the work an adapter must have..."
     )
     streaming_after_s: float = Field(
-        default=2.0, ge=0, description="...for this long, to be merged."
+        default=0.5, ge=0, description="...for this long, to be merged."
     )
     streaming_min_jobs: int = Field(
         default=64, ge=1, description="...and at least this many jobs waiting or running."
