@@ -8,6 +8,10 @@ for the base model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from workers.core.contracts import BASE_MODEL_LABEL, Result
@@ -170,17 +174,44 @@ def result_labels(result: Result) -> tuple[str, str, str]:
     return job_labels(result.task, adapter and adapter.name, adapter and adapter.version)
 
 
+@dataclass(frozen=True)
+class _ResultSeries:
+    prompt_tokens: Any
+    output_tokens: Any
+    queue: Any
+    generate: Any
+    latency: Any
+
+
+@lru_cache(maxsize=4096)
+def _result_series(labels: tuple[str, str, str]) -> _ResultSeries:
+    """A result's per-job series, looked up once per label set (`.labels()` costs about
+    1.5 µs, seven times a job). Safe while none of these metrics has a child removed."""
+    return _ResultSeries(
+        PROMPT_TOKENS.labels(*labels),
+        OUTPUT_TOKENS.labels(*labels),
+        QUEUE_SECONDS.labels(*labels),
+        JOB_GENERATE_SECONDS.labels(*labels),
+        JOB_LATENCY_SECONDS.labels(*labels),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _results_counter(labels: tuple[str, str, str], status: str) -> Any:
+    return RESULTS.labels(*labels, status)
+
+
 def record_result(result: Result, finished_at_ms: int) -> None:
     """The per-job series of one written result."""
     labels = result_labels(result)
-    RESULTS.labels(*labels, result.status.value).inc()
-    PROMPT_TOKENS.labels(*labels).inc(result.usage.prompt_tokens)
-    OUTPUT_TOKENS.labels(*labels).inc(result.usage.completion_tokens)
+    _results_counter(labels, result.status.value).inc()
+    series = _result_series(labels)
+    series.prompt_tokens.inc(result.usage.prompt_tokens)
+    series.output_tokens.inc(result.usage.completion_tokens)
     timings = result.timings
-    QUEUE_SECONDS.labels(*labels).observe(timings.queue_ms / 1000)
-    JOB_GENERATE_SECONDS.labels(*labels).observe(timings.generate_ms / 1000)
-    latency_ms = max(0, finished_at_ms - timings.enqueued_at_ms)
-    JOB_LATENCY_SECONDS.labels(*labels).observe(latency_ms / 1000)
+    series.queue.observe(timings.queue_ms / 1000)
+    series.generate.observe(timings.generate_ms / 1000)
+    series.latency.observe(max(0, finished_at_ms - timings.enqueued_at_ms) / 1000)
     if result.route is not None:
         route = result.route
         adapter = route.adapter or BASE_MODEL_LABEL

@@ -30,7 +30,6 @@ from tests.integration.harness import (
 )
 from tests.integration.oracle import PeftOracle
 from workers.adapters.checks import adapter_digest
-from workers.engine.inplace import FAULT_MERGE_SCALE_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -191,7 +190,7 @@ def test_a_deliberately_wrong_merge_falls_back_to_lora_and_says_so(tmp_path: Pat
         "always",
         tmp_path / "merged-cache",
         log,
-        env={FAULT_MERGE_SCALE_ENV: "4"},
+        env={"LORA_WORKERS_ENGINE__FAULT_INJECTION_MERGE_SCALE": "4"},
     )
 
     probes, merged, fallback = summary["phases"]

@@ -97,6 +97,7 @@ class DepthController:
     slots: int | None = None  # default: max_depth
     model: StepTimeModel = field(default_factory=StepTimeModel)
     steps_per_request: float = 0.0  # moving average, 0 until a request finished
+    recent_step_s: float = 0.0  # moving average of the last few steps' time, whatever size
     _smoothing: float = 0.05
 
     @property
@@ -105,6 +106,8 @@ class DepthController:
 
     def observe_step(self, requests: int, seconds: float) -> None:
         self.model.observe(min(requests, self._slots), seconds)
+        if math.isfinite(seconds) and seconds >= 0:
+            self.recent_step_s += 0.2 * (seconds - self.recent_step_s)
 
     def observe_finished(self, steps: int) -> None:
         if self.steps_per_request == 0.0:

@@ -27,7 +27,6 @@ weight in float32 and rounded once to the engine's dtype.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ EXTENSION = "workers.engine.inplace.InPlaceMergeExtension"
 # Fault injection for tests: a merge whose deltas are scaled by this (a deliberately wrong
 # merge, which the bulk run's agreement gate must send back to LoRA). Read in the engine-core
 # process, which inherits the worker's environment.
-FAULT_MERGE_SCALE_ENV = "LW_FAULT_INJECTION_MERGE_SCALE"  # not a setting: tests only
 
 
 @dataclass
@@ -82,8 +80,10 @@ def adapter_deltas(
     packed: dict[str, list[str]],
     weights_mapper: Any,
     max_position_embeddings: int | None,
+    fault_scale: float = 1.0,
 ) -> dict[str, list[tuple[slice, torch.Tensor]]]:
-    """Each LoRA-wrapped module's float32 deltas, by the output rows they add to."""
+    """Each LoRA-wrapped module's float32 deltas, by the output rows they add to;
+    `fault_scale` (tests only: engine.fault_injection_merge_scale) scales them."""
     from safetensors.torch import load_file
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import parse_fine_tuned_lora_name
@@ -103,7 +103,7 @@ def adapter_deltas(
             raise ValueError(f"{module}: the adapter has lora_A or lora_B alone")
         target, rows = _target(module, modules, packed)
         _, scaling = peft.get_rank_and_scaling(checkpoint_names[module])
-        scaling *= _fault_scale()
+        scaling *= fault_scale
         delta = (pair[False].float() @ pair[True].float()) * scaling
         if delta.shape[0] != rows.stop - rows.start:
             raise ValueError(f"{module}: delta has {delta.shape[0]} rows, the layer {rows}")
@@ -150,10 +150,6 @@ def _no_loras(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
-def _fault_scale() -> float:
-    return float(os.environ.get(FAULT_MERGE_SCALE_ENV, "1"))
-
-
 class InPlaceMergeExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`): called by name through
     `collective_rpc`. Names are prefixed: vLLM refuses an extension that shadows the worker."""
@@ -166,7 +162,7 @@ class InPlaceMergeExtension:
             self._lw_merge_state: dict[str, Any] = {"adapter": None, "saved": {}}
         return self._lw_merge_state
 
-    def lw_merge(self, adapter_path: str) -> dict[str, Any]:
+    def lw_merge(self, adapter_path: str, fault_scale: float = 1.0) -> dict[str, Any]:
         """Merge the adapter at `adapter_path` into the base weights and bypass every LoRA
         layer; raises (having changed nothing) if it cannot."""
         state = self._lw_state()
@@ -185,6 +181,7 @@ class InPlaceMergeExtension:
             manager.packed_modules_mapping,
             mapper,
             getattr(config, "max_position_embeddings", None),
+            fault_scale,
         )
         merged: dict[str, torch.Tensor] = {}
         for name, parts in deltas.items():

@@ -193,10 +193,10 @@ class EngineLoop:
         jobs = list(jobs)
         if not jobs:
             return
+        holds = [key for job in jobs for key in job.holds]
         with self._lock:
             self._inbox.extend(jobs)
-            for job in jobs:
-                self._holding.update(job.holds)
+            self._holding.update(holds)
             self._owed += len(jobs)
         self._wake.set()
 
@@ -344,7 +344,7 @@ class EngineLoop:
         assert self._turns is not None
         if self._quarantine:
             return True  # suspects run in the tier they died in; no switch meanwhile
-        drain = self._depth.predicted_latency_s(len(self._requests)) or 0.0
+        drain = self._drain_s()
         now = self._clock()
         if not self._turns.decide(now, self._admission, self._adapters_in_engine, drain):
             return True
@@ -352,6 +352,16 @@ class EngineLoop:
             return False
         self._turns.switch(self._engine, self._admission)
         return True
+
+    def _drain_s(self) -> float:
+        """About how long the engine takes to empty if nothing more enters: the youngest
+        request's steps left (a request takes `steps_per_request` on average) at the last
+        steps' pace (merged steps are faster than LoRA ones)."""
+        if not self._requests:
+            return 0.0
+        youngest = max(request.admitted_step for request in self._requests.values())
+        left = max(1.0, self._depth.steps_per_request - (self.stats.steps - youngest))
+        return left * self._depth.recent_step_s
 
     def _admit(self) -> None:
         room = self._target_depth() - len(self._requests)

@@ -193,7 +193,8 @@ class VllmEngine:
         with self._switch("merge", adapter) as switched:
             try:
                 with self._engine_call(f"merging {adapter.engine_name}"):
-                    self._llm.collective_rpc("lw_merge", args=(adapter.path,))
+                    scale = self.settings.fault_injection_merge_scale
+                    self._llm.collective_rpc("lw_merge", args=(adapter.path, scale))
             except EngineDied:
                 raise
             except Exception as exc:

@@ -94,6 +94,13 @@ class EngineSettings(_Strict):
         "text kills vLLM's engine-core process as it enters the engine, as a job that crashes "
         "the engine would. Off (None) by default.",
     )
+    fault_injection_merge_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="FAULT INJECTION, for tests only: an in-place merge adds this many times "
+        "each adapter's delta, as a wrong merge would (the agreement gate must refuse it). "
+        "1 (a true merge) by default.",
+    )
     step_stall_warning_s: float = Field(
         default=2.0,
         gt=0,
