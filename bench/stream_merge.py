@@ -1,7 +1,7 @@
 """Benchmark: merged turns in a live stream (`merge.streaming`), Kafka → worker → result topic.
 
     .venv/bin/python bench/stream_merge.py [--jobs 4096] [--share 0.9] [--load 0.8]
-        [--seconds 20] [--repeats 2]
+        [--seconds 20] [--repeats 2] [--others-max-wait-ms 2000]
 
 Two workers on one broker, side by side: one with `LORA_WORKERS_MERGE__STREAMING=true`, one
 without (the LoRA path). `share` of the jobs are the classifier adapter's; the rest are spread
@@ -111,14 +111,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument(
+        "--others-max-wait-ms",
+        type=int,
+        default=None,
+        help="merge.streaming_others_max_wait_ms of the merged-turns worker (default: its own)",
+    )
     parser.add_argument("--model", type=Path, default=ZOO / "tiny-llama")
     parser.add_argument("--adapters", type=Path, default=ZOO / "adapters")
     args = parser.parse_args()
     configure_logging("WARNING")
-    max_wait_ms = Settings().merge.streaming_others_max_wait_ms
+    max_wait_ms = args.others_max_wait_ms or Settings().merge.streaming_others_max_wait_ms
+    merged_env = {
+        "LORA_WORKERS_MERGE__STREAMING": "true",
+        "LORA_WORKERS_MERGE__STREAMING_OTHERS_MAX_WAIT_MS": str(max_wait_ms),
+    }
     variants = {
         "LoRA path": WorkerVariant("LoRA path"),
-        "merged turns": WorkerVariant("merged turns", {"LORA_WORKERS_MERGE__STREAMING": "true"}),
+        "merged turns": WorkerVariant("merged turns", merged_env),
     }
     figures = {label: WorkerFigures() for label in variants}
     scratch = Path(tempfile.mkdtemp(prefix="bench-stream-merge-"))
