@@ -37,6 +37,18 @@ class Tiering(Generic[K]):
     held: K | None = None  # in LoRA mode, this adapter's jobs wait (its merged turn comes next)
 
 
+@dataclass(frozen=True)
+class Moment(Generic[K]):
+    """What the policy sees at one turn of the engine loop."""
+
+    now: float
+    merged: K | None  # the adapter merged now
+    work: Mapping[K | None, int]  # jobs waiting or in the engine per adapter key (None: base)
+    # the wait so far of the oldest waiting job of any other adapter than the merged (or held)
+    oldest_other_wait_s: float
+    drain_s: float  # about how long emptying the engine takes
+
+
 @dataclass
 class TierPolicy(Generic[K]):
     share: float
@@ -50,48 +62,32 @@ class TierPolicy(Generic[K]):
     _interlude_since: float = 0.0
     _pending: Tiering[K] | None = None  # a switch decided and not made yet
 
-    def decide(
-        self,
-        now: float,
-        merged: K | None,
-        work: Mapping[K | None, int],
-        oldest_other_wait_s: float,
-        drain_s: float,
-    ) -> Tiering[K]:
-        """`merged`: the adapter merged now; `work`: jobs waiting or in the engine per adapter
-        key (None: the base model); `oldest_other_wait_s`: the wait so far of the oldest waiting
-        job of any other adapter than `merged` (or the held one);
-        `drain_s`: about how long emptying the engine takes. A switch once decided stands
-        until it is made (jobs arriving while the engine drains wait for the next turn), unless
-        the adapter to merge has no work left."""
+    def decide(self, at: Moment[K]) -> Tiering[K]:
+        """The tier wanted now. A switch once decided stands until it is made (jobs arriving
+        while the engine drains wait for the next turn), unless the adapter to merge has no
+        work left."""
         pending = self._pending
         if pending is not None:
-            if merged == pending.target:
+            if at.merged == pending.target:
                 self._pending = None  # made
-            elif pending.target is None or work.get(pending.target):
+            elif pending.target is None or at.work.get(pending.target):
                 return pending
             else:
                 self._pending = None
-        decision = self._decide(now, merged, work, oldest_other_wait_s, drain_s)
-        if decision.target != merged:
+        decision = self._decide(at)
+        if decision.target != at.merged:
             self._pending = decision
         return decision
 
-    def _decide(
-        self,
-        now: float,
-        merged: K | None,
-        work: Mapping[K | None, int],
-        oldest_other_wait_s: float,
-        drain_s: float,
-    ) -> Tiering[K]:
-        if merged is not None:
-            return self._while_merged(now, merged, work, oldest_other_wait_s, drain_s)
+    def _decide(self, at: Moment[K]) -> Tiering[K]:
+        now, work = at.now, at.work
+        if at.merged is not None:
+            return self._while_merged(at, at.merged)
         if self._interlude is not None:
             held = self._interlude
             if not work.get(held) or held in self.refused:
                 self._interlude = None
-            elif oldest_other_wait_s > now - self._interlude_since:
+            elif at.oldest_other_wait_s > now - self._interlude_since:
                 return Tiering(None, held)  # the others' turn: some waited since it began
             else:
                 return Tiering(held, held)  # they are in: drain them, merge again
@@ -121,19 +117,12 @@ class TierPolicy(Generic[K]):
         self._candidate = None
         self._pending = None
 
-    def _while_merged(
-        self,
-        now: float,
-        merged: K,
-        work: Mapping[K | None, int],
-        oldest_other_wait_s: float,
-        drain_s: float,
-    ) -> Tiering[K]:
-        if not work.get(merged):
+    def _while_merged(self, at: Moment[K], merged: K) -> Tiering[K]:
+        if not at.work.get(merged):
             self._candidate = self._interlude = None
             return Tiering(None)
-        if oldest_other_wait_s + drain_s >= self.others_max_wait_s:
-            self._interlude, self._interlude_since = merged, now
+        if at.oldest_other_wait_s + at.drain_s >= self.others_max_wait_s:
+            self._interlude, self._interlude_since = merged, at.now
             return Tiering(None, merged)
         return Tiering(merged)
 

@@ -27,7 +27,7 @@ from workers.bulk.agreement import compare, greedy, run_probes
 from workers.core.admission import Admission
 from workers.core.engine_api import Engine, EngineDied
 from workers.core.prepare import PreparedJob
-from workers.core.tiering import Tiering, TierPolicy
+from workers.core.tiering import Moment, Tiering, TierPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +60,8 @@ class MergeTurns:
         work = Counter(admission.waiting_per_adapter()) + in_engine
         besides = self.merged if self.merged is not None else self.decision.held
         oldest = admission.oldest_arrival(besides=besides)
-        decision = self.policy.decide(
-            now, self.merged, work, 0.0 if oldest is None else now - oldest, drain_s
-        )
+        wait = 0.0 if oldest is None else now - oldest
+        decision = self.policy.decide(Moment(now, self.merged, work, wait, drain_s))
         if decision != self.decision:
             log.info(
                 "tier_decision",
