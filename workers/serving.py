@@ -5,6 +5,7 @@ engine loop (admission, generation, output checks) wired to one engine."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import time
@@ -311,6 +312,11 @@ def start_serving(
         def restart_engine() -> None:
             engine.restart()  # with the same adapters registered and pinned
             cache.refresh()
+            # The Kafka worker freezes start-up's objects out of garbage collection
+            # (worker.py): the dead engine's client is among them, so collect it now.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
         admission = settings.admission
         loop = EngineLoop(
