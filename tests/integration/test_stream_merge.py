@@ -60,7 +60,10 @@ def test_a_dominant_adapter_is_served_merged_in_turns_with_the_others(
             "LORA_WORKERS_MERGE__STREAMING": "true",
             "LORA_WORKERS_MERGE__STREAMING_AFTER_S": "0.2",
             "LORA_WORKERS_MERGE__STREAMING_MIN_JOBS": "32",
-            "LORA_WORKERS_MERGE__STREAMING_OTHERS_MAX_WAIT_MS": "1500",
+            "LORA_WORKERS_MERGE__STREAMING_OTHERS_MAX_WAIT_MS": "500",
+            # A shallow engine, so the others keep waiting behind the flood's merged turns
+            # (with a deep one, all of them enter before the first merge).
+            "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "32",
         },
     )
     log = log_path.read_text()

@@ -29,12 +29,14 @@ class SlowingEngine(FakeEngine):
         self.now = 0.0
         self.sizes: list[int] = []
         self.priorities: dict[str, list[int]] = {}
-        self.tenant_of: dict[str, str] = {}
+        self.quiet_added_at: dict[int, int] = {}  # a quiet job's number → steps run by then
 
     def add_request(self, request_id: str, request: GenerationRequest, priority: int = 0) -> None:
         super().add_request(request_id, request, priority)
         tenant = "quiet" if request.prompt_token_ids[0] == 0 else "flood"
         self.priorities.setdefault(tenant, []).append(priority)
+        if tenant == "quiet":
+            self.quiet_added_at[request.prompt_token_ids[1] - 1000] = len(self.sizes)
 
     def step(self):  # type: ignore[no-untyped-def]
         self.sizes.append(len(self.requests))
@@ -58,19 +60,22 @@ def tenant_job(tenant: str, n: int) -> PreparedJob:
     )
 
 
-def run(started: Callable[..., EngineLoop], *, quiet: bool) -> SlowingEngine:
+def run(started: Callable[..., EngineLoop], *, quiet: bool) -> tuple[SlowingEngine, dict]:
     engine = SlowingEngine()
     trickle = iter(range(10**6))
     loop: EngineLoop | None = None
 
     submitted_at: set[int] = set()
+    quiet_submitted: dict[int, int] = {}  # a quiet job's number → steps run when submitted
 
     def between_steps() -> None:
         # The quiet tenant: one job every fourth step, while the flood has a backlog.
         steps = len(engine.sizes)
         if quiet and loop is not None and steps and steps % 4 == 0 and steps not in submitted_at:
             submitted_at.add(steps)
-            loop.submit([tenant_job("quiet", next(trickle))])
+            n = next(trickle)
+            quiet_submitted[n] = steps
+            loop.submit([tenant_job("quiet", n)])
 
     loop = started(
         engine,
@@ -86,18 +91,18 @@ def run(started: Callable[..., EngineLoop], *, quiet: bool) -> SlowingEngine:
         time.sleep(0.005)
     loop.stop(5)
     assert len(engine.sizes) >= 350
-    return engine
+    return engine, quiet_submitted
 
 
 def test_a_flood_alone_keeps_the_engine_full(started: Callable[..., EngineLoop]) -> None:
-    engine = run(started, quiet=False)
+    engine, _ = run(started, quiet=False)
     assert min(engine.sizes[1:300]) == DEPTH
 
 
 def test_a_quiet_tenant_beside_a_flood_gets_shorter_steps_and_goes_first(
     started: Callable[..., EngineLoop],
 ) -> None:
-    engine = run(started, quiet=True)
+    engine, submitted = run(started, quiet=True)
     late = engine.sizes[200:300]
     # Fewer requests per step once the controller has seen steps of two sizes, but no fewer
     # than keep 95% of full depth's throughput: d / (a + b d) >= 0.95 * D / (a + b D).
@@ -106,6 +111,13 @@ def test_a_quiet_tenant_beside_a_flood_gets_shorter_steps_and_goes_first(
     assert max(late) < DEPTH
     # Requests finish a few per step (about DEPTH / 16): the engine dips that far below.
     assert int(floor) - DEPTH / 8 <= min(late) and statistics.median(late) >= int(floor)
+    # A lower depth holds back the flood, never the quiet tenant: once it has jobs in the
+    # engine (its first ones wait for room like any), each enters at the next step, even
+    # while the engine drains to the lower depth.
+    delays = [
+        engine.quiet_added_at[n] - at for n, at in submitted.items() if n in engine.quiet_added_at
+    ]
+    assert len(delays) >= 50 and max(delays[5:]) <= 1, delays
     # Within the engine, the quiet tenant's requests are ranked before the flood's.
     # (0: its tenant has less than an equal share of the engine; 1: the others).
     assert set(engine.priorities["quiet"]) == {0}

@@ -74,6 +74,7 @@ from workers.engine.merge_turns import MergeTurns
 log = structlog.get_logger(__name__)
 
 IDLE_WAIT_S = 0.05  # with nothing in the engine, wake at least this often for housekeeping
+CONTENTION_HOLD_S = 1.0  # how long a quiet tenant's contention keeps the depth lowered
 
 
 class EngineLoopFailed(Exception):
@@ -173,7 +174,8 @@ class EngineLoop:
         self._requests: dict[str, _Request] = {}
         self._adapters_in_engine: Counter[Hashable] = Counter()  # requests per adapter key
         self._tenants_in_engine: Counter[str | None] = Counter()  # requests per tenant
-        self._contended = False  # a quiet tenant shares the engine with a backlog
+        self._quiet: set[str | None] = set()  # tenants in the engine not part of a backlog
+        self._contended_until = 0.0  # a quiet tenant shared the engine with a backlog lately
         self._adding: PreparedJob | None = None  # the job whose request is being added
         self._fresh: list[PreparedJob] = []  # added since the engine's last step
         self._apart: Cohort[PreparedJob] | None = None  # the cohort running apart now
@@ -365,6 +367,11 @@ class EngineLoop:
 
     def _admit(self) -> None:
         room = self._target_depth() - len(self._requests)
+        if self._quiet:
+            # A lower depth holds back the backlog, never a quiet tenant's jobs: they enter
+            # (fair admission takes them first) while the engine drains to the new depth.
+            quiet = sum(self._admission.waiting_of(tenant) for tenant in self._quiet)
+            room = max(room, min(quiet, self._limits.engine_depth - len(self._requests)))
         now = self._clock()
         admits = None if self._turns is None else self._turns.admits
         jobs = self._admission.take(now, room, self._adapters_in_engine, admits=admits)
@@ -530,21 +537,24 @@ class EngineLoop:
     def _target_depth(self) -> int:
         """Full depth, unless a quiet tenant's jobs would run in steps made slower by a
         backlog they are not part of (`workers.core.depth`)."""
-        depth = self._depth.depth(contended=self._contended)
+        depth = self._depth.depth(contended=self._clock() < self._contended_until)
         metrics.ENGINE_DEPTH.set(depth)
         return depth
 
     def _note_contention(self) -> None:
         """After a step: jobs wait (a backlog), and some tenant in the engine is not part of
-        it: what it has waiting is under a quarter of what it has in the engine (fair
-        admission takes its jobs first; a few may wait while the engine drains to a lower
-        depth). Tenants sharing a backlog evenly are not quiet: less depth would not help
-        them."""
+        it, *quiet*: what it has waiting is under a quarter of what it has in the engine (fair
+        admission takes its jobs first). Tenants sharing a backlog evenly are not quiet: less
+        depth would not help them. Contention holds for `CONTENTION_HOLD_S` after it was last
+        seen, so the depth does not swing with every quiet job that comes and goes."""
         waiting = self._admission.waiting_of
-        self._contended = bool(self._admission) and any(
-            count > 0 and 4 * waiting(tenant) < count
+        self._quiet = {
+            tenant
             for tenant, count in self._tenants_in_engine.items()
-        )
+            if count > 0 and 4 * waiting(tenant) < count
+        }
+        if self._admission and self._quiet:
+            self._contended_until = self._clock() + CONTENTION_HOLD_S
 
     def _end_turn_if_over(self) -> None:
         if self._apart is not None and self._quarantine.on_turn is not self._apart:
