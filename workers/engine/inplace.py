@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     import torch
 
 EXTENSION = "workers.engine.inplace.InPlaceMergeExtension"
-# Fault injection for tests: a merge whose deltas are scaled by this (a deliberately wrong
-# merge, which the bulk run's agreement gate must send back to LoRA). Read in the engine-core
-# process, which inherits the worker's environment.
 
 
 @dataclass
