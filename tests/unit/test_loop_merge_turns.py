@@ -11,6 +11,7 @@ from workers.core.contracts import Job
 from workers.core.engine_api import (
     AdapterHandle,
     AdapterLoadError,
+    EngineNotEmpty,
     Generation,
     GenerationRequest,
 )
@@ -33,8 +34,17 @@ class MergingEngine(FakeEngine):
     merged adapter and the adapters of the requests stepped. Its probe answers (`generate`)
     differ merged from LoRA when `disagrees`."""
 
-    def __init__(self, *, disagrees: bool = False, die_merged_at_step: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        disagrees: bool = False,
+        die_merged_at_step: int | None = None,
+        busy_merges: int = 0,
+        failing_unmerges: int = 0,
+    ) -> None:
         super().__init__()
+        self.busy_merges = busy_merges  # merges answered "not empty" first
+        self.failing_unmerges = failing_unmerges  # unmerges that fail first
         self.now = 0.0
         self.merged: AdapterHandle | None = None
         self.merges = 0
@@ -46,6 +56,9 @@ class MergingEngine(FakeEngine):
     def merge(self, adapter: AdapterHandle) -> float:
         if self.requests:
             raise AdapterLoadError("requests in the engine")
+        if self.busy_merges:
+            self.busy_merges -= 1
+            raise EngineNotEmpty("an abort not applied yet")
         self.merged = adapter
         self.merges += 1
         return 0.0
@@ -53,6 +66,9 @@ class MergingEngine(FakeEngine):
     def unmerge(self) -> float:
         if self.requests:
             raise AdapterLoadError("requests in the engine")
+        if self.failing_unmerges:
+            self.failing_unmerges -= 1
+            raise AdapterLoadError("the weights could not be put back")
         self.merged = None
         return 0.0
 
@@ -166,4 +182,23 @@ def test_an_engine_death_while_merged_comes_back_on_lora_and_serves_every_job(
     assert engine.restarts == loop.stats.engine_restarts == 1
     # The first step after the restart ran unmerged, and every job was answered.
     assert engine.steps[39][0] == "flood" and engine.steps[40][0] is None
+    assert all(isinstance(o, Answered) for o in outcomes)
+
+
+def test_a_merge_refused_for_requests_still_in_the_engine_is_tried_again(
+    started: Callable[..., EngineLoop],
+) -> None:
+    engine = MergingEngine(busy_merges=3)
+    _, _, outcomes = run(started, engine, flood=300, others=5)
+    assert engine.busy_merges == 0 and engine.merges >= 1  # postponed, not refused
+    assert all(isinstance(o, Answered) for o in outcomes)
+
+
+def test_an_unmerge_that_fails_restarts_the_engine_on_its_original_weights(
+    started: Callable[..., EngineLoop],
+) -> None:
+    engine = MergingEngine(failing_unmerges=1)
+    loop, _, outcomes = run(started, engine, flood=600, others=40)
+    assert engine.failing_unmerges == 0
+    assert engine.restarts == loop.stats.engine_restarts == 1
     assert all(isinstance(o, Answered) for o in outcomes)

@@ -95,6 +95,11 @@ class ChatRenderError(Exception):
     alternate); the message says why. The job is at fault, not the engine."""
 
 
+class EngineNotEmpty(RuntimeError):
+    """A tier switch (`merge`, `unmerge`) asked of an engine that still holds requests: they
+    would be mis-served. Nothing changed; try again once it is empty."""
+
+
 class EngineDied(Exception):
     """The engine process died during a call; `restart()` brings it back."""
 

@@ -25,7 +25,7 @@ import structlog
 from workers import metrics
 from workers.bulk.agreement import compare, greedy, run_probes
 from workers.core.admission import Admission
-from workers.core.engine_api import Engine, EngineDied
+from workers.core.engine_api import Engine, EngineDied, EngineNotEmpty
 from workers.core.prepare import PreparedJob
 from workers.core.tiering import Moment, Tiering, TierPolicy
 
@@ -76,7 +76,13 @@ class MergeTurns:
         """Switch to `decision.target`, the engine being empty: unmerge what is merged, then
         merge the target (checking a new version's answers first)."""
         if self.merged is not None:
-            engine.unmerge()
+            try:
+                engine.unmerge()
+            except EngineDied:
+                raise
+            except Exception as exc:  # the weights are in doubt: a fresh engine restores them
+                log.error("unmerge_failed", adapter=str(self.merged), error=str(exc))
+                raise EngineDied(f"unmerging failed: {exc}") from exc
             log.info("merged_turn_ended", adapter=str(self.merged))
             self.merged = None
         target = self.decision.target
@@ -90,6 +96,9 @@ class MergeTurns:
                 self.merged = target
             else:
                 self._merge_checked(engine, target, jobs)
+        except EngineNotEmpty as busy:  # the engine still holds requests: try again later
+            log.warning("merge_postponed", adapter=adapter.engine_name, reason=str(busy))
+            return
         except EngineDied:
             self.merged = None
             self.policy.refuse(target)  # its check or merge killed the engine: not again

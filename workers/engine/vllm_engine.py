@@ -26,6 +26,7 @@ from workers.core.engine_api import (
     ChatRenderError,
     ChatTemplateMissing,
     EngineDied,
+    EngineNotEmpty,
     Generation,
     GenerationRequest,
     MergedModel,
@@ -220,7 +221,7 @@ class VllmEngine:
         """A tier switch: the engine empty before, its prefix cache emptied after (blocks
         cached under one set of weights must not serve the other), timed and counted."""
         if self.has_unfinished_requests():
-            raise RuntimeError(f"{direction} with requests in the engine would mis-serve them")
+            raise EngineNotEmpty(f"{direction} with requests in the engine would mis-serve them")
         started = time.monotonic()
         switched = [0.0]
         yield switched
