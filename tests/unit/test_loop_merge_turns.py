@@ -72,6 +72,10 @@ class MergingEngine(FakeEngine):
         self.merged = None
         return 0.0
 
+    @property
+    def merged_adapter(self) -> AdapterHandle | None:
+        return self.merged
+
     def serves_now(self, adapter: AdapterHandle | None) -> bool:
         return self.merged is None or adapter == self.merged
 

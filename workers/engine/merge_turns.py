@@ -76,15 +76,8 @@ class MergeTurns:
         """Switch to `decision.target`, the engine being empty: unmerge what is merged, then
         merge the target (checking a new version's answers first)."""
         if self.merged is not None:
-            try:
-                engine.unmerge()
-            except EngineDied:
-                raise
-            except Exception as exc:  # the weights are in doubt: a fresh engine restores them
-                log.error("unmerge_failed", adapter=str(self.merged), error=str(exc))
-                raise EngineDied(f"unmerging failed: {exc}") from exc
-            log.info("merged_turn_ended", adapter=str(self.merged))
-            self.merged = None
+            self._unmerge(engine)
+            log.info("merged_turn_ended")
         target = self.decision.target
         jobs = [] if target is None else admission.peek(target, self.check_jobs)
         if target is None or not jobs or jobs[0].adapter is None:
@@ -104,10 +97,12 @@ class MergeTurns:
             self.policy.refuse(target)  # its check or merge killed the engine: not again
             log.error("merge_refused", adapter=adapter.engine_name, reason="the engine died")
             raise
-        except Exception as exc:  # the engine stays in (or went back to) LoRA mode
-            self.merged = None
+        except Exception as exc:
             self.policy.refuse(target)
             log.error("merge_refused", adapter=adapter.engine_name, reason=str(exc))
+            if engine.merged_adapter is not None:  # merged, then refused: back to LoRA
+                self._unmerge(engine)
+            self.merged = None
         if self.merged is not None:
             log.info("merged_turn_started", adapter=adapter.engine_name)
 
@@ -127,8 +122,6 @@ class MergeTurns:
         problem = agreement.failure(self.min_identical_text, self.min_identical_output)
         metrics.MERGE_CHECKS.labels("refused" if problem else "passed").inc()
         if problem is not None:
-            engine.unmerge()
-            self.merged = None
             raise ValueError(f"merged answers disagree with the LoRA path's: {problem}")
         self._checked.add(target)
         log.info(
@@ -137,6 +130,18 @@ class MergeTurns:
             jobs=agreement.jobs,
             identical_text=round(agreement.text_rate, 3),
         )
+
+    def _unmerge(self, engine: Engine) -> None:
+        """Back to LoRA mode. If that fails, the weights are in doubt: the loop treats it as
+        an engine death, and the fresh engine loads the original weights."""
+        try:
+            engine.unmerge()
+        except EngineDied:
+            raise
+        except Exception as exc:
+            log.error("unmerge_failed", error=str(exc))
+            raise EngineDied(f"unmerging failed: {exc}") from exc
+        self.merged = None
 
     def engine_restarted(self) -> None:
         """The engine died and came back in LoRA mode."""
