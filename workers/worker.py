@@ -283,6 +283,10 @@ class Worker:
         # Still ours for the length of this call: commit what is answered (bounded by the
         # sink's call timeouts), then let go; the next owner starts from that commit.
         revoked = set(partitions)
+        # What is not answered yet is not in this commit whatever happens: stop computing it
+        # now (the engine applies the abort at its next step), not after a commit that may
+        # take seconds when the transaction coordinator is busy with the rebalance.
+        self.loop.abort(lambda job: _partition_of(job) in revoked)
         self.sink.flush(FLUSH_TIMEOUT_S)
         self._flush_parquet(force=True, only=revoked)
         self.commits.commit()
