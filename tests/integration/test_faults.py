@@ -409,13 +409,14 @@ def test_engine_core_killed_with_many_requests_in_it_is_restarted(
     kafka_bootstrap: str, tmp_path: Path, make_deployment: DeployFn
 ) -> None:
     deployment = make_deployment(kafka_bootstrap)
-    jobs = publish_jobs(deployment, 240, seed=45, prefix="ec")
+    # Enough work that the engine is still full when the kill comes: 240 jobs took 1.0 s here.
+    jobs = publish_jobs(deployment, 1200, seed=45, prefix="ec")
     log_path = tmp_path / "worker.log"
-    # A deep engine: the jobs waiting when the worker starts all enter it at once.
+    # A deep engine: the jobs waiting when the worker starts enter it as fast as room frees.
     deep = {**FAST, "LORA_WORKERS_ADMISSION__ENGINE_DEPTH": "256"}
     worker = deployment.start_worker(*IDLE_EXIT, log_path=log_path, **deep)
     wait_for_event(worker, log_path, "engine_running", 1)
-    time.sleep(1)  # every job added; 240 answers of 32-64 tokens take several seconds
+    time.sleep(0.5)  # the engine full: 1,200 answers of 32-64 tokens take several seconds
     cores = engine_core_pids(worker.pid)
     assert cores, "no engine-core process under the worker"
     for pid in cores:
