@@ -109,6 +109,8 @@ class VllmEngine:
         self.merged = merged
         self._merged_handles: dict[int, AdapterHandle] = {}
         self._merged_in_place: AdapterHandle | None = None
+        # path -> (sha256, the files' sizes and times) when they last hashed to that sha256
+        self._verified_files: dict[str, tuple[str | None, tuple[tuple[str, int, int], ...]]] = {}
         # Its own tokenizer: jobs are tokenized on the worker's thread while vLLM detokenizes
         # on the generating one, and it survives engine restarts.
         self._tokenizer = AutoTokenizer.from_pretrained(str(values.model.path))
@@ -189,7 +191,7 @@ class VllmEngine:
         if self._merged_in_place is not None:
             raise AdapterLoadError(f"{self._merged_in_place.engine_name} is merged: unmerge first")
         # The merge reads the files again: they must still be the version the LoRA path loaded.
-        if adapter.sha256 is not None and adapter_digest(Path(adapter.path)) != adapter.sha256:
+        if adapter.sha256 is not None and not self._files_unchanged(adapter):
             raise AdapterLoadError(f"{adapter.engine_name}: its files changed since it was checked")
         with self._switch("merge", adapter) as switched:
             try:
@@ -215,6 +217,23 @@ class VllmEngine:
                 self._llm.collective_rpc("lw_unmerge")
             self._merged_in_place = None
         return switched[0]
+
+    def _files_unchanged(self, adapter: AdapterHandle) -> bool:
+        """Whether `adapter`'s files still hash to its sha256. Hashed again only when a file's
+        size or modification time changed since the last match: a stream merges the same
+        version every turn, and weights can be gigabytes."""
+        directory = Path(adapter.path)
+        stamp = tuple(
+            (str(f), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(directory.rglob("*"))
+            if f.is_file()
+        )
+        if self._verified_files.get(adapter.path) == (adapter.sha256, stamp):
+            return True
+        if adapter_digest(directory) != adapter.sha256:
+            return False
+        self._verified_files[adapter.path] = (adapter.sha256, stamp)
+        return True
 
     @contextmanager
     def _switch(self, direction: str, adapter: AdapterHandle) -> Iterator[list[float]]:
