@@ -621,9 +621,8 @@ def main() -> None:
             stack.enter_context(_environ(KAFKA_BOOTSTRAP_SERVERS=bootstrap))
             print(f"[broker: {how}]", file=sys.stderr, flush=True)
         pipe: PipelineFigures | None = None
-        baseline = None
-        if args.baseline_ref != "none" and {"pipeline", "fairness"} & sections:
-            baseline = stack.enter_context(baseline_checkout(args.baseline_ref))
+        wanted = args.baseline_ref if {"pipeline", "fairness"} & sections else "none"
+        baseline = stack.enter_context(baseline_checkout(wanted))
         if "pipeline" in sections:
             pipe = section(
                 "pipeline + latency",

@@ -20,7 +20,6 @@ never pauses behind A's jobs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import tempfile
 import uuid
@@ -210,10 +209,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=Path, default=ZOO / "adapters")
     args = parser.parse_args()
     configure_logging("WARNING")
-    with contextlib.ExitStack() as stack:
-        baseline = None
-        if args.baseline_ref != "none":
-            baseline = stack.enter_context(baseline_checkout(args.baseline_ref))
+    with baseline_checkout(args.baseline_ref) as baseline:
         figures = measure_fairness(
             args.model,
             args.adapters,

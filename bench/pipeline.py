@@ -249,10 +249,13 @@ BASELINE_REF = "12ee1fe"
 
 
 @contextlib.contextmanager
-def baseline_checkout(ref: str) -> Iterator[WorkerVariant]:
+def baseline_checkout(ref: str) -> Iterator[WorkerVariant | None]:
     """A temporary `git worktree` of `ref`, as a worker variant that runs that commit's
     `workers` package (PYTHONPATH, and a cwd outside this checkout so `-m` cannot pick ours);
-    the worktree is removed afterwards."""
+    the worktree is removed afterwards. `ref` "none": no baseline (None)."""
+    if ref == "none":
+        yield None
+        return
     tree = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
     git = ["git", "-C", str(ROOT)]
     subprocess.run([*git, "worktree", "add", "--detach", str(tree), ref], check=True)
@@ -445,10 +448,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging("WARNING")
-    with contextlib.ExitStack() as stack:
-        baseline = None
-        if args.baseline_ref != "none":
-            baseline = stack.enter_context(baseline_checkout(args.baseline_ref))
+    with baseline_checkout(args.baseline_ref) as baseline:
         f = measure_pipeline(
             args.model,
             args.adapters,
