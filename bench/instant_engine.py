@@ -132,6 +132,9 @@ class InstantEngine:
     def restart(self) -> None:
         self._pending = []
 
+    def keep_standby(self) -> bool:
+        return False
+
     def serves_now(self, adapter: AdapterHandle | None) -> bool:
         return self.merged is None or self.merged.serves(adapter)
 

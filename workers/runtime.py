@@ -108,6 +108,8 @@ def run_worker(
                     f"merge.dedicated_adapter {dedicated!r}: the merged checkpoint does not "
                     f"answer as the adapter does on the LoRA path ({problem}); not serving it"
                 )
+        # Started once serving is ready: an engine death then costs a switch, not a start.
+        serving.engine.keep_standby()
         readiness.update(engine=True)
         worker = Worker(
             settings,

@@ -80,6 +80,9 @@ class Deployment:
             "LORA_WORKERS_ADAPTERS__ALLOWED_ROOTS": json.dumps(
                 [str(ROOT / "models"), str(self.adapter_root)]
             ),
+            # A standby engine's start takes one of this machine's two cores for about 13 s;
+            # only tests of engine deaths need one, and ask for it.
+            "LORA_WORKERS_ENGINE__STANDBY": "off",
             **settings,
         }
 

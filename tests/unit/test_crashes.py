@@ -142,17 +142,39 @@ def test_twins_wait_beside_a_suspect_and_share_its_verdict() -> None:
     assert q.twins() == 0 and len(q) == 0
 
 
-def test_suspects_with_a_killers_payload_are_convicted_with_it() -> None:
+def test_suspects_with_the_caught_jobs_payload_wait_beside_it_and_are_convicted_with_it() -> None:
     q = quarantine(crash_attempts=1)
     p1, p2, g = Job("p1", "kill"), Job("p2", "kill"), Job("g")
-    q.suspect([g, p2, p1], [p1], now=0.0)  # p1 caught; g and p2 run first, together
+    q.suspect([g, p2, p1], [p1], now=0.0)  # p1 caught; p2, its payload, waits as its twin
+    assert len(q) == 2 and q.twins() == 1
     turn = q.due(0.0, others_waiting=False)
-    assert turn is not None and turn.jobs == [g, p2]
+    assert turn is not None and turn.jobs == [g]  # without p2: no second death with g in it
     q.begin(turn)
-    q.release(g)  # g ran to the end, then p2 killed the engine, alone in it by then
-    convictions = q.died([], now=1.0)
-    assert convictions.killers == [p2] and convictions.repeats == [p1]
-    assert len(q) == 0
+    q.release(g)
+    turn = q.due(1.0, others_waiting=False)
+    assert turn is not None and turn.jobs == [p1]
+    q.begin(turn)
+    convictions = q.died([p1], now=1.0)
+    assert convictions.killers == [p1] and convictions.repeats == [p2]
+    assert len(q) == 0 and q.twins() == 0
+
+
+def test_one_payload_among_suspects_runs_once_even_when_nothing_is_caught() -> None:
+    q = quarantine()
+    copies = [Job(f"p{n}", "kill") for n in range(4)]
+    others = [Job(f"g{n}") for n in range(12)]
+    q.suspect([*others[:6], *copies, *others[6:]], [], now=0.0)
+    assert len(q) == 13 and q.twins() == 3
+    cohorts = []
+    while (turn := q.due(0.0, others_waiting=False)) is not None:
+        q.begin(turn)
+        cohorts.append(turn.jobs)
+        for job in list(turn.jobs):
+            q.release(job)
+    ran = [job for jobs in cohorts for job in jobs]
+    assert sum(job.payload == "kill" for job in ran) == 1
+    # The copy that ran to the end cleared the payload: its twins wait as usual again.
+    assert q.twins() == 0
 
 
 def test_withdrawing_twins_only_keeps_the_suspects() -> None:

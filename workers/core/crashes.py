@@ -16,9 +16,10 @@ Turns: a cohort runs when no other job waits for the engine, or once it has wait
 so a restart costs the others little); and never twice in a row while other jobs wait.
 
 A job with the same payload as a suspect (a twin) waits beside it rather than enter the engine:
-a repeated poison costs no extra death. `KnownKillers` remembers convicted payloads for a while,
-so a repeat arriving later is dead-lettered at once. `RestartBudget` bounds engine restarts per
-minute.
+a repeated poison costs no extra death. So do the jobs of one payload that died together: one
+of them stays a suspect (one the death points at, if any), the others are its twins.
+`KnownKillers` remembers convicted payloads for a while, so a repeat arriving later is
+dead-lettered at once. `RestartBudget` bounds engine restarts per minute.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ class Quarantine(Generic[J]):
     def _implicate(
         self, jobs: list[J], caught: Sequence[J], now: float, solo_deaths: int, *, risky: bool
     ) -> Convictions[J]:
+        pointed_ids = {id(job) for job in caught}
+        jobs = self._one_per_payload(jobs, pointed_ids)
         for job in jobs:
             self._prints[self._fingerprint(job)] += 1
         convictions: Convictions[J] = Convictions()
-        pointed_ids = {id(job) for job in caught}
         pointed = [job for job in jobs if id(job) in pointed_ids]
         if len(jobs) == 1:
             deaths = solo_deaths + 1
@@ -146,6 +148,24 @@ class Quarantine(Generic[J]):
             self._split(jobs, now, risky=risky)
         self._clean()
         return convictions
+
+    def _one_per_payload(self, jobs: list[J], pointed_ids: set[int]) -> list[J]:
+        """Of the jobs that died with one payload, one stays a suspect (one the death points
+        at, if any); the others wait beside it as twins, as do jobs whose payload is a suspect
+        already. A repeated poison that died among others costs no extra death."""
+        chosen: dict[Hashable, J] = {}
+        for job in sorted(jobs, key=lambda j: id(j) not in pointed_ids):  # stable: pointed first
+            key = self._fingerprint(job)
+            if self._prints[key] <= 0:
+                chosen.setdefault(key, job)
+        kept = []
+        for job in jobs:
+            key = self._fingerprint(job)
+            if chosen.get(key) is job:
+                kept.append(job)
+            else:
+                self._twins.setdefault(key, []).append(job)
+        return kept
 
     def _split(self, jobs: list[J], now: float, *, risky: bool, parts: int | None = None) -> None:
         parts = min(self.split, parts or len(jobs))

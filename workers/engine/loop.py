@@ -242,8 +242,9 @@ class EngineLoop:
         self._wake.set()
 
     def running(self) -> int:
-        """Requests in the engine now, plus the suspects of an engine death still to run apart:
-        they were in the engine, and are served like its requests."""
+        """Requests in the engine now, plus the suspects of an engine death still to run apart
+        and their twins: they were in the engine (or are settled with those that were), and are
+        served like its requests."""
         return len(self._requests) + self._suspects_out
 
     def in_engine(self) -> int:
@@ -651,7 +652,10 @@ class EngineLoop:
 
     def _count_suspects(self) -> None:
         apart = 0 if self._apart is None else len(self._apart.jobs)  # those are requests
-        self._suspects_out = max(0, len(self._quarantine) - apart)
+        # Twins too: some died in the engine beside their suspect, and the rest are settled
+        # with it.
+        quarantined = len(self._quarantine) + self._quarantine.twins()
+        self._suspects_out = max(0, quarantined - apart)
 
     # --- engine deaths (the loop thread, or `between_steps` on it) -------------------------------
 

@@ -35,6 +35,7 @@ from workers.core.engine_api import (
 from workers.engine.inplace import EXTENSION
 from workers.engine.model import EngineValues
 from workers.engine.reaper import watch_worker
+from workers.engine.standby import Standby, engine_footprint_bytes, room_for_another, shut_down
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,6 +49,8 @@ log = structlog.get_logger(__name__)
 # LoRA id of the zero adapter that serves base-model jobs; catalog adapters count up from 1.
 IDENTITY_LORA_ID = 2**31 - 1
 IDENTITY_LORA_NAME = "__base__"
+# A standby starts once the engine is idle, or this long after it is due at the latest.
+STANDBY_WITHIN_S = 60.0
 
 
 def write_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
@@ -128,6 +131,7 @@ class VllmEngine:
             self._base_request = LoRARequest(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity))
         self._llm: LLM = self._start_llm()
         self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
+        self._standby: Standby | None = None  # `keep_standby`
 
     def _start_llm(self) -> LLM:
         from vllm import LLM
@@ -151,13 +155,42 @@ class VllmEngine:
             raise AdapterLoadError("the base model's identity adapter did not load")
         return llm
 
+    def keep_standby(self) -> bool:
+        """Keep a second engine started and idle (`engine.standby`), taken in place of a
+        restart; whether one is kept. It starts in the background now, and again after each
+        restart that took it."""
+        mode = self.settings.standby
+        footprint = engine_footprint_bytes(exclude={self._reaper.pid})
+        room, available = room_for_another(footprint)
+        keep = mode == "on" or (mode == "auto" and self.values.cpu and room)
+        log.info(
+            "engine_standby",
+            setting=mode,
+            kept=keep,
+            engine_gib=round(footprint / 2**30, 2),
+            available_gib=round(available / 2**30, 2),
+        )
+        if keep:
+            self._standby = Standby(self._start_llm, quiet=self._idle)
+            self._standby.prepare(within_s=STANDBY_WITHIN_S)
+        return keep
+
+    def _idle(self) -> bool:
+        """Nothing in the engine (asked from the standby's thread: a read of vLLM's table)."""
+        try:
+            return not self._llm.llm_engine.has_unfinished_requests()
+        except Exception:  # a dead or replaced engine: not a quiet moment to start another
+            return False
+
     def restart(self) -> None:
-        """A fresh engine with the same adapters registered and pinned."""
+        """A fresh engine with the same adapters registered and pinned: the standby if one is
+        kept (`keep_standby`), else a cold start."""
         started = time.monotonic()
-        self._shutdown_llm()
-        # The new engine loads the base weights: whatever was merged in place is gone.
+        shut_down(self._llm)
+        # The new engine holds the base weights: whatever was merged in place is gone.
         self._merged_in_place = None
-        self._llm = self._start_llm()
+        standby = self._standby.take() if self._standby is not None else None
+        self._llm = standby or self._start_llm()
         # A merged engine's adapter is in its weights: nothing to register again.
         lora_requests = self._lora_requests.items() if self.merged is None else ()
         for lora_id, request in lora_requests:
@@ -168,7 +201,10 @@ class VllmEngine:
             "engine_restarted",
             adapters=len(self._lora_requests),
             restart_s=round(time.monotonic() - started, 1),
+            from_standby=standby is not None,
         )
+        if self._standby is not None:
+            self._standby.prepare(within_s=STANDBY_WITHIN_S)
 
     def serves_now(self, adapter: AdapterHandle | None) -> bool:
         """Whether a request for `adapter` can enter this engine as it is now."""
@@ -266,14 +302,19 @@ class VllmEngine:
         if self.merged is None:
             raise AdapterLoadError("a LoRA engine cannot switch to a merged checkpoint")
         started = time.monotonic()
-        self._shutdown_llm()
+        shut_down(self._llm)
         self.merged = merged
+        if self._standby is not None:  # it runs the checkpoint before
+            self._standby.close()
+            self._standby = Standby(self._start_llm, quiet=self._idle)
         self._llm = self._start_llm()
         log.warning(
             "merged_engine_switched",
             adapter=merged.adapter.engine_name,
             switch_s=round(time.monotonic() - started, 1),
         )
+        if self._standby is not None:
+            self._standby.prepare(within_s=STANDBY_WITHIN_S)
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt))
@@ -448,22 +489,22 @@ class VllmEngine:
         import psutil
 
         log.warning("fault_injection_killing_engine_core")
-        cores = [psutil.Process(pid) for pid in engine_core_pids()]
+        # This engine's core only: a standby's is another engine, alive.
+        manager = getattr(self._llm.llm_engine.engine_core.resources, "engine_manager", None)
+        owned = {p.pid for p in getattr(manager, "processes", ())}
+        cores = [psutil.Process(pid) for pid in engine_core_pids() if not owned or pid in owned]
         for core in cores:
             core.send_signal(signal.SIGKILL)
         psutil.wait_procs(cores, timeout=10)
 
-    def _shutdown_llm(self) -> None:
-        engine_core = getattr(self._llm.llm_engine, "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            # Nothing of ours is in flight by now. A graceful teardown of the CPU executor
-            # takes about 4.6 s here and ends in a kill anyway; vLLM's run_batch kills at once too.
-            engine_core.shutdown(timeout=0)
-
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
-        self._shutdown_llm()
-        self._reaper.kill()  # the engine is down: nothing left to watch
+        shut_down(self._llm)
+        if self._standby is not None:
+            self._standby.close()
+            if self._standby.starting:
+                return  # the reaper kills what it starts once the worker is gone
+        self._reaper.kill()  # the engines are down: nothing left to watch
         self._reaper.wait(timeout=10)
 
 
