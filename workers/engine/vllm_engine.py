@@ -496,6 +496,11 @@ class VllmEngine:
         for core in cores:
             core.send_signal(signal.SIGKILL)
         psutil.wait_procs(cores, timeout=10)
+        # Until the client knows: else this request is handed over unnoticed and the death
+        # surfaces at a later call, pointing at another job.
+        deadline = time.monotonic() + 10
+        while not _engine_core_dead(self._llm) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
