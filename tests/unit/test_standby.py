@@ -40,6 +40,19 @@ class Starts:
         return self.started[-1]
 
 
+def held() -> tuple[Starts, Standby]:
+    """A standby whose start goes on only once `starts.release` is set."""
+    starts = Starts()
+    starts.release.clear()
+    return starts, Standby(starts)
+
+
+def until_started(standby: Standby) -> None:
+    deadline = time.monotonic() + 10
+    while standby.starting and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_take_hands_over_the_started_engine_once() -> None:
     starts = Starts()
     standby = Standby(starts)
@@ -49,9 +62,7 @@ def test_take_hands_over_the_started_engine_once() -> None:
 
 
 def test_take_waits_for_a_standby_still_starting() -> None:
-    starts = Starts()
-    starts.release.clear()
-    standby = Standby(starts)
+    starts, standby = held()
     standby.prepare()
     assert standby.starting
     threading.Timer(0.2, starts.release.set).start()
@@ -59,9 +70,7 @@ def test_take_waits_for_a_standby_still_starting() -> None:
 
 
 def test_prepare_starts_one_at_a_time() -> None:
-    starts = Starts()
-    starts.release.clear()
-    standby = Standby(starts)
+    starts, standby = held()
     standby.prepare()
     standby.prepare()
     starts.release.set()
@@ -86,8 +95,7 @@ def test_a_standby_that_died_idle_is_not_handed_over() -> None:
     starts = Starts()
     standby = Standby(starts)
     standby.prepare()
-    while standby.starting:
-        pass
+    until_started(standby)
     dead = starts.started[0]
     dead.llm_engine.engine_core.resources.engine_dead = True
     assert standby.take() is None
@@ -98,14 +106,11 @@ def test_close_shuts_down_a_ready_standby_and_one_still_starting_once_started() 
     starts = Starts()
     standby = Standby(starts)
     standby.prepare()
-    while standby.starting:
-        pass
+    until_started(standby)
     standby.close()
     assert starts.started[0].llm_engine.engine_core.shut_down
 
-    starts = Starts()
-    starts.release.clear()
-    standby = Standby(starts)
+    starts, standby = held()
     standby.prepare()
     standby.close()
     starts.release.set()
