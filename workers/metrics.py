@@ -98,6 +98,10 @@ SCHEMA_COMPLIANCE = Counter(
 ENGINE_RESTARTS = Counter(
     "lora_workers_engine_restarts_total", "Engine restarts after the engine died."
 )
+ENGINE_STANDBY = Gauge(
+    "lora_workers_engine_standby",
+    "1 while a standby engine is started and idle, ready to take over after an engine death.",
+)
 TIER_SWITCHES = Counter(
     "lora_workers_tier_switches_total",
     "In-place tier switches of the engine: an adapter merged into the base weights, or unmerged.",

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from workers import metrics
 from workers.engine.standby import Standby, free_memory_bytes, room_for_another
 
 
@@ -57,7 +58,10 @@ def test_take_hands_over_the_started_engine_once() -> None:
     starts = Starts()
     standby = Standby(starts)
     standby.prepare()
+    until_started(standby)
+    assert metrics.ENGINE_STANDBY._value.get() == 1
     assert standby.take() is starts.started[0]
+    assert metrics.ENGINE_STANDBY._value.get() == 0
     assert standby.take() is None  # taken: a restart without a new one starts cold
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import psutil
 import structlog
 
+from workers import metrics
+
 if TYPE_CHECKING:
     from vllm import LLM
 
@@ -127,6 +129,7 @@ class Standby:
             if not self._closed:
                 self._ready = llm
                 llm = None
+                metrics.ENGINE_STANDBY.set(1)
         if llm is not None:
             shut_down(llm)
             return
@@ -141,6 +144,7 @@ class Standby:
             thread.join()
         with self._lock:
             llm, self._ready = self._ready, None
+            metrics.ENGINE_STANDBY.set(0)
         if llm is not None and is_dead(llm):
             log.warning("engine_standby_dead")
             shut_down(llm)
@@ -158,6 +162,7 @@ class Standby:
         with self._lock:
             self._closed = True
             llm, self._ready = self._ready, None
+            metrics.ENGINE_STANDBY.set(0)
         self._needed.set()
         if llm is not None:
             shut_down(llm)
