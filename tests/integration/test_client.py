@@ -227,7 +227,8 @@ def test_reply_to_gets_exactly_one_answer_per_job_through_kill_9(
     deployment = deploy(kafka_bootstrap, tmp_path)
     reply_topic = f"replies.{deployment.suffix}"
     create_topics(kafka_bootstrap, [TopicSpec(reply_topic, 3)], 1)
-    jobs = [job | {"reply_to": reply_topic} for job in mixed_jobs(150, seed=27, prefix="k")]
+    # Enough that work is left at the second kill: a busy machine's commits carry more each.
+    jobs = [job | {"reply_to": reply_topic} for job in mixed_jobs(600, seed=27, prefix="k")]
     produce(kafka_bootstrap, job_records(deployment, jobs))
     replica = {**FAST, "LORA_WORKERS_INSTANCE_ID": "replica-0"}
     try:
