@@ -225,6 +225,9 @@ def test_the_secure_compose_stack_gives_each_service_its_principal() -> None:
     """`docker compose config` accepts the override, and every Kafka client in the stack
     connects over TLS + SCRAM as its own principal, its password from a file on a volume no
     other client mounts."""
+    # A fresh machine may have no Compose plugin (or no docker CLI): the same script as the
+    # compose stack test provides them (building Compose from its Go module takes minutes once).
+    subprocess.run([str(ROOT / "ops" / "compose-cli")], check=True, timeout=1200)
     rendered = subprocess.run(
         [*SECURE_COMPOSE, "config", "--format", "json"],
         cwd=ROOT,
