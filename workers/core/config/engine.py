@@ -76,10 +76,11 @@ class EngineSettings(_Strict):
     standby: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="A second engine kept started and idle by the Kafka worker, taken in place "
-        "of a restart after an engine death (about 1 s instead of 13-15 s on the CPU backend "
-        "here). It costs a second engine's memory, and its start a core for about 13 s after "
-        "start-up and after each death. auto: on for the CPU backend when the free memory "
-        "holds 1.5x the running engine's processes; off on GPUs, where two engines rarely fit.",
+        "of a restart after an engine death (under a second instead of 13-15 s on the CPU "
+        "backend here). It costs a second engine's memory, and its start a core for about "
+        "13 s after start-up and after each death. auto: on for the CPU backend when the free "
+        "memory holds 1.5x the running engine's processes; off on GPUs, where two engines "
+        "rarely fit.",
     )
     crash_attempts: int = Field(
         default=2,
