@@ -103,7 +103,7 @@ class Worker:
             routing,
             consume_batch=settings.admission.consume_batch,
             max_in_flight=settings.admission.max_in_flight,
-            in_flight=lambda: self.offsets.unfinished_count() + self.sink.held(),
+            in_flight=lambda: self.offsets.unanswered_count() + self.sink.held(),
             answered_before=self.answers.answered,
             reject=self.answers.dead_letter,
         )
@@ -179,7 +179,7 @@ class Worker:
     def _busy(self) -> bool:
         return bool(
             len(self.submitted)
-            or self.offsets.unfinished_count()
+            or self.offsets.unanswered_count()
             or self.sink.held()
             or self.loop.shadow_runs()
         )
@@ -261,7 +261,7 @@ class Worker:
         # The consumer says which partitions are ours to publish files for, and from where.
         parquet.flush(
             parquet.owner(self.source, self.offsets.resumed),
-            self.offsets.first_unfinished_outside,
+            self.offsets.first_unanswered_outside,
             self._parquet_written,
             self._commit_parquet_file,
             force=force,

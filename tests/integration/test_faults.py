@@ -156,7 +156,7 @@ def test_kill_9_at_several_points_of_a_run(
         kill_9_leaving_no_orphans(worker)
     last = finish(deployment, tmp_path, "last", LORA_WORKERS_INSTANCE_ID="replica-0")
     assert_exactly_once(deployment, jobs)
-    # Answers committed beyond a partition's first unfinished job are skipped, not redone.
+    # Answers committed beyond a partition's first unanswered job are skipped, not redone.
     logs = [(tmp_path / f"killed-{point}.log").read_text() for point in range(3)] + [last]
     resumed = [
         e for log in logs for e in log_events(log) if e["event"] == "partition_resumed_with_ledger"

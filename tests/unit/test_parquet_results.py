@@ -77,12 +77,12 @@ class Consumer:
             if verdict == "r":
                 self.results.add(*KEY, offset, result(f"j{offset}"))
             else:
-                self.tracker.finish(*KEY, offset)
+                self.tracker.mark_answered(*KEY, offset)
 
     def on_written(self, key: TopicPartitionKey, offsets: list[int]) -> None:
         self.written.append(offsets)
         for offset in offsets:
-            self.tracker.finish(*key, offset)
+            self.tracker.mark_answered(*key, offset)
 
     def commit(self) -> bool:
         if not self.commits:
@@ -95,7 +95,7 @@ class Consumer:
     def flush(self, *, force: bool = False) -> None:
         self.results.flush(
             self.member,
-            self.tracker.first_unfinished_outside,
+            self.tracker.first_unanswered_outside,
             self.on_written,
             self.commit,
             force=force,
@@ -117,7 +117,7 @@ def test_files_take_only_contiguous_offsets_and_commit_after_each(tmp_path: Path
     consumer.read(3, "rr")
     consumer.flush()
     assert consumer.written == [[0, 1]]  # 3 and 4 wait for 2, or a replay could duplicate them
-    consumer.tracker.finish(*KEY, 2)  # dead-lettered, say
+    consumer.tracker.mark_answered(*KEY, 2)  # dead-lettered, say
     consumer.flush()
     assert consumer.written == [[0, 1], [3, 4]]
     # Each named after the committed position it starts at: 2, not its first row, 3.
@@ -211,7 +211,7 @@ def test_a_member_that_lost_its_partition_does_not_publish(tmp_path: Path) -> No
     stale.flush(force=True)
     assert file_names(tmp_path) == published
     assert job_ids(tmp_path) == Counter(["j1", "j2", "j3"])
-    assert stale.written == []  # its rows stay unfinished: nothing is committed for them
+    assert stale.written == []  # its rows stay unanswered: nothing is committed for them
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == published  # no temp left
 
 

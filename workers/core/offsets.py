@@ -1,13 +1,13 @@
-"""Which offsets are safe to commit when jobs finish out of order. Pure logic, no I/O.
+"""Which offsets are safe to commit when jobs are answered out of order. Pure logic, no I/O.
 
 Admission by adapter and tenant reorders work, so a partition's offset may be committed only up
-to the first message that is not finished yet (answered or dead-lettered and acknowledged by the
-broker). Committing past it would lose that message if the worker died.
+to the first message not answered yet (an answer is a result or a dead letter, written or held
+by the sink for the commit). Committing past it would lose that message if the worker died.
 
-Answers finished beyond that position need not wait for it: each commit also carries a
+Messages answered beyond that position need not wait for it: each commit also carries a
 `Ledger` of them (in the offset commit's metadata, in the same transaction as their answers),
 and whoever consumes the partition from that position skips the messages it covers, so an
-answer is committed (visible) as soon as it is finished, and still exactly once.
+answer is committed (visible) with the next commit after it is written, and still exactly once.
 """
 
 from __future__ import annotations
@@ -25,30 +25,30 @@ _LEDGER = re.compile(r"lw1 (\d+) ((?:\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)?)")
 
 @dataclass(frozen=True)
 class Ledger:
-    """Offsets finished beyond a committed position: every offset in (position, highest] that
-    is not in `unfinished`."""
+    """Offsets answered beyond a committed position: every offset in (position, highest] that
+    is not in `unanswered`."""
 
     position: int
     highest: int = -1
-    unfinished: frozenset[int] = frozenset()
+    unanswered: frozenset[int] = frozenset()
 
     def covers(self, offset: int) -> bool:
-        return self.position <= offset <= self.highest and offset not in self.unfinished
+        return self.position <= offset <= self.highest and offset not in self.unanswered
 
     def covered_count(self) -> int:
         span = self.highest - self.position + 1
         if span <= 0:
             return 0
-        return span - sum(1 for o in self.unfinished if self.position <= o <= self.highest)
+        return span - sum(1 for o in self.unanswered if self.position <= o <= self.highest)
 
     @cached_property
     def metadata(self) -> str:
         """The offset commit's metadata, relative to the position:
-        `lw1 <highest> <unfinished ranges>`; "" when it covers nothing. Computed once."""
+        `lw1 <highest> <unanswered ranges>`; "" when it covers nothing. Computed once."""
         if self.covered_count() == 0:
             return ""
         ranges: list[str] = []
-        for start, end in _runs(sorted(o - self.position for o in self.unfinished)):
+        for start, end in _runs(sorted(o - self.position for o in self.unanswered)):
             ranges.append(str(start) if start == end else f"{start}-{end}")
         return f"lw1 {self.highest - self.position} {','.join(ranges)}"
 
@@ -59,11 +59,11 @@ class Ledger:
         match = _LEDGER.fullmatch(metadata or "")
         if match is None or position < 0:  # below 0: no committed offset at all
             return cls(max(position, 0))
-        unfinished: set[int] = set()
+        unanswered: set[int] = set()
         for part in filter(None, match.group(2).split(",")):
             start, _, end = part.partition("-")
-            unfinished.update(range(position + int(start), position + int(end or start) + 1))
-        return cls(position, position + int(match.group(1)), frozenset(unfinished))
+            unanswered.update(range(position + int(start), position + int(end or start) + 1))
+        return cls(position, position + int(match.group(1)), frozenset(unanswered))
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:
@@ -79,24 +79,24 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class CommitPoint:
     position: int  # the next offset to read
-    ledger: Ledger  # what is finished beyond it
+    ledger: Ledger  # what is answered beyond it
 
 
 @dataclass
 class _PartitionProgress:
-    # Offsets seen but not yet finished, and the highest offset seen; the committable position
-    # is the smallest unfinished offset, or one past the highest seen when all are finished.
-    unfinished: set[int] = field(default_factory=set)
+    # Offsets seen but not yet answered, and the highest offset seen; the committable position
+    # is the smallest unanswered offset, or one past the highest seen when all are answered.
+    unanswered: set[int] = field(default_factory=set)
     highest_seen: int = -1
     committed: int = -1
     committed_ledger: str = ""
-    # What the previous owner committed as finished beyond its position, for the offsets this
+    # What the previous owner committed as answered beyond its position, for the offsets this
     # worker has not read yet.
     inherited: Ledger | None = None
 
     def next_position(self) -> int:
-        if self.unfinished:
-            return min(self.unfinished)
+        if self.unanswered:
+            return min(self.unanswered)
         return self.highest_seen + 1
 
 
@@ -109,24 +109,24 @@ class OffsetTracker:
         if offset <= progress.highest_seen:
             # Offsets only grow within a partition; a smaller one means a rewind we did not ask for.
             raise ValueError(f"{topic}[{partition}] offset {offset} after {progress.highest_seen}")
-        progress.unfinished.add(offset)
+        progress.unanswered.add(offset)
         progress.highest_seen = offset
 
-    def finish(self, topic: str, partition: int, offset: int) -> None:
+    def mark_answered(self, topic: str, partition: int, offset: int) -> None:
         progress = self._partitions.get((topic, partition))
         if progress is not None:
-            progress.unfinished.discard(offset)
+            progress.unanswered.discard(offset)
 
-    def first_unfinished_outside(self, key: TopicPartitionKey, excluded: set[int]) -> int | None:
-        """The smallest unfinished offset of a partition that is not in `excluded` (None: every
-        unfinished offset is excluded)."""
+    def first_unanswered_outside(self, key: TopicPartitionKey, excluded: set[int]) -> int | None:
+        """The smallest unanswered offset of a partition that is not in `excluded` (None: every
+        unanswered offset is excluded)."""
         progress = self._partitions.get(key)
         if progress is None:
             return None
-        return min(progress.unfinished - excluded, default=None)
+        return min(progress.unanswered - excluded, default=None)
 
-    def unfinished_count(self) -> int:
-        return sum(len(p.unfinished) for p in self._partitions.values())
+    def unanswered_count(self) -> int:
+        return sum(len(p.unanswered) for p in self._partitions.values())
 
     def resume(self, key: TopicPartitionKey, ledger: Ledger) -> None:
         """The committed ledger of a partition this worker starts reading."""
@@ -142,7 +142,7 @@ class OffsetTracker:
 
     def committable(self) -> dict[TopicPartitionKey, CommitPoint]:
         """Commit points that moved since the last `mark_committed`: a new position, or more
-        finished beyond it."""
+        answered beyond it."""
         points: dict[TopicPartitionKey, CommitPoint] = {}
         for key, progress in self._partitions.items():
             point = self._point(progress)
@@ -159,12 +159,12 @@ class OffsetTracker:
         if inherited is not None and position > inherited.highest:
             progress.inherited = inherited = None
         highest = progress.highest_seen
-        unfinished = set(progress.unfinished)
+        unanswered = set(progress.unanswered)
         if inherited is not None:
-            # Offsets not read yet: finished if the previous owner said so.
+            # Offsets not read yet: answered if the previous owner said so.
             highest = max(highest, inherited.highest)
-            unfinished |= {o for o in inherited.unfinished if o > progress.highest_seen}
-        ledger = Ledger(position, highest, frozenset(unfinished))
+            unanswered |= {o for o in inherited.unanswered if o > progress.highest_seen}
+        ledger = Ledger(position, highest, frozenset(unanswered))
         if len(ledger.metadata) > MAX_LEDGER_CHARS:
             if inherited is not None:
                 return None  # keep the committed ledger until it can be said in full
@@ -185,13 +185,13 @@ class OffsetTracker:
 
 
 def _truncated(ledger: Ledger) -> Ledger:
-    """The same ledger claiming less: up to just before the first unfinished offset that no
+    """The same ledger claiming less: up to just before the first unanswered offset that no
     longer fits (answers beyond it wait for a later commit)."""
-    unfinished = sorted(ledger.unfinished)
-    keep = len(unfinished)
+    unanswered = sorted(ledger.unanswered)
+    keep = len(unanswered)
     while keep > 0:
-        highest = unfinished[keep] - 1 if keep < len(unfinished) else ledger.highest
-        candidate = Ledger(ledger.position, highest, frozenset(unfinished[:keep]))
+        highest = unanswered[keep] - 1 if keep < len(unanswered) else ledger.highest
+        candidate = Ledger(ledger.position, highest, frozenset(unanswered[:keep]))
         if len(candidate.metadata) <= MAX_LEDGER_CHARS:
             return candidate
         keep = keep * 3 // 4

@@ -134,7 +134,7 @@ class ParquetResults:
     def flush(
         self,
         owner: PartitionOwner,
-        first_unfinished_outside: Callable[[TopicPartitionKey, set[int]], int | None],
+        first_unanswered_outside: Callable[[TopicPartitionKey, set[int]], int | None],
         on_written: Callable[[TopicPartitionKey, list[int]], None],
         commit: Callable[[], bool],
         *,
@@ -161,7 +161,7 @@ class ParquetResults:
             assert pipeline.parquet is not None
             config = pipeline.parquet
             while rows:
-                limit = first_unfinished_outside(key, set(rows))
+                limit = first_unanswered_outside(key, set(rows))
                 ready = sorted(o for o in rows if limit is None or o < limit)
                 if not ready:
                     break

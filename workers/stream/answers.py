@@ -110,7 +110,7 @@ class AnswerWriter:
 
     def answered(self, message: SourceMessage) -> None:
         """Its answer is written or held for the commit: the offset may be committed."""
-        self._offsets.finish(message.topic, message.partition, message.offset)
+        self._offsets.mark_answered(message.topic, message.partition, message.offset)
         self._summary.answered += 1
 
     def _result(self, job: PreparedJob, result: Result) -> None:

@@ -64,7 +64,9 @@ class AdmissionSettings(_Strict):
     )
     consume_batch: int = Field(default=500, ge=1, description="Messages per consume() call.")
     max_in_flight: int = Field(
-        default=2000, ge=1, description="Pause fetching above this many unfinished jobs."
+        default=2000,
+        ge=1,
+        description="Pause fetching above this many jobs consumed and not yet committed.",
     )
 
     @field_validator("tenant_weights")
