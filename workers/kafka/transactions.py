@@ -4,7 +4,7 @@ Admission by adapter and tenant finishes jobs out of order. An answer is held he
 next commit, which writes, in one transaction, the answers its commit points cover and those
 points (`send_offsets_to_transaction` with the consumer's group metadata, which fences a member
 the group has moved on from): each partition's position (the first unanswered message) and, in
-the offset's metadata, the ledger of messages finished beyond it (`workers.core.offsets`), whose
+the offset's metadata, the ledger of messages answered beyond it (`workers.core.offsets`), whose
 answers are in the same transaction. Whoever reads the partition from that position skips what
 the ledger covers, so an answer need not wait for the messages before it and is still written
 exactly once. A crash at any point leaves either the whole transaction or none of it; readers
